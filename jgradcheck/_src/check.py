@@ -1,0 +1,671 @@
+"""``numerical_grad`` and ``check_grad``: the gradient check of any JAX pytree."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jgradcheck._src import diagnose, numerics
+from jgradcheck._src.engine import Engine, Progress
+from jgradcheck._src.inspect import invisible_to_fd
+from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
+from jgradcheck._src.tree import Layout, path_str, split
+
+PyTree = Any
+
+MSG_NOT_CALLABLE = "cost_fn must be a function J(params, *args) -> scalar; got {kind}."
+MSG_NOT_SCALAR = (
+    "cost_fn must return a scalar, but J(params, *args) has shape {shape}. Reduce it to one "
+    "number, e.g. jnp.mean over the examples (the seeds' J = (1/m) Σ L), and add the "
+    "regularization term."
+)
+MSG_NOT_REAL = "cost_fn must return a real floating scalar; J(params, *args) has dtype {dtype}."
+MSG_NONFINITE = (
+    "J(params, *args) = {value} at the given params: finite differences of a NaN/Inf cost are "
+    "meaningless. Check the data, log(0) in the loss (clip probabilities), and the initialization."
+)
+MSG_NONDETERMINISTIC = (
+    "cost_fn is not deterministic: two evaluations at the same params gave J = {a!r} and {b!r}. "
+    "Finite differences need the same J every time (the seeds: dropout breaks gradient checking). "
+    "Pass a fixed PRNG key as an argument (and use the same mask in your gradient), or set "
+    "keep_prob = 1.0 while checking."
+)
+MSG_MISSING = (
+    "the gradient is missing leaves that params has: {missing}. Your gradient must return one "
+    "array per floating parameter leaf, in a pytree shaped like params."
+)
+MSG_EXTRA = "the gradient has leaves that params does not: {extra}. Return a pytree shaped like params."
+MSG_SHAPE = (
+    "gradient leaf {path!r} has shape {got} but the parameter has shape {want}{hint}. "
+    "dJ/dθ has the parameter's shape."
+)
+MSG_GRAD_TYPE = "gradient leaf {path!r} is {kind}; expected a real array shaped like the parameter {want}."
+MSG_MODE = "mode must be one of 'auto', 'full', 'screen', 'sample'; got {mode!r}."
+MSG_METHOD = "method must be one of 'central', 'central4', 'richardson'; got {method!r}."
+MSG_EPS = "eps must be a positive finite number (an absolute step); got {eps!r}."
+
+
+class CostFn(Protocol):
+    def __call__(self, params: PyTree, *args: Any) -> jax.Array: ...
+
+
+class GradFn(Protocol):
+    def __call__(self, params: PyTree, *args: Any) -> PyTree: ...
+
+
+@contextlib.contextmanager
+def _scope(x64: bool):
+    """Scoped precision: float64 if asked, and "highest" matmuls (no TF32 on GPUs, jax#11628)."""
+    with contextlib.ExitStack() as stack:
+        if x64:
+            stack.enter_context(jax.enable_x64(True))
+        stack.enter_context(jax.default_matmul_precision("highest"))
+        yield
+
+
+@dataclasses.dataclass
+class _Problem:
+    cost_fn: Callable[..., Any]
+    layout: Layout
+    args_layout: Layout
+    floats: list[jax.Array]
+    arrays: list[Any]
+    arg_floats: list[jax.Array]
+    arg_arrays: list[Any]
+    paths: tuple[str, ...]
+    orig_dtypes: tuple[str, ...]
+    j0: float
+    dtype: Any
+    precision: str
+    batch_sizes: tuple[int, ...]
+
+    def params(self) -> PyTree:
+        return self.layout.merge(self.floats, self.arrays)
+
+    def args(self) -> tuple[Any, ...]:
+        return self.args_layout.merge(self.arg_floats, self.arg_arrays)
+
+
+def _evaluate_once(cost_fn, params, args) -> jax.Array:
+    # A fresh function object each call: a separate trace, so Python-side randomness shows.
+    return jax.jit(lambda p, a: cost_fn(p, *a))(params, args)
+
+
+def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Problem:
+    if not callable(cost_fn):
+        raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    target = jnp.float64 if x64 else None
+    layout, floats, arrays = split(params, "params", target, python_floats=True)
+    if not floats:
+        dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in jax.tree_util.tree_leaves(params)})
+        raise ValueError(numerics_msg_no_float(dtypes))
+    args_layout, arg_floats, arg_arrays = split(tuple(args), "args", target, python_floats=False)
+    orig = tuple(
+        str(getattr(leaf, "dtype", "float32" if not jax.config.jax_enable_x64 else "float64"))
+        for leaf, k in zip(jax.tree_util.tree_leaves(params), layout.kinds)
+        if k == "float"
+    )
+    dtype = jnp.result_type(*[f.dtype for f in floats])
+    p, a = layout.merge(floats, arrays), args_layout.merge(arg_floats, arg_arrays)
+    j = _evaluate_once(cost_fn, p, a)
+    if jnp.shape(j) != ():
+        raise ValueError(MSG_NOT_SCALAR.format(shape=jnp.shape(j)))
+    if not jnp.issubdtype(jnp.result_type(j), jnp.floating):
+        raise ValueError(MSG_NOT_REAL.format(dtype=jnp.result_type(j)))
+    j0 = float(j)
+    if not math.isfinite(j0):
+        raise ValueError(MSG_NONFINITE.format(value=j0))
+    if check_determinism:
+        j1 = float(_evaluate_once(cost_fn, p, a))
+        eps = numerics.machine_eps(jnp.result_type(j))
+        if not (abs(j1 - j0) <= 64 * eps * max(abs(j0), abs(j1))):
+            raise ValueError(MSG_NONDETERMINISTIC.format(a=j0, b=j1))
+    kinds = sorted(set(orig))
+    if x64:
+        precision = "float64" + (f" (promoted from {', '.join(k for k in kinds if k != 'float64')})" if kinds != ["float64"] else "")
+    else:
+        precision = ", ".join(kinds) + " (promotion to float64 off)"
+    batch = []
+    for leaf in jax.tree_util.tree_leaves(args):
+        shape = getattr(leaf, "shape", ())
+        if shape:
+            batch += [shape[0], shape[-1]]
+    return _Problem(
+        cost_fn, layout, args_layout, floats, arrays, arg_floats, arg_arrays,
+        layout.float_paths, orig, j0, dtype, precision, tuple(dict.fromkeys(batch)),
+    )
+
+
+def numerics_msg_no_float(dtypes: list[str]) -> str:
+    from jgradcheck._src.tree import MSG_NO_FLOAT
+
+    return MSG_NO_FLOAT.format(dtypes=", ".join(dtypes) or "none")
+
+
+@functools.partial(jax.jit, static_argnames=("grad_fn", "layout", "args_layout"))
+def _grad_jit(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays):
+    return grad_fn(layout.merge(floats, arrays), *args_layout.merge(arg_floats, arg_arrays))
+
+
+def _call_grad(grad_fn, problem: _Problem) -> PyTree:
+    """Calls your gradient jitted (one compile instead of one per operation in eager mode);
+    falls back to eager execution if it is not traceable (Python control flow on values)."""
+
+    try:
+        return _grad_jit(grad_fn, problem.layout, problem.args_layout, problem.floats, problem.arrays, problem.arg_floats, problem.arg_arrays)
+    except TypeError:  # an unhashable grad_fn (e.g. a functools.partial of arrays): jit it afresh
+        return jax.jit(lambda *xs: _grad_jit.__wrapped__(grad_fn, problem.layout, problem.args_layout, *xs))(
+            problem.floats, problem.arrays, problem.arg_floats, problem.arg_arrays
+        )
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError):
+        return grad_fn(problem.params(), *problem.args())
+
+
+def _user_gradient(grad_fn, problem: _Problem) -> tuple[list[np.ndarray], list[float]]:
+    """Your gradient, leaf by leaf in params' float-leaf order, and each leaf's own eps."""
+    grads = _call_grad(grad_fn, problem) if callable(grad_fn) else grad_fn
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    by_path = {path_str(p): leaf for p, leaf in flat}
+    want = dict(zip(problem.paths, problem.floats))
+    all_params = set(problem.layout.paths)
+    missing = [p for p in problem.paths if p not in by_path]
+    extra = [p for p in by_path if p not in all_params]
+    if missing:
+        raise ValueError(MSG_MISSING.format(missing=", ".join(missing)) + (f" It has extra leaves: {', '.join(extra)}." if extra else ""))
+    if extra:
+        raise ValueError(MSG_EXTRA.format(extra=", ".join(extra)))
+    out, eps = [], []
+    for path in problem.paths:
+        g, p = by_path[path], want[path]
+        if not hasattr(g, "shape") and not isinstance(g, (int, float)):
+            raise TypeError(MSG_GRAD_TYPE.format(path=path, kind=type(g).__name__, want=p.shape))
+        g = np.asarray(g)
+        if g.dtype.kind not in "fiub":
+            raise TypeError(MSG_GRAD_TYPE.format(path=path, kind=f"an array of dtype {g.dtype}", want=p.shape))
+        if g.shape != p.shape:
+            hint = " (transposed?)" if g.shape == p.shape[::-1] and len(p.shape) == 2 else ""
+            raise ValueError(MSG_SHAPE.format(path=path, got=g.shape, want=p.shape, hint=hint))
+        eps.append(numerics.machine_eps(g.dtype) if g.dtype.kind == "f" else numerics.machine_eps(problem.dtype))
+        out.append(g.astype(np.float64).ravel())
+    return out, eps
+
+
+def _noise(engine: Engine, problem: _Problem, seed: int) -> float:
+    """Noise level of J: ECnoise along two random directions, never below eps |J|."""
+    floor = numerics.machine_eps(problem.dtype) * max(abs(problem.j0), np.finfo(np.float64).tiny)
+    n = sum(int(f.size) for f in problem.floats)
+    s = numerics.noise_spacing(problem.dtype)
+    ts = s * np.arange(-4, 5, dtype=np.float64)
+    estimates = []
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        direction = [
+            rng.choice([-1.0, 1.0], size=f.shape) * np.maximum(1.0, np.abs(np.asarray(f, np.float64))) / math.sqrt(n)
+            for f in problem.floats
+        ]
+        estimates.append(numerics.ecnoise(engine.line_costs(direction, ts)))
+    finite = [e for e in estimates if math.isfinite(e)]
+    return max(floor, min(finite)) if finite else floor
+
+
+@dataclasses.dataclass
+class _Coords:
+    """Per-coordinate results for a set of entries of one leaf."""
+
+    idx: np.ndarray
+    numerical: np.ndarray
+    tol: np.ndarray
+    status: np.ndarray  # "ok" | "fail" | "kink" | "nan"
+    left: np.ndarray
+    right: np.ndarray
+
+
+def _points(theta: np.ndarray, h: np.ndarray, offsets: Sequence[int], dtype) -> np.ndarray:
+    """θ + o·h in the check dtype (exact for power-of-two h; see numerics.base_step)."""
+    return np.concatenate([(theta + o * h).astype(dtype) for o in offsets])
+
+
+def _check_entries(
+    engine: Engine,
+    problem: _Problem,
+    leaf: int,
+    idx: np.ndarray,
+    g: np.ndarray,
+    g_eps: float,
+    g_scale: float,
+    noise: float,
+    opts: _Options,
+    progress: Progress,
+) -> _Coords:
+    """Compares yours with finite differences at entries ``idx`` of one leaf."""
+    base = np.asarray(problem.floats[leaf]).ravel()
+    dtype = base.dtype
+    theta = base[idx].astype(np.float64)
+    k = idx.size
+    if opts.eps is not None:
+        h = np.full(k, float(opts.eps))
+    else:
+        h = numerics.base_step(theta, dtype, opts.method)
+    offsets = numerics.STENCILS[opts.method][0]
+    pts = _points(theta, h, offsets, dtype)
+    vals = engine.leaf_costs(leaf, np.tile(idx, len(offsets)), pts, progress).reshape(len(offsets), k)
+    J = dict(zip(offsets, vals))
+    P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
+    # Central difference at h over the step actually taken (exact for the default steps).
+    d_h = (J[1] - J[-1]) / (P[1] - P[-1])
+    if opts.method == "central":
+        numerical = d_h
+    else:
+        w = numerics.STENCILS[opts.method][1]
+        numerical = sum(wi * J[o] for o, wi in zip(offsets, w)) / h
+    roundoff = noise * numerics.roundoff_factor(opts.method) / h
+    floor = numerics.GRAD_ULPS * g_eps * (np.abs(g) + g_scale) + opts.atol + opts.rtol * np.abs(numerical)
+    tol = opts.safety * roundoff + floor
+    err = np.abs(g - numerical)
+    status = np.where(err <= tol, "ok", "fail").astype(object)
+    status[~np.isfinite(numerical)] = "nan"
+    status[np.isfinite(numerical) & ~np.isfinite(g)] = "fail"
+    left = np.full(k, np.nan)
+    right = np.full(k, np.nan)
+
+    sus = np.flatnonzero(status == "fail")
+    if sus.size and opts.refine:
+        # Second look at suspects: steps 2h (if not already taken) give a truncation-error
+        # estimate |D(h) - D(2h)| / 3, a Richardson-improved estimate, and kink detection.
+        if sus.size > opts.max_refine:
+            sus = sus[np.argsort(-(err[sus] / tol[sus]))[: opts.max_refine]]
+        if 2 not in J:
+            pts2 = _points(theta[sus], h[sus], (2, -2), dtype)
+            v2 = engine.leaf_costs(leaf, np.tile(idx[sus], 2), pts2, progress).reshape(2, sus.size)
+            j2p, j2m = v2
+        else:
+            j2p, j2m = J[2][sus], J[-2][sus]
+        hs = h[sus]
+        d_2h = (j2p - j2m) / (4 * hs)
+        trunc = np.abs(d_h[sus] - d_2h) / 3
+        if opts.method == "central":
+            best = (4 * d_h[sus] - d_2h) / 3
+            round2 = noise * numerics.roundoff_factor("central4") / hs
+        elif opts.method == "richardson":
+            d4 = (8 * (J[1][sus] - J[-1][sus]) - (j2p - j2m)) / (12 * hs)
+            best, trunc = numerical[sus], np.abs(numerical[sus] - d4)
+            round2 = roundoff[sus]
+        else:
+            best, round2 = numerical[sus], roundoff[sus]
+        tol2 = opts.safety * (round2 + trunc) + floor[sus]
+        numerical[sus], tol[sus] = best, tol2
+        ok2 = np.abs(g[sus] - best) <= tol2
+        status[sus[ok2 & np.isfinite(g[sus])]] = "ok"
+        # Kinks: one-sided slopes that disagree by a jump that does not shrink with h.
+        j0 = problem.j0
+        r1, l1 = (J[1][sus] - j0) / hs, (j0 - J[-1][sus]) / hs
+        r2, l2 = (j2p - j0) / (2 * hs), (j0 - j2m) / (2 * hs)
+        kink = numerics.is_kink(r1 - l1, r2 - l2, opts.safety * 4 * noise / hs)
+        lo = np.minimum.reduce([l1, r1, l2, r2]) - tol2
+        hi = np.maximum.reduce([l1, r1, l2, r2]) + tol2
+        gs = g[sus]
+        accepted = kink & ~ok2 & (gs >= lo) & (gs <= hi)
+        status[sus[accepted]] = "kink"
+        left[sus[kink]], right[sus[kink]] = l1[kink], r1[kink]
+    return _Coords(idx, numerical, tol, status, left, right)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    eps: float | None
+    method: str
+    safety: float
+    rtol: float
+    atol: float
+    refine: bool
+    max_refine: int
+
+
+def _entries(path: str, shape, c: _Coords, g: np.ndarray, which: np.ndarray) -> list[Entry]:
+    out = []
+    for j in which:
+        index = tuple(int(i) for i in np.unravel_index(int(c.idx[j]), shape)) if shape else ()
+        out.append(
+            Entry(path, index, float(g[j]), float(c.numerical[j]), float(c.tol[j]), str(c.status[j]), float(c.left[j]), float(c.right[j]))
+        )
+    return out
+
+
+def _leaf_devs(engine: Engine) -> tuple[str, ...]:
+    return tuple(f"{d.platform}:{d.id}" for d in engine.devices)
+
+
+def _screen_leaf(engine, problem, leaf, g_full, g_eps, noise, opts, n_dirs, seed):
+    """Random-direction test of one leaf: (n_failed, worst ratio, details). See screen mode."""
+    from jgradcheck._src.screen import directional_test
+
+    return directional_test(engine, problem, leaf, g_full, g_eps, noise, opts, n_dirs, seed)
+
+
+def check_grad(
+    cost_fn: CostFn,
+    grad_fn: GradFn | PyTree,
+    params: PyTree,
+    *args: Any,
+    eps: float | None = None,
+    x64: bool = True,
+    method: str = "central",
+    mode: str = "auto",
+    full_max_size: int = 500_000,
+    sample_size: int = 64,
+    screen_directions: int = 4,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    safety: float = numerics.DEFAULT_SAFETY,
+    top_k: int = 10,
+    taylor_test: bool = False,
+    chunk_size: int | None = None,
+    devices: Sequence[Any] | None = None,
+    progress: bool | None = None,
+    check_determinism: bool = True,
+    max_refine: int = 4096,
+    seed: int = 0,
+) -> GradCheckReport:
+    """Checks your gradient of ``cost_fn`` against central finite differences, entry by entry.
+
+    Every floating entry θᵢ of ``params`` is perturbed by ±hᵢ and J re-evaluated (batched with
+    ``jax.vmap`` under ``jax.jit``, in chunks, one leaf at a time); (J(θ+hᵢeᵢ) − J(θ−hᵢeᵢ)) / 2hᵢ
+    is compared with your gradient against an estimate of its own error (round-off measured
+    from the noise in J, truncation from a second step), so a verdict is not a false alarm in
+    float32, near a minimum or at large scales. Kinks (ReLU at 0, max ties) are detected from
+    one-sided slopes and accepted when yours lies between them. The report also gives the
+    seeds' relative difference and graded scale, the per-leaf table, the worst entries, and
+    plain words for the kind of bug (a factor, a sign, a transpose, a missing L2 term, ...).
+
+    Args:
+      cost_fn: ``J(params, *args) -> scalar``: the full cost, regularization term included,
+        deterministic (dropout off or with a fixed key passed in ``args``).
+      grad_fn: your gradient: a function ``grad_fn(params, *args)`` returning a pytree shaped
+        like ``params``, or that pytree itself. Integer/bool leaves of ``params`` are ignored
+        (yours may omit them or hold anything there).
+      params: any pytree of arrays (dicts, lists, NamedTuples, flax/equinox/optax trees).
+        Floating leaves are checked; integer and bool leaves (step counters, PRNG keys) ride
+        along untouched.
+      *args: further arguments to both functions (data, labels, a PRNG key, λ).
+      eps: absolute step for every entry (the seeds use 1e-7). Default: per entry
+        ∛ε·max(1, |θᵢ|) rounded to a power of two, ε the machine epsilon of the check's dtype.
+      x64: run the check in float64 (params, floating args and your ``grad_fn``) inside a
+        scoped ``jax.enable_x64``; your global setting is not touched. With False, each leaf
+        keeps its dtype and the report says how small an error it can still see.
+      method: ``"central"`` (2 evaluations per entry), ``"central4"`` (4, 4th order) or
+        ``"richardson"`` (6, 6th order, Richardson extrapolation over h, 2h, 4h).
+      mode: ``"full"`` (every entry), ``"sample"`` (``sample_size`` random entries per leaf,
+        small leaves whole), ``"screen"`` (``screen_directions`` random directions per leaf,
+        then a search for the wrong entries in leaves that fail), or ``"auto"``: full up to
+        ``full_max_size`` entries, screen above.
+      full_max_size: the size above which ``mode="auto"`` screens.
+      sample_size: entries per leaf in sample mode.
+      screen_directions: random (Rademacher) directions per leaf in screen mode.
+      rtol: extra relative tolerance on |yours − numerical| (on top of the error estimate).
+      atol: extra absolute tolerance.
+      safety: how many estimated errors a discrepancy may reach before it is a failure.
+      top_k: how many worst entries to list.
+      taylor_test: also fit the Taylor-remainder slope per leaf (≈2 correct, ≈1 wrong): an
+        ε-free second opinion, about 8 evaluations per leaf.
+      chunk_size: perturbations per vmap step. Default: as many as fit a quarter of the free
+        device memory (1 GiB on CPU), measured from the compiled cost.
+      devices: devices to spread the perturbations over (default: all local devices of the
+        default backend).
+      progress: show a progress bar with ETA on stderr; default: when stderr is a terminal
+        and the check is large.
+      check_determinism: evaluate J twice in separate traces and raise if it differs.
+      max_refine: at most this many failing entries per leaf get the second, 2h look.
+      seed: seed of the random directions and samples (each leaf's stream also depends on its
+        path, so adding a leaf never changes the others').
+
+    Returns:
+      A :class:`GradCheckReport`; ``report.passed`` is the verdict, ``str(report)`` the table.
+
+    Raises:
+      ValueError: J is not a scalar, not finite at ``params``, or not deterministic; your
+        gradient's structure or a leaf's shape differs from ``params``; no floating leaves;
+        a bad option.
+      TypeError: ``cost_fn`` is not callable; a complex or non-array leaf.
+
+    Examples:
+      >>> import jax.numpy as jnp, jgradcheck
+      >>> J = lambda p, x: jnp.sum((x @ p["W"]) ** 2)
+      >>> dJ = lambda p, x: {"W": 2 * x.T @ (x @ p["W"])}
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> jgradcheck.check_grad(J, dJ, {"W": jnp.ones((2, 1))}, x).passed
+      True
+
+    References:
+      The seed notes on gradient checking (``shared/seeds``); Nocedal & Wright §8.1; Moré &
+      Wild 2011 (noise estimation).
+    """
+    start = time.perf_counter()
+    if mode not in ("auto", "full", "screen", "sample"):
+        raise ValueError(MSG_MODE.format(mode=mode))
+    if method not in numerics.ORDER:
+        raise ValueError(MSG_METHOD.format(method=method))
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(MSG_EPS.format(eps=eps))
+    opts = _Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
+    with _scope(x64):
+        problem = _prepare(cost_fn, params, args, x64, check_determinism)
+        grads, g_eps = _user_gradient(grad_fn, problem)
+        devs = list(devices) if devices is not None else jax.local_devices()
+        engine = Engine(
+            cost_fn, problem.layout, problem.args_layout, problem.floats, problem.arrays,
+            problem.arg_floats, problem.arg_arrays, devs, chunk_size, _eval_bytes(problem),
+        )
+        engine.evaluations = 2 if check_determinism else 1
+        noise = _noise(engine, problem, seed)
+        n = sum(int(f.size) for f in problem.floats)
+        chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
+        mode_note = chosen if mode != "auto" else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
+        from jgradcheck._src.screen import run_mode
+
+        per_leaf = run_mode(chosen, engine, problem, grads, g_eps, noise, opts, sample_size, screen_directions, seed, progress, n)
+        warnings = list(invisible_to_fd(cost_fn, problem.params(), problem.args()))
+        slopes = None
+        if taylor_test:
+            from jgradcheck._src.screen import taylor_slopes
+
+            slopes = taylor_slopes(engine, problem, grads, noise, seed)
+    return _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start)
+
+
+_EVAL_BYTES: dict[Any, int] = {}
+
+
+def _eval_bytes(problem: _Problem) -> int:
+    """Temporaries of one cost evaluation, from the compiled cost (0 where not reported).
+
+    Measured once per cost function and shapes: re-checks at new values reuse it.
+    """
+    key = (
+        problem.cost_fn, problem.layout, problem.args_layout,
+        tuple((f.shape, str(f.dtype)) for f in [*problem.floats, *problem.arg_floats]),
+        tuple((a.shape, str(a.dtype)) for a in [*problem.arrays, *problem.arg_arrays]),
+    )
+    try:
+        if key in _EVAL_BYTES:
+            return _EVAL_BYTES[key]
+    except TypeError:  # unhashable cost_fn
+        key = None
+    try:
+        compiled = jax.jit(lambda p, a: problem.cost_fn(p, *a)).lower(problem.params(), problem.args()).compile()
+        stats = compiled.memory_analysis()
+        out = int(getattr(stats, "temp_size_in_bytes", 0) or 0)
+    except Exception:  # noqa: BLE001 - backends without memory analysis
+        out = 0
+    if key is not None:
+        _EVAL_BYTES[key] = out
+    return out
+
+
+def _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, seconds) -> GradCheckReport:
+    rows, all_entries, kinks, factors = [], [], [], []
+    ys, ns = [], []
+    for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
+        res = per_leaf[i]
+        shape = tuple(f.shape)
+        g = grads[i]
+        slope = None if slopes is None else slopes[i]
+        if res.coords is None:  # screened and passed: directions only
+            rows.append(
+                LeafReport(path, shape, problem.orig_dtypes[i], res.difference, True, res.n_dirs, "screened",
+                           0, None, res.resolution, None, slope)
+            )
+            factors.append(None)
+            continue
+        c = res.coords
+        gi = g[c.idx]
+        ys.append(gi)
+        ns.append(c.numerical)
+        finite = np.isfinite(c.numerical)
+        fails = np.flatnonzero(c.status == "fail")
+        kink_idx = np.flatnonzero(c.status == "kink")
+        ratio = np.where(finite, np.abs(gi - c.numerical) / np.where(c.tol > 0, c.tol, np.inf), 0.0)
+        ratio = np.nan_to_num(ratio, nan=np.inf)
+        worst_j = int(np.argmax(ratio)) if ratio.size else None
+        worst = _entries(path, shape, c, gi, [worst_j])[0] if worst_j is not None else None
+        all_entries.append((ratio, path, shape, c, gi))
+        kinks += _entries(path, shape, c, gi, kink_idx[:top_k])
+        passed = fails.size == 0 and res.extra_failures == 0
+        diag = None
+        fac = None
+        if not passed:
+            full = c.idx.size == f.size
+            theta = np.asarray(f, np.float64).ravel()[c.idx]
+            sel = finite
+            diag = diagnose.describe_leaf(gi[sel], c.numerical[sel], theta[sel], shape if full else ())
+            fac = diagnose.fitted_factor(gi[sel], c.numerical[sel])
+            if res.note:
+                diag = (diag + "; " if diag else "") + res.note
+        factors.append(fac if not passed else None)
+        scale = float(np.sqrt(np.mean(c.numerical[finite] ** 2))) if finite.any() else 0.0
+        resolution = float(np.median(c.tol)) / scale if scale > 0 else math.inf
+        rows.append(
+            LeafReport(path, shape, problem.orig_dtypes[i], numerics.relative_difference(c.numerical[finite], gi[finite]),
+                       passed, int(c.idx.size), res.how, int(fails.size) + res.extra_failures, int(kink_idx.size),
+                       worst, resolution, diag, slope)
+        )
+        if (~finite).any():
+            warnings.append(
+                f"{int((~finite).sum())} entries of {path} have a NaN/Inf numerical gradient (J is NaN/Inf at θ ± h): not compared."
+            )
+    for row in rows:
+        if row.passed and row.how != "screened" and row.resolution > 1e-2:
+            warnings.append(
+                f"{row.path}: finite differences in {problem.precision} can only see errors above "
+                f"{row.resolution:.0%} of its gradient here (entries near zero or noisy J); "
+                + ("run with x64=True" if "off" in problem.precision else "the pass means no large error")
+                + "."
+            )
+    ys = np.concatenate(ys) if ys else np.zeros(0)
+    ns = np.concatenate(ns) if ns else np.zeros(0)
+    fin = np.isfinite(ns)
+    difference = numerics.relative_difference(ns[fin], ys[fin])
+    if not np.all(np.isfinite(ys)):
+        difference = math.nan
+    # k worst entries over all of θ, ranked by how far outside their tolerance they are.
+    cand = []
+    for ratio, path, shape, c, gi in all_entries:
+        top = np.argsort(-ratio)[:top_k]
+        cand += [(float(ratio[j]), e) for j, e in zip(top, _entries(path, shape, c, gi, top))]
+    cand.sort(key=lambda t: -t[0])
+    worst = tuple(e for _, e in cand[:top_k])
+    passed = all(r.passed for r in rows)
+    failing = [f for f, r in zip(factors, rows) if not r.passed]
+    cross = diagnose.common_factor(failing, problem.batch_sizes) if len(failing) == len(rows) else None
+    return GradCheckReport(
+        passed, difference, Grade.of(difference), tuple(rows), worst, tuple(kinks), cross, tuple(warnings),
+        problem.precision, opts.method if opts.eps is None else f"{opts.method} (eps = {opts.eps:g})",
+        mode_note, engine.evaluations, _leaf_devs(engine), seconds,
+    )
+
+
+def numerical_grad(
+    cost_fn: CostFn,
+    params: PyTree,
+    *args: Any,
+    eps: float | None = None,
+    x64: bool = True,
+    method: str = "central",
+    chunk_size: int | None = None,
+    devices: Sequence[Any] | None = None,
+    progress: bool | None = None,
+) -> PyTree:
+    """The finite-difference gradient of ``cost_fn`` at ``params``, shaped like ``params``.
+
+    Each floating entry gets (J(θ+hᵢeᵢ) − J(θ−hᵢeᵢ)) / 2hᵢ (or a higher-order stencil),
+    evaluated in parallel with ``jax.vmap`` in chunks.
+
+    Args:
+      cost_fn: ``J(params, *args) -> scalar``.
+      params: any pytree; floating leaves are differentiated.
+      *args: further arguments to ``cost_fn``.
+      eps: absolute step (the seeds' 1e-7); default ∛ε·max(1, |θᵢ|) per entry.
+      x64: compute in float64 under a scoped ``jax.enable_x64`` (the global flag is untouched).
+      method: ``"central"``, ``"central4"`` or ``"richardson"``.
+      chunk_size: perturbations per vmap step (default from device memory).
+      devices: devices to spread the work over.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      A pytree like ``params``: NumPy float64 arrays (float32 etc. with ``x64=False``) at
+      floating leaves; integer and bool leaves become ``float0`` zeros, as in
+      ``jax.grad(..., allow_int=True)``.
+
+    Raises:
+      ValueError: J not a scalar or not finite, no floating leaves, a bad option.
+
+    Examples:
+      >>> import jax.numpy as jnp, jgradcheck
+      >>> g = jgradcheck.numerical_grad(lambda p: jnp.sum(p["w"] ** 2), {"w": jnp.array([1.0, -2.0])})
+      >>> [round(float(v), 6) for v in g["w"]]
+      [2.0, -4.0]
+    """
+    if method not in numerics.ORDER:
+        raise ValueError(MSG_METHOD.format(method=method))
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(MSG_EPS.format(eps=eps))
+    opts = _Options(eps, method, numerics.DEFAULT_SAFETY, 0.0, 0.0, False, 0)
+    with _scope(x64):
+        problem = _prepare(cost_fn, params, args, x64, check_determinism=False)
+        devs = list(devices) if devices is not None else jax.local_devices()
+        engine = Engine(
+            cost_fn, problem.layout, problem.args_layout, problem.floats, problem.arrays,
+            problem.arg_floats, problem.arg_arrays, devs, chunk_size, _eval_bytes(problem),
+        )
+        n = sum(int(f.size) for f in problem.floats)
+        bar = Progress(n * len(numerics.STENCILS[method][0]), _show(progress, n))
+        out = []
+        for i, f in enumerate(problem.floats):
+            idx = np.arange(f.size)
+            zeros = np.zeros(f.size)
+            c = _check_entries(engine, problem, i, idx, zeros, 0.0, 0.0, 0.0, opts, bar)
+            out.append(c.numerical.reshape(f.shape).astype(np.float64 if x64 else np.asarray(f).dtype))
+        bar.close()
+    it = iter(out)
+    leaves = [
+        next(it) if k == "float" else np.zeros(np.shape(leaf), jax.dtypes.float0)
+        for leaf, k in zip(jax.tree_util.tree_leaves(params), problem.layout.kinds)
+    ]
+    return jax.tree_util.tree_unflatten(problem.layout.treedef, leaves)
+
+
+def _show(progress: bool | None, n: int) -> bool:
+    """Progress bar default: only on a terminal, only for checks large enough to wait for."""
+    if progress is not None:
+        return bool(progress)
+    return sys.stderr.isatty() and n > 50_000

@@ -1,0 +1,214 @@
+"""The perturbation engine: J at many single-coordinate perturbations, batched with vmap.
+
+One leaf at a time: the perturbed leaf is batched and every other leaf stays unbatched, so
+XLA turns the layers that follow into large matrix products instead of batched small ones
+(measured in ``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under
+``jax.lax.map``, so memory stays bounded by one chunk (never an n x n matrix), and in blocks
+of fixed shape, so a progress bar can tick and re-checking at new values of the same shapes
+reuses the compiled code. With several devices the chunk axis is sharded over a 1-D mesh.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jgradcheck._src.tree import Layout
+
+# Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar.
+BLOCK_EVALS = 1 << 14
+# Memory for one chunk when the device does not report its own (CPU): 1 GiB.
+DEFAULT_BUDGET_BYTES = 1 << 30
+# Upper bound on a chunk: past a few hundred, larger batches stop speeding up CPU or GPU GEMMs.
+MAX_CHUNK = 512
+
+
+@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "leaf"))
+def _leaf_block(cost_fn, layout: Layout, args_layout: Layout, leaf: int, floats, arrays, arg_floats, arg_arrays, idx, vals):
+    base = floats[leaf]
+
+    def one(i, v):
+        perturbed = list(floats)
+        perturbed[leaf] = base.reshape(-1).at[i].set(v).reshape(base.shape)
+        params = layout.merge(perturbed, arrays)
+        args = args_layout.merge(arg_floats, arg_arrays)
+        return cost_fn(params, *args)
+
+    batched = jax.vmap(one)
+    return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
+
+
+@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout"))
+def _line_block(cost_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays, direction, ts):
+    """J(θ + t d) for every t in ``ts`` (num_chunks, chunk): noise probes, directions, Taylor tests."""
+
+    def one(t):
+        fl = [(f + t * d).astype(f.dtype) for f, d in zip(floats, direction)]
+        return cost_fn(layout.merge(fl, arrays), *args_layout.merge(arg_floats, arg_arrays))
+
+    return jax.lax.map(jax.vmap(one), ts)
+
+
+def choose_chunk(leaf_bytes: int, eval_bytes: int, budget: int, n_devices: int) -> int:
+    """Perturbations per vmap step: as many as fit ``budget`` bytes per device.
+
+    Why: each batched evaluation holds its own copy of the perturbed leaf plus the cost's
+    temporaries (``eval_bytes``, measured from the compiled cost); the chunk is what keeps the
+    peak at budget rather than growing with n.
+    """
+    per_eval = max(1, leaf_bytes + eval_bytes)
+    chunk = int(max(1, min(MAX_CHUNK, budget // per_eval)))
+    return chunk * n_devices
+
+
+def device_budget(device: Any) -> int:
+    """A quarter of the device's free memory when it reports it (GPU/TPU), else 1 GiB (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = None
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return max(1 << 26, free // 4)
+    return DEFAULT_BUDGET_BYTES
+
+
+class Progress:
+    """A one-line progress bar with ETA on stderr (no dependency); silent unless enabled."""
+
+    def __init__(self, total: int, enabled: bool, label: str = "jgradcheck"):
+        self.total, self.enabled, self.label = total, enabled, label
+        self.done, self.start = 0, time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        frac = self.done / max(1, self.total)
+        eta = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
+        bar = "#" * int(30 * frac)
+        sys.stderr.write(
+            f"\r{self.label} [{bar:<30}] {self.done:,}/{self.total:,} evals  {elapsed:5.1f}s elapsed  ETA {eta:5.1f}s"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Engine:
+    """Evaluates a cost at perturbed parameters, for one prepared problem."""
+
+    def __init__(
+        self,
+        cost_fn: Callable[..., Any],
+        layout: Layout,
+        args_layout: Layout,
+        floats: list[jax.Array],
+        arrays: list[Any],
+        arg_floats: list[jax.Array],
+        arg_arrays: list[Any],
+        devices: Sequence[Any],
+        chunk_size: int | None,
+        eval_bytes: int,
+    ):
+        self.cost_fn, self.layout, self.args_layout = cost_fn, layout, args_layout
+        self.devices = list(devices)
+        self.chunk_size, self.eval_bytes = chunk_size, eval_bytes
+        self.mesh = Mesh(np.array(self.devices), ("p",)) if len(self.devices) > 1 else None
+        rep = self._replicated
+        self.floats = [rep(x) for x in floats]
+        self.arrays = [rep(x) for x in arrays]
+        self.arg_floats = [rep(x) for x in arg_floats]
+        self.arg_arrays = [rep(x) for x in arg_arrays]
+        self.evaluations = 0
+
+    def _replicated(self, x):
+        if self.mesh is None:
+            return jax.device_put(x, self.devices[0])
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+
+    def _sharded(self, x):
+        if self.mesh is None:
+            return jax.device_put(x, self.devices[0])
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(None, "p")))
+
+    def chunk_for(self, leaf_bytes: int) -> int:
+        n_dev = len(self.devices)
+        if self.chunk_size is not None:
+            return int(math.ceil(self.chunk_size / n_dev) * n_dev)
+        return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev)
+
+    def _blocks(self, count: int, chunk: int) -> tuple[int, int]:
+        """(chunks per block, number of blocks): fixed block shape, last block padded."""
+        per_block = max(1, min(math.ceil(count / chunk), BLOCK_EVALS // chunk))
+        return per_block, math.ceil(count / (per_block * chunk))
+
+    def leaf_costs(self, leaf: int, idx: np.ndarray, vals: Any, progress: Progress) -> np.ndarray:
+        """J with ``floats[leaf].ravel()[idx[k]] = vals[k]``, for every k; float64 on host."""
+        count = int(idx.shape[0])
+        if count == 0:
+            return np.zeros((0,), np.float64)
+        base = self.floats[leaf]
+        chunk = self.chunk_for(base.size * base.dtype.itemsize)
+        per_block, n_blocks = self._blocks(count, chunk)
+        padded = per_block * chunk * n_blocks
+        idx = np.concatenate([np.asarray(idx, np.int32), np.zeros(padded - count, np.int32)])
+        fill = jnp.broadcast_to(base.reshape(-1)[0], (padded - count,))
+        vals = jnp.concatenate([jnp.asarray(vals, base.dtype), fill.astype(base.dtype)])
+        idx = idx.reshape(n_blocks, per_block, chunk)
+        vals = vals.reshape(n_blocks, per_block, chunk)
+        outs = []
+        for b in range(n_blocks):
+            out = _leaf_block(
+                self.cost_fn,
+                self.layout,
+                self.args_layout,
+                leaf,
+                self.floats,
+                self.arrays,
+                self.arg_floats,
+                self.arg_arrays,
+                self._sharded(idx[b]),
+                self._sharded(vals[b]),
+            )
+            if progress.enabled:
+                out.block_until_ready()
+            progress.update(min(per_block * chunk, count - b * per_block * chunk))
+            outs.append(out)
+        self.evaluations += count
+        return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outs])[:count]
+
+    def line_costs(self, direction: list[Any], ts: np.ndarray) -> np.ndarray:
+        """J(θ + t d) for each t in ``ts``, d a list of arrays shaped like the float leaves."""
+        k = int(len(ts))
+        n_dev = len(self.devices)
+        chunk = int(math.ceil(min(k, 64) / n_dev) * n_dev)
+        n_chunks = math.ceil(k / chunk)
+        ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(n_chunks * chunk - k)])
+        dtype = jnp.result_type(*[f.dtype for f in self.floats])
+        out = _line_block(
+            self.cost_fn,
+            self.layout,
+            self.args_layout,
+            self.floats,
+            self.arrays,
+            self.arg_floats,
+            self.arg_arrays,
+            [self._replicated(jnp.asarray(d, f.dtype)) for d, f in zip(direction, self.floats)],
+            self._sharded(jnp.asarray(ts.reshape(n_chunks, chunk), dtype)),
+        )
+        self.evaluations += k
+        return np.asarray(out, np.float64).reshape(-1)[:k]

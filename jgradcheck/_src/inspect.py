@@ -1,0 +1,78 @@
+"""Reading the cost's jaxpr for things finite differences cannot see."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+
+MSG_STOP_GRADIENT = (
+    "cost_fn uses jax.lax.stop_gradient: finite differences see through it, jax.grad does not. "
+    "If yours follows jax's semantics (e.g. yours = jax.grad(cost_fn)), expect a mismatch at the "
+    "leaves that feed the stopped value; to check the math, remove stop_gradient from cost_fn."
+)
+MSG_CUSTOM_RULE = (
+    "cost_fn uses {kind} ({names}): finite differences ignore the custom rule, jax.grad obeys it. "
+    "A mismatch at the leaves feeding it means the rule disagrees with the function it decorates: "
+    "check the rule, or (e.g. for gradient clipping or straight-through estimators) expect it."
+)
+
+_CUSTOM = {"custom_jvp_call": "custom_jvp", "custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp"}
+
+
+def _subjaxprs(value: Any) -> Iterator[Any]:
+    if isinstance(value, jex.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jex.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def _walk(jaxpr: Any) -> Iterator[Any]:
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in _subjaxprs(param):
+                yield from _walk(sub)
+
+
+def _source(eqn: Any) -> str | None:
+    """'name at file:line' of a custom rule's function; None for JAX's own (jax.nn.relu, ...).
+
+    JAX's library rules (relu, logsumexp, ...) are exact and would only add noise to reports.
+    """
+    for key in ("call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
+        src = getattr(info, "func_src_info", None)
+        if src:
+            if "/jax/_src/" in src or "/jax/nn/" in src:
+                return None
+            return src
+    return "an unnamed function"
+
+
+def invisible_to_fd(cost_fn: Any, params: Any, args: tuple[Any, ...]) -> tuple[str, ...]:
+    """Warnings for stop_gradient and custom_jvp/custom_vjp rules found in cost_fn's jaxpr."""
+    try:
+        closed = jax.make_jaxpr(lambda p, a: cost_fn(p, *a))(params, args)
+    except Exception:  # noqa: BLE001 - the check itself reports errors in cost_fn
+        return ()
+    stop = False
+    custom: dict[str, set[str]] = {}
+    for eqn in _walk(closed.jaxpr):
+        name = eqn.primitive.name
+        if name == "stop_gradient":
+            stop = True
+        elif name in _CUSTOM:
+            where = _source(eqn)
+            if where is not None:
+                custom.setdefault(_CUSTOM[name], set()).add(where)
+    out = [MSG_STOP_GRADIENT] if stop else []
+    for kind, names in sorted(custom.items()):
+        out.append(MSG_CUSTOM_RULE.format(kind=kind, names=", ".join(sorted(names))))
+    return tuple(out)

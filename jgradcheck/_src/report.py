@@ -1,0 +1,247 @@
+"""The report: immutable values whose ``__str__`` is a table a person reads at a glance.
+
+Every value shown is labelled: ``yours`` is the user's gradient, ``numerical`` the
+finite-difference estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from jgradcheck._src import numerics
+
+
+class Grade(enum.Enum):
+    """The seeds' graded scale for the relative difference; each member carries its message."""
+
+    GREAT = "great (the seeds' scale: ~1e-7)"
+    DOUBLE_CHECK = "double-check (the seeds' scale: ~1e-5)"
+    BUG = "bug (the seeds' scale: >= 1e-3)"
+
+    @classmethod
+    def of(cls, difference: float) -> Grade:
+        if not math.isfinite(difference) or difference >= numerics.GRADE_BUG:
+            return cls.BUG
+        if difference < numerics.GRADE_GREAT:
+            return cls.GREAT
+        return cls.DOUBLE_CHECK
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One coordinate of θ, mapped back to its leaf.
+
+    Attributes:
+      path: the leaf's path, e.g. ``W2`` or ``layers[0].w``.
+      index: the index inside that leaf.
+      yours: your gradient's value.
+      numerical: the finite-difference estimate.
+      error_estimate: the estimated error of ``numerical`` (noise + truncation, times the safety
+        factor, plus your gradient's own rounding); the entry fails when |yours − numerical|
+        exceeds it.
+      status: ``"fail"``, ``"kink"`` (non-differentiable point; yours lies between the one-sided
+        slopes ``left`` and ``right``) or ``"ok"``.
+      left: backward one-sided slope (kinks only).
+      right: forward one-sided slope (kinks only).
+    """
+
+    path: str
+    index: tuple[int, ...]
+    yours: float
+    numerical: float
+    error_estimate: float
+    status: str
+    left: float = math.nan
+    right: float = math.nan
+
+    @property
+    def abs_error(self) -> float:
+        return abs(self.yours - self.numerical)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}[{', '.join(map(str, self.index))}]" if self.index else self.path
+
+    def __str__(self) -> str:
+        s = f"{self.name}: yours={self.yours:.6e}  numerical={self.numerical:.6e}  |diff|={self.abs_error:.2e}"
+        if self.status == "kink":
+            return s + f"  kink: one-sided slopes {self.left:.4e} (left) and {self.right:.4e} (right)"
+        if self.error_estimate > 0 and math.isfinite(self.abs_error):
+            s += f"  ({self.abs_error / self.error_estimate:.1e} x tolerance)"
+        return s
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    """One row per floating parameter leaf.
+
+    Attributes:
+      path: readable leaf path (``W2``, ``layers[0].w``, ``enc.b``).
+      shape: the leaf's shape.
+      dtype: the leaf's dtype as you passed it.
+      difference: the seeds' relative difference over this leaf's checked entries.
+      passed: no checked entry failed.
+      checked: how many entries were compared entry by entry.
+      how: ``"entries"`` (every entry), ``"sampled"`` (a random subset), or ``"screened"`` (random
+        directions only: its entries were not compared one by one).
+      n_failed: failing entries (or failing directions when screened).
+      n_kinks: entries on a kink, accepted.
+      worst: the entry (or direction) furthest outside its tolerance; None if nothing checked.
+      resolution: the smallest relative error this check can see in this leaf (median error
+        estimate over the leaf's gradient scale); above 1e-2 a 1% bug could go unnoticed.
+      diagnosis: what the discrepancy looks like, in plain words (failing leaves only).
+      taylor_slope: fitted slope of the Taylor remainder, if requested (≈2 correct, ≈1 wrong).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    difference: float
+    passed: bool
+    checked: int
+    how: str
+    n_failed: int
+    n_kinks: int
+    worst: Entry | None
+    resolution: float
+    diagnosis: str | None = None
+    taylor_slope: float | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheckReport:
+    """What ``check_grad`` found. ``str(report)`` renders the table.
+
+    Attributes:
+      passed: every checked entry of your gradient agrees with the numerical one within its
+        estimated finite-difference error (kinks accepted when yours lies between the slopes).
+      difference: the seeds' ‖numerical − yours‖₂ / (‖numerical‖₂ + ‖yours‖₂) over checked θ.
+      grade: the seeds' graded verdict on ``difference``.
+      leaves: one row per floating leaf, in tree order.
+      worst: the k entries furthest outside their tolerance, over all of θ.
+      kinks: entries found on a kink (non-differentiable points).
+      diagnosis: a finding that spans leaves (e.g. a missing 1/m), or None.
+      warnings: things you should know (stop_gradient, low float32 resolution, NaNs, ...).
+      precision: the dtype the check ran in, and whether it was promoted.
+      method: the finite-difference stencil.
+      mode: ``"full"``, ``"screen"`` or ``"sample"``, and why if chosen automatically.
+      evaluations: cost-function evaluations made.
+      devices: devices the perturbations ran on.
+      seconds: wall time of the check, compilation included.
+    """
+
+    passed: bool
+    difference: float
+    grade: Grade
+    leaves: tuple[LeafReport, ...]
+    worst: tuple[Entry, ...]
+    kinks: tuple[Entry, ...]
+    diagnosis: str | None
+    warnings: tuple[str, ...]
+    precision: str
+    method: str
+    mode: str
+    evaluations: int
+    devices: tuple[str, ...]
+    seconds: float
+
+    @property
+    def failed_leaves(self) -> tuple[LeafReport, ...]:
+        return tuple(leaf for leaf in self.leaves if not leaf.passed)
+
+    def leaf(self, path: str) -> LeafReport:
+        """The row for ``path`` (e.g. ``"W2"``)."""
+        for row in self.leaves:
+            if row.path == path:
+                return row
+        raise KeyError(f"no floating leaf {path!r}; leaves are {[r.path for r in self.leaves]}")
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "A GradCheckReport has no truth value; use report.passed, or "
+            "jgradcheck.assert_grad_correct(...) to raise on failure."
+        )
+
+    def summary(self) -> str:
+        if self.passed:
+            head = "jgradcheck: PASSED - yours matches the numerical gradient"
+        else:
+            bad = ", ".join(leaf.path for leaf in self.failed_leaves) or "-"
+            head = f"jgradcheck: FAILED - yours disagrees with the numerical gradient in {bad}"
+        return head
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        lines.append(
+            f"  difference |numerical - yours| / (|numerical| + |yours|) = {self.difference:.2e}: {self.grade.value}"
+        )
+        if self.passed and self.grade is not Grade.GREAT:
+            lines.append(
+                "  (every entry agrees within its finite-difference error estimate; the seeds' fixed "
+                "scale does not know that error)"
+            )
+        lines.append(
+            f"  ran in {self.precision}, {self.method} differences, mode {self.mode}, "
+            f"{self.evaluations:,} cost evaluations on {', '.join(self.devices)} in {self.seconds:.2f} s"
+        )
+        lines.append("")
+        lines.extend(_leaf_table(self.leaves))
+        if self.diagnosis:
+            lines += ["", f"  diagnosis: {self.diagnosis}"]
+        failing = [e for e in self.worst if e.status == "fail"]
+        if failing:
+            lines += ["", "  worst entries (yours = your gradient, numerical = finite differences):"]
+            lines += [f"    {e}" for e in failing]
+        if self.kinks:
+            lines += ["", f"  kinks (non-differentiable points, accepted where yours lies between the slopes): {len(self.kinks)}"]
+            lines += [f"    {e}" for e in self.kinks[:5]]
+        if self.warnings:
+            lines += [""] + [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4e}" if math.isfinite(x) else str(x)
+
+
+def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
+    header = ("leaf", "shape", "dtype", "difference", "status", "checked", "worst entry", "yours", "numerical", "diagnosis")
+    rows = []
+    for leaf in leaves:
+        status = "ok" if leaf.passed else "FAIL"
+        if leaf.n_failed:
+            status += f" ({leaf.n_failed})"
+        if leaf.n_kinks:
+            status += f" +{leaf.n_kinks} kink"
+        w = leaf.worst
+        where = "" if w is None else (f"[{', '.join(map(str, w.index))}]" if w.index else ("dir" if leaf.how == "screened" else "[]"))
+        checked = f"{leaf.checked}/{leaf.size}" if leaf.how != "screened" else f"{leaf.checked} dirs"
+        diag = leaf.diagnosis or ""
+        if leaf.taylor_slope is not None:
+            diag = (diag + "; " if diag else "") + f"Taylor slope {leaf.taylor_slope:.2f}"
+        rows.append(
+            (
+                leaf.path,
+                str(leaf.shape),
+                leaf.dtype,
+                f"{leaf.difference:.2e}",
+                status,
+                checked,
+                where,
+                "" if w is None else _fmt(w.yours),
+                "" if w is None else _fmt(w.numerical),
+                diag,
+            )
+        )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    out = []
+    for r in [header, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(r[:-1], widths)]
+        out.append(("  " + "  ".join(cells) + "  " + r[-1]).rstrip())
+    return out

@@ -1,0 +1,180 @@
+"""Splitting a parameter pytree into the floating leaves that are checked and the rest.
+
+Integer and boolean leaves (step counters, PRNG keys, masks) ride along untouched: they
+are never raveled into θ, because `ravel_pytree` promotes mixed dtypes and mangles uint32
+PRNG keys (jax-ml/jax#6136, #29593).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+PyTree = Any
+
+MSG_COMPLEX = (
+    "{name} leaf {path!r} is complex ({dtype}); jgradcheck checks real parameters only. "
+    "Split it into real and imaginary parts (two real leaves) and write J in terms of them."
+)
+MSG_NO_FLOAT = (
+    "params has no floating-point leaves, so there is nothing to check (leaf dtypes: {dtypes}). "
+    "Pass the weights as float arrays, e.g. jnp.asarray(w, jnp.float32)."
+)
+MSG_UNHASHABLE = (
+    "{name} leaf {path!r} is neither an array nor hashable ({kind}); jgradcheck passes "
+    "non-array leaves to your function as compile-time constants. Convert it to an array "
+    "or close over it in cost_fn."
+)
+
+
+def _key_str(key: Any, first: bool) -> str:
+    if isinstance(key, DictKey):
+        k = key.key
+        if isinstance(k, str) and k.isidentifier():
+            return k if first else f".{k}"
+        return f"[{k!r}]"
+    if isinstance(key, GetAttrKey):
+        return key.name if first else f".{key.name}"
+    if isinstance(key, SequenceKey):
+        return f"[{key.idx}]"
+    if isinstance(key, FlattenedIndexKey):
+        return f"[{key.key}]"
+    return f"[{key!s}]"
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """Renders a key path readably: ``W2``, ``layers[0].w``, ``enc.b``; the root is ``<root>``."""
+    if not path:
+        return "<root>"
+    return "".join(_key_str(k, i == 0) for i, k in enumerate(path))
+
+
+def is_floating(x: Any) -> bool:
+    """Whether a leaf is a real floating-point array or Python float."""
+    if isinstance(x, float):
+        return True
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.floating))
+    except TypeError:  # extended dtypes such as typed PRNG keys
+        return False
+
+
+def _is_complex(x: Any) -> bool:
+    if isinstance(x, complex):
+        return True
+    dtype = getattr(x, "dtype", None)
+    try:
+        return dtype is not None and bool(jnp.issubdtype(dtype, jnp.complexfloating))
+    except TypeError:
+        return False
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each leaf of a pytree goes: checked float leaf, dynamic array, or static constant.
+
+    Hashable, so it can be a static argument of the jitted engine: the same structure gives
+    an equal layout, and re-checking at new values of the same shapes hits the jit cache.
+    """
+
+    treedef: Any
+    paths: tuple[str, ...]
+    kinds: tuple[str, ...]  # "float" | "array" | "static" per leaf
+    statics: tuple[Any, ...]  # the static leaves' values, in order
+
+    @property
+    def float_paths(self) -> tuple[str, ...]:
+        return tuple(p for p, k in zip(self.paths, self.kinds) if k == "float")
+
+    def merge(self, floats: list[Any], arrays: list[Any]) -> PyTree:
+        """Rebuilds the pytree from its float leaves and dynamic non-float leaves."""
+        fi, ai, si = iter(floats), iter(arrays), iter(self.statics)
+        leaves = [next(fi) if k == "float" else next(ai) if k == "array" else next(si) for k in self.kinds]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def split(
+    tree: PyTree, name: str, float_dtype: Any | None, *, python_floats: bool
+) -> tuple[Layout, list[jax.Array], list[Any]]:
+    """Splits ``tree`` into a layout, its floating leaves (cast to ``float_dtype`` if given) and array leaves.
+
+    Args:
+      tree: the pytree (``params`` or the extra arguments).
+      name: what to call it in error messages.
+      float_dtype: dtype to cast floating leaves to, or None to keep each leaf's dtype.
+      python_floats: whether Python floats are checked leaves (params) or constants (args).
+
+    Raises:
+      TypeError: a complex leaf, or a non-array leaf that cannot be a static constant.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths, kinds, statics, floats, arrays = [], [], [], [], []
+    for path, leaf in flat:
+        p = path_str(path)
+        paths.append(p)
+        if _is_complex(leaf):
+            raise TypeError(MSG_COMPLEX.format(name=name, path=p, dtype=getattr(leaf, "dtype", "complex")))
+        if is_floating(leaf) and (_is_array(leaf) or python_floats):
+            x = jnp.asarray(leaf)
+            floats.append(x.astype(float_dtype) if float_dtype is not None else x)
+            kinds.append("float")
+        elif _is_array(leaf):
+            arrays.append(jnp.asarray(leaf))
+            kinds.append("array")
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                raise TypeError(MSG_UNHASHABLE.format(name=name, path=p, kind=type(leaf).__name__)) from None
+            statics.append(leaf)
+            kinds.append("static")
+    return Layout(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatIndex:
+    """Maps between θ (the concatenated float leaves) and (leaf, index inside the leaf).
+
+    This is the seed notes' ``identify_parameter``, for any pytree.
+    """
+
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[Any, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for s in self.sizes:
+            out.append(acc)
+            acc += s
+        return tuple(out)
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def locate(self, flat_index: int) -> tuple[int, tuple[int, ...]]:
+        """Returns (leaf number, index inside that leaf) for a position in θ."""
+        offsets = self.offsets
+        leaf = int(np.searchsorted(np.asarray(offsets), flat_index, side="right")) - 1
+        inner = flat_index - offsets[leaf]
+        shape = self.shapes[leaf]
+        return leaf, tuple(int(i) for i in np.unravel_index(inner, shape)) if shape else ()
