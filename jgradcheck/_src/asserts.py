@@ -14,7 +14,10 @@ def _chex_asserts_disabled() -> bool:
         from chex._src import asserts_internal
     except ImportError:  # pragma: no cover - chex is a dependency
         return False
-    return bool(getattr(asserts_internal, "DISABLE_ASSERTIONS", False) or getattr(asserts_internal, "_DISABLE_ASSERTIONS", False))
+    return bool(
+        getattr(asserts_internal, "DISABLE_ASSERTIONS", False)
+        or getattr(asserts_internal, "_DISABLE_ASSERTIONS", False)
+    )
 
 
 def assert_grad_correct(

@@ -8,7 +8,6 @@ import functools
 import math
 import sys
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -47,8 +46,7 @@ MSG_MISSING = (
 )
 MSG_EXTRA = "the gradient has leaves that params does not: {extra}. Return a pytree shaped like params."
 MSG_SHAPE = (
-    "gradient leaf {path!r} has shape {got} but the parameter has shape {want}{hint}. "
-    "dJ/dθ has the parameter's shape."
+    "gradient leaf {path!r} has shape {got} but the parameter has shape {want}{hint}. dJ/dθ has the parameter's shape."
 )
 MSG_GRAD_TYPE = "gradient leaf {path!r} is {kind}; expected a real array shaped like the parameter {want}."
 MSG_MODE = "mode must be one of 'auto', 'full', 'screen', 'sample'; got {mode!r}."
@@ -133,7 +131,9 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
             raise ValueError(MSG_NONDETERMINISTIC.format(a=j0, b=j1))
     kinds = sorted(set(orig))
     if x64:
-        precision = "float64" + (f" (promoted from {', '.join(k for k in kinds if k != 'float64')})" if kinds != ["float64"] else "")
+        precision = "float64" + (
+            f" (promoted from {', '.join(k for k in kinds if k != 'float64')})" if kinds != ["float64"] else ""
+        )
     else:
         precision = ", ".join(kinds) + " (promotion to float64 off)"
     batch = []
@@ -142,8 +142,19 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         if shape:
             batch += [shape[0], shape[-1]]
     return _Problem(
-        cost_fn, layout, args_layout, floats, arrays, arg_floats, arg_arrays,
-        layout.float_paths, orig, j0, dtype, precision, tuple(dict.fromkeys(batch)),
+        cost_fn,
+        layout,
+        args_layout,
+        floats,
+        arrays,
+        arg_floats,
+        arg_arrays,
+        layout.float_paths,
+        orig,
+        j0,
+        dtype,
+        precision,
+        tuple(dict.fromkeys(batch)),
     )
 
 
@@ -163,12 +174,24 @@ def _call_grad(grad_fn, problem: _Problem) -> PyTree:
     falls back to eager execution if it is not traceable (Python control flow on values)."""
 
     try:
-        return _grad_jit(grad_fn, problem.layout, problem.args_layout, problem.floats, problem.arrays, problem.arg_floats, problem.arg_arrays)
+        return _grad_jit(
+            grad_fn,
+            problem.layout,
+            problem.args_layout,
+            problem.floats,
+            problem.arrays,
+            problem.arg_floats,
+            problem.arg_arrays,
+        )
     except TypeError:  # an unhashable grad_fn (e.g. a functools.partial of arrays): jit it afresh
         return jax.jit(lambda *xs: _grad_jit.__wrapped__(grad_fn, problem.layout, problem.args_layout, *xs))(
             problem.floats, problem.arrays, problem.arg_floats, problem.arg_arrays
         )
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError):
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ):
         return grad_fn(problem.params(), *problem.args())
 
 
@@ -182,7 +205,10 @@ def _user_gradient(grad_fn, problem: _Problem) -> tuple[list[np.ndarray], list[f
     missing = [p for p in problem.paths if p not in by_path]
     extra = [p for p in by_path if p not in all_params]
     if missing:
-        raise ValueError(MSG_MISSING.format(missing=", ".join(missing)) + (f" It has extra leaves: {', '.join(extra)}." if extra else ""))
+        raise ValueError(
+            MSG_MISSING.format(missing=", ".join(missing))
+            + (f" It has extra leaves: {', '.join(extra)}." if extra else "")
+        )
     if extra:
         raise ValueError(MSG_EXTRA.format(extra=", ".join(extra)))
     out, eps = [], []
@@ -337,7 +363,16 @@ def _entries(path: str, shape, c: _Coords, g: np.ndarray, which: np.ndarray) -> 
     for j in which:
         index = tuple(int(i) for i in np.unravel_index(int(c.idx[j]), shape)) if shape else ()
         out.append(
-            Entry(path, index, float(g[j]), float(c.numerical[j]), float(c.tol[j]), str(c.status[j]), float(c.left[j]), float(c.right[j]))
+            Entry(
+                path,
+                index,
+                float(g[j]),
+                float(c.numerical[j]),
+                float(c.tol[j]),
+                str(c.status[j]),
+                float(c.left[j]),
+                float(c.right[j]),
+            )
         )
     return out
 
@@ -463,24 +498,40 @@ def check_grad(
         grads, g_eps = _user_gradient(grad_fn, problem)
         devs = list(devices) if devices is not None else jax.local_devices()
         engine = Engine(
-            cost_fn, problem.layout, problem.args_layout, problem.floats, problem.arrays,
-            problem.arg_floats, problem.arg_arrays, devs, chunk_size, _eval_bytes(problem),
+            cost_fn,
+            problem.layout,
+            problem.args_layout,
+            problem.floats,
+            problem.arrays,
+            problem.arg_floats,
+            problem.arg_arrays,
+            devs,
+            chunk_size,
+            _eval_bytes(problem),
         )
         engine.evaluations = 2 if check_determinism else 1
         noise = _noise(engine, problem, seed)
         n = sum(int(f.size) for f in problem.floats)
         chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
-        mode_note = chosen if mode != "auto" else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
+        mode_note = (
+            chosen
+            if mode != "auto"
+            else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
+        )
         from jgradcheck._src.screen import run_mode
 
-        per_leaf = run_mode(chosen, engine, problem, grads, g_eps, noise, opts, sample_size, screen_directions, seed, progress, n)
+        per_leaf = run_mode(
+            chosen, engine, problem, grads, g_eps, noise, opts, sample_size, screen_directions, seed, progress, n
+        )
         warnings = list(invisible_to_fd(cost_fn, problem.params(), problem.args()))
         slopes = None
         if taylor_test:
             from jgradcheck._src.screen import taylor_slopes
 
             slopes = taylor_slopes(engine, problem, grads, noise, seed)
-    return _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start)
+    return _build_report(
+        problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start
+    )
 
 
 _EVAL_BYTES: dict[Any, int] = {}
@@ -492,7 +543,9 @@ def _eval_bytes(problem: _Problem) -> int:
     Measured once per cost function and shapes: re-checks at new values reuse it.
     """
     key = (
-        problem.cost_fn, problem.layout, problem.args_layout,
+        problem.cost_fn,
+        problem.layout,
+        problem.args_layout,
         tuple((f.shape, str(f.dtype)) for f in [*problem.floats, *problem.arg_floats]),
         tuple((a.shape, str(a.dtype)) for a in [*problem.arrays, *problem.arg_arrays]),
     )
@@ -512,7 +565,9 @@ def _eval_bytes(problem: _Problem) -> int:
     return out
 
 
-def _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, seconds) -> GradCheckReport:
+def _build_report(
+    problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, seconds
+) -> GradCheckReport:
     rows, all_entries, kinks, factors = [], [], [], []
     ys, ns = [], []
     for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
@@ -522,8 +577,20 @@ def _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, e
         slope = None if slopes is None else slopes[i]
         if res.coords is None:  # screened and passed: directions only
             rows.append(
-                LeafReport(path, shape, problem.orig_dtypes[i], res.difference, True, res.n_dirs, "screened",
-                           0, None, res.resolution, None, slope)
+                LeafReport(
+                    path,
+                    shape,
+                    problem.orig_dtypes[i],
+                    res.difference,
+                    passed=True,
+                    checked=res.n_dirs,
+                    how="screened",
+                    n_failed=0,
+                    n_kinks=0,
+                    worst=None,
+                    resolution=res.resolution,
+                    taylor_slope=slope,
+                )
             )
             factors.append(None)
             continue
@@ -547,7 +614,9 @@ def _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, e
             full = c.idx.size == f.size
             theta = np.asarray(f, np.float64).ravel()[c.idx]
             sel = finite
-            diag = diagnose.describe_leaf(gi[sel], c.numerical[sel], theta[sel], shape if full else ())
+            diag = diagnose.describe_leaf(
+                gi[sel], c.numerical[sel], theta[sel], shape if full else (), int(np.sum(c.status[sel] == "fail"))
+            )
             fac = diagnose.fitted_factor(gi[sel], c.numerical[sel])
             if res.note:
                 diag = (diag + "; " if diag else "") + res.note
@@ -555,9 +624,21 @@ def _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, e
         scale = float(np.sqrt(np.mean(c.numerical[finite] ** 2))) if finite.any() else 0.0
         resolution = float(np.median(c.tol)) / scale if scale > 0 else math.inf
         rows.append(
-            LeafReport(path, shape, problem.orig_dtypes[i], numerics.relative_difference(c.numerical[finite], gi[finite]),
-                       passed, int(c.idx.size), res.how, int(fails.size) + res.extra_failures, int(kink_idx.size),
-                       worst, resolution, diag, slope)
+            LeafReport(
+                path,
+                shape,
+                problem.orig_dtypes[i],
+                numerics.relative_difference(c.numerical[finite], gi[finite]),
+                passed,
+                int(c.idx.size),
+                res.how,
+                int(fails.size) + res.extra_failures,
+                int(kink_idx.size),
+                worst,
+                resolution,
+                diag,
+                slope,
+            )
         )
         if (~finite).any():
             warnings.append(
@@ -588,9 +669,20 @@ def _build_report(problem, grads, per_leaf, warnings, slopes, opts, mode_note, e
     failing = [f for f, r in zip(factors, rows) if not r.passed]
     cross = diagnose.common_factor(failing, problem.batch_sizes) if len(failing) == len(rows) else None
     return GradCheckReport(
-        passed, difference, Grade.of(difference), tuple(rows), worst, tuple(kinks), cross, tuple(warnings),
-        problem.precision, opts.method if opts.eps is None else f"{opts.method} (eps = {opts.eps:g})",
-        mode_note, engine.evaluations, _leaf_devs(engine), seconds,
+        passed,
+        difference,
+        Grade.of(difference),
+        tuple(rows),
+        worst,
+        tuple(kinks),
+        cross,
+        tuple(warnings),
+        problem.precision,
+        opts.method if opts.eps is None else f"{opts.method} (eps = {opts.eps:g})",
+        mode_note,
+        engine.evaluations,
+        _leaf_devs(engine),
+        seconds,
     )
 
 
@@ -644,8 +736,16 @@ def numerical_grad(
         problem = _prepare(cost_fn, params, args, x64, check_determinism=False)
         devs = list(devices) if devices is not None else jax.local_devices()
         engine = Engine(
-            cost_fn, problem.layout, problem.args_layout, problem.floats, problem.arrays,
-            problem.arg_floats, problem.arg_arrays, devs, chunk_size, _eval_bytes(problem),
+            cost_fn,
+            problem.layout,
+            problem.args_layout,
+            problem.floats,
+            problem.arrays,
+            problem.arg_floats,
+            problem.arg_arrays,
+            devs,
+            chunk_size,
+            _eval_bytes(problem),
         )
         n = sum(int(f.size) for f in problem.floats)
         bar = Progress(n * len(numerics.STENCILS[method][0]), _show(progress, n))

@@ -33,7 +33,9 @@ MAX_CHUNK = 512
 
 
 @functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "leaf"))
-def _leaf_block(cost_fn, layout: Layout, args_layout: Layout, leaf: int, floats, arrays, arg_floats, arg_arrays, idx, vals):
+def _leaf_block(
+    cost_fn, layout: Layout, args_layout: Layout, leaf: int, floats, arrays, arg_floats, arg_arrays, idx, vals
+):
     base = floats[leaf]
 
     def one(i, v):

@@ -199,7 +199,10 @@ class GradCheckReport:
             lines += ["", "  worst entries (yours = your gradient, numerical = finite differences):"]
             lines += [f"    {e}" for e in failing]
         if self.kinks:
-            lines += ["", f"  kinks (non-differentiable points, accepted where yours lies between the slopes): {len(self.kinks)}"]
+            lines += [
+                "",
+                f"  kinks (non-differentiable points, accepted where yours lies between the slopes): {len(self.kinks)}",
+            ]
             lines += [f"    {e}" for e in self.kinks[:5]]
         if self.warnings:
             lines += [""] + [f"  warning: {w}" for w in self.warnings]
@@ -211,7 +214,18 @@ def _fmt(x: float) -> str:
 
 
 def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
-    header = ("leaf", "shape", "dtype", "difference", "status", "checked", "worst entry", "yours", "numerical", "diagnosis")
+    header = (
+        "leaf",
+        "shape",
+        "dtype",
+        "difference",
+        "status",
+        "checked",
+        "worst entry",
+        "yours",
+        "numerical",
+        "diagnosis",
+    )
     rows = []
     for leaf in leaves:
         status = "ok" if leaf.passed else "FAIL"
@@ -220,7 +234,11 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
         if leaf.n_kinks:
             status += f" +{leaf.n_kinks} kink"
         w = leaf.worst
-        where = "" if w is None else (f"[{', '.join(map(str, w.index))}]" if w.index else ("dir" if leaf.how == "screened" else "[]"))
+        where = (
+            ""
+            if w is None
+            else (f"[{', '.join(map(str, w.index))}]" if w.index else ("dir" if leaf.how == "screened" else "[]"))
+        )
         checked = f"{leaf.checked}/{leaf.size}" if leaf.how != "screened" else f"{leaf.checked} dirs"
         diag = leaf.diagnosis or ""
         if leaf.taylor_slope is not None:

@@ -70,7 +70,10 @@ def _line(engine, problem, leaf: int, d: np.ndarray, ts: np.ndarray):
     values = engine.line_costs(direction, ts)
     base = np.asarray(f).ravel()
     dtype = base.dtype
-    deltas = [((base + (np.asarray(t, dtype) * d.astype(dtype))).astype(dtype)).astype(np.float64) - base.astype(np.float64) for t in ts]
+    deltas = [
+        ((base + (np.asarray(t, dtype) * d.astype(dtype))).astype(dtype)).astype(np.float64) - base.astype(np.float64)
+        for t in ts
+    ]
     return values, deltas
 
 
@@ -94,7 +97,10 @@ def directional_test(engine, problem, leaf, g, g_eps, noise, opts, n_dirs, seed,
     theta = np.asarray(problem.floats[leaf], np.float64).ravel()
     subset = np.arange(theta.size) if subset is None else subset
     rng = leaf_rng(problem.paths[leaf], seed, salt)
-    rows = [_directional(engine, problem, leaf, g, g_eps, noise, opts, _direction(theta, subset, rng)) for _ in range(n_dirs)]
+    rows = [
+        _directional(engine, problem, leaf, g, g_eps, noise, opts, _direction(theta, subset, rng))
+        for _ in range(n_dirs)
+    ]
     ys, ns, tols = (np.array(x) for x in zip(*rows))
     fails = int(np.sum(~(np.abs(ys - ns) <= tols)))
     return fails, ys, ns, tols
@@ -166,7 +172,11 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
                 sample = leaf_rng(problem.paths[i], seed, 10**6).choice(size, min(size, LOCATE_SAMPLE), replace=False)
                 idx = np.unique(np.concatenate([found, sample]).astype(np.int64))
                 c, how = entries(idx, "sampled")
-                note += f"; bisection ({tests} tests) narrowed it to {found.size} entries"
+                note += (
+                    f"; bisection ({tests} tests) narrowed it to {found.size} entries"
+                    if found.size
+                    else f"; bisection ({tests} tests): the error is spread over the leaf"
+                )
             n_bad = int(np.sum(c.status == "fail"))
             out.append(LeafResult(c, how, n_dirs, extra_failures=0 if n_bad else fails, note=note))
     bar.close()
