@@ -265,17 +265,21 @@ def _points(theta: np.ndarray, h: np.ndarray, offsets: Sequence[int], dtype) -> 
 def _check_entries(
     engine: Engine,
     problem: _Problem,
-    leaf: int,
+    group: tuple[int, ...],
     idx: np.ndarray,
     g: np.ndarray,
-    g_eps: float,
-    g_scale: float,
+    g_eps: np.ndarray,
+    g_scale: np.ndarray,
     noise: float,
     opts: _Options,
     progress: Progress,
 ) -> _Coords:
-    """Compares yours with finite differences at entries ``idx`` of one leaf."""
-    base = np.asarray(problem.floats[leaf]).ravel()
+    """Compares yours (``g``) with finite differences at entries ``idx`` of a group of leaves.
+
+    ``idx`` indexes the concatenation of the group's raveled leaves; ``g``, ``g_eps`` and
+    ``g_scale`` are yours, its dtype's eps and its leaf's largest magnitude, per entry.
+    """
+    base = np.concatenate([np.asarray(problem.floats[i]).ravel() for i in group])
     dtype = base.dtype
     theta = base[idx].astype(np.float64)
     k = idx.size
@@ -285,7 +289,7 @@ def _check_entries(
         h = numerics.base_step(theta, dtype, opts.method)
     offsets = numerics.STENCILS[opts.method][0]
     pts = _points(theta, h, offsets, dtype)
-    vals = engine.leaf_costs(leaf, np.tile(idx, len(offsets)), pts, progress).reshape(len(offsets), k)
+    vals = engine.costs(group, np.tile(idx, len(offsets)), pts, progress).reshape(len(offsets), k)
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
     # Central difference at h over the step actually taken (exact for the default steps).
@@ -313,8 +317,7 @@ def _check_entries(
             sus = sus[np.argsort(-(err[sus] / tol[sus]))[: opts.max_refine]]
         if 2 not in J:
             pts2 = _points(theta[sus], h[sus], (2, -2), dtype)
-            v2 = engine.leaf_costs(leaf, np.tile(idx[sus], 2), pts2, progress).reshape(2, sus.size)
-            j2p, j2m = v2
+            j2p, j2m = engine.costs(group, np.tile(idx[sus], 2), pts2, progress).reshape(2, sus.size)
         else:
             j2p, j2m = J[2][sus], J[-2][sus]
         hs = h[sus]
@@ -345,6 +348,57 @@ def _check_entries(
         status[sus[accepted]] = "kink"
         left[sus[kink]], right[sus[kink]] = l1[kink], r1[kink]
     return _Coords(idx, numerical, tol, status, left, right)
+
+
+# Leaves up to this many entries are perturbed together in one compiled program (biases, small
+# last layers): one compilation instead of one per leaf, and no more FLOPs, because the layers
+# after the first of them are batched either way.
+SMALL_LEAF = 4096
+
+
+def _groups(problem: _Problem, leaves: Sequence[int]) -> list[tuple[int, ...]]:
+    """Big leaves alone (their followers stay unbatched: large GEMMs); small ones together."""
+    small: dict[str, list[int]] = {}
+    out: list[tuple[int, ...]] = []
+    for i in leaves:
+        f = problem.floats[i]
+        if f.size <= SMALL_LEAF:
+            small.setdefault(str(f.dtype), []).append(i)
+        else:
+            out.append((i,))
+    return out + [tuple(v) for v in small.values()]
+
+
+def check_leaves(
+    engine: Engine,
+    problem: _Problem,
+    selection: dict[int, np.ndarray],
+    grads: list[np.ndarray],
+    g_eps: list[float],
+    noise: float,
+    opts: _Options,
+    progress: Progress,
+) -> dict[int, _Coords]:
+    """Entry-by-entry check of ``selection`` (leaf -> entry indices), grouped for compilation."""
+    out: dict[int, _Coords] = {}
+    for group in _groups(problem, list(selection)):
+        sizes = [int(problem.floats[i].size) for i in group]
+        offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        idx = np.concatenate([selection[i] + o for i, o in zip(group, offs)]).astype(np.int64)
+        g = np.concatenate([grads[i][selection[i]] for i in group])
+        eps = np.concatenate([np.full(selection[i].size, g_eps[i]) for i in group])
+        scale = np.concatenate([np.full(selection[i].size, _scale(grads[i])) for i in group])
+        c = _check_entries(engine, problem, group, idx, g, eps, scale, noise, opts, progress)
+        start = 0
+        for i, o in zip(group, offs):
+            sl = slice(start, start + selection[i].size)
+            out[i] = _Coords(c.idx[sl] - o, c.numerical[sl], c.tol[sl], c.status[sl], c.left[sl], c.right[sl])
+            start += selection[i].size
+    return out
+
+
+def _scale(g: np.ndarray) -> float:
+    return float(np.max(np.abs(g))) if g.size and np.all(np.isfinite(g)) else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -749,12 +803,13 @@ def numerical_grad(
         )
         n = sum(int(f.size) for f in problem.floats)
         bar = Progress(n * len(numerics.STENCILS[method][0]), _show(progress, n))
-        out = []
-        for i, f in enumerate(problem.floats):
-            idx = np.arange(f.size)
-            zeros = np.zeros(f.size)
-            c = _check_entries(engine, problem, i, idx, zeros, 0.0, 0.0, 0.0, opts, bar)
-            out.append(c.numerical.reshape(f.shape).astype(np.float64 if x64 else np.asarray(f).dtype))
+        sel = {i: np.arange(int(f.size)) for i, f in enumerate(problem.floats)}
+        zeros = [np.zeros(int(f.size)) for f in problem.floats]
+        coords = check_leaves(engine, problem, sel, zeros, [0.0] * len(zeros), 0.0, opts, bar)
+        out = [
+            coords[i].numerical.reshape(f.shape).astype(np.float64 if x64 else np.asarray(f).dtype)
+            for i, f in enumerate(problem.floats)
+        ]
         bar.close()
     it = iter(out)
     leaves = [

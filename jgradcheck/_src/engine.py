@@ -32,18 +32,35 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 MAX_CHUNK = 512
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "leaf"))
-def _leaf_block(
-    cost_fn, layout: Layout, args_layout: Layout, leaf: int, floats, arrays, arg_floats, arg_arrays, idx, vals
+@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
+def _group_block(
+    cost_fn,
+    layout: Layout,
+    args_layout: Layout,
+    group: tuple[int, ...],
+    floats,
+    arrays,
+    arg_floats,
+    arg_arrays,
+    idx,
+    vals,
 ):
-    base = floats[leaf]
+    """J with entry ``idx[k]`` of the group's concatenated leaves set to ``vals[k]``, for all k.
+
+    Only the group's leaves are batched; every other leaf stays unbatched.
+    """
+    shapes = [floats[g].shape for g in group]
+    sizes = [math.prod(s) for s in shapes]
+    base = jnp.concatenate([floats[g].reshape(-1) for g in group]) if len(group) > 1 else floats[group[0]].reshape(-1)
 
     def one(i, v):
+        vec = base.at[i].set(v)
+        parts = jnp.split(vec, np.cumsum(sizes)[:-1].tolist()) if len(group) > 1 else [vec]
         perturbed = list(floats)
-        perturbed[leaf] = base.reshape(-1).at[i].set(v).reshape(base.shape)
+        for g, part, shape in zip(group, parts, shapes):
+            perturbed[g] = part.reshape(shape)
         params = layout.merge(perturbed, arrays)
-        args = args_layout.merge(arg_floats, arg_arrays)
-        return cost_fn(params, *args)
+        return cost_fn(params, *args_layout.merge(arg_floats, arg_arrays))
 
     batched = jax.vmap(one)
     return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
@@ -58,6 +75,10 @@ def _line_block(cost_fn, layout: Layout, args_layout: Layout, floats, arrays, ar
         return cost_fn(layout.merge(fl, arrays), *args_layout.merge(arg_floats, arg_arrays))
 
     return jax.lax.map(jax.vmap(one), ts)
+
+
+def _next_pow2(k: int) -> int:
+    return 1 << max(0, int(k) - 1).bit_length()
 
 
 def choose_chunk(leaf_bytes: int, eval_bytes: int, budget: int, n_devices: int) -> int:
@@ -153,32 +174,40 @@ class Engine:
             return int(math.ceil(self.chunk_size / n_dev) * n_dev)
         return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev)
 
-    def _blocks(self, count: int, chunk: int) -> tuple[int, int]:
-        """(chunks per block, number of blocks): fixed block shape, last block padded."""
-        per_block = max(1, min(math.ceil(count / chunk), BLOCK_EVALS // chunk))
-        return per_block, math.ceil(count / (per_block * chunk))
+    def _blocks(self, count: int, chunk: int) -> tuple[int, int, int]:
+        """(chunk, chunks per block, blocks), rounded to powers of two so that calls with
+        similar counts (e.g. re-checks of a few failing entries) reuse the compiled block."""
+        chunk = min(chunk, _next_pow2(count))
+        per_block = min(_next_pow2(math.ceil(count / chunk)), max(1, BLOCK_EVALS // chunk))
+        return chunk, per_block, math.ceil(count / (per_block * chunk))
 
-    def leaf_costs(self, leaf: int, idx: np.ndarray, vals: Any, progress: Progress) -> np.ndarray:
-        """J with ``floats[leaf].ravel()[idx[k]] = vals[k]``, for every k; float64 on host."""
+    def costs(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
+        """J with entry ``idx[k]`` of the group's concatenated float leaves set to ``vals[k]``.
+
+        Returns float64 values on the host, one per k.
+        """
         count = int(idx.shape[0])
         if count == 0:
             return np.zeros((0,), np.float64)
-        base = self.floats[leaf]
-        chunk = self.chunk_for(base.size * base.dtype.itemsize)
-        per_block, n_blocks = self._blocks(count, chunk)
+        leaves = [self.floats[g] for g in group]
+        dtype = np.dtype(leaves[0].dtype)
+        group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
+        n_dev = len(self.devices)
+        chunk, per_block, n_blocks = self._blocks(count, self.chunk_for(group_bytes))
+        chunk = int(math.ceil(chunk / n_dev) * n_dev)
         padded = per_block * chunk * n_blocks
+        first = np.asarray(leaves[0]).reshape(-1)[:1].astype(dtype)
         idx = np.concatenate([np.asarray(idx, np.int32), np.zeros(padded - count, np.int32)])
-        fill = jnp.broadcast_to(base.reshape(-1)[0], (padded - count,))
-        vals = jnp.concatenate([jnp.asarray(vals, base.dtype), fill.astype(base.dtype)])
+        vals = np.concatenate([np.asarray(vals, dtype), np.repeat(first, padded - count)])
         idx = idx.reshape(n_blocks, per_block, chunk)
         vals = vals.reshape(n_blocks, per_block, chunk)
         outs = []
         for b in range(n_blocks):
-            out = _leaf_block(
+            out = _group_block(
                 self.cost_fn,
                 self.layout,
                 self.args_layout,
-                leaf,
+                tuple(group),
                 self.floats,
                 self.arrays,
                 self.arg_floats,
@@ -199,8 +228,8 @@ class Engine:
         n_dev = len(self.devices)
         chunk = int(math.ceil(min(k, 64) / n_dev) * n_dev)
         n_chunks = math.ceil(k / chunk)
-        ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(n_chunks * chunk - k)])
-        dtype = jnp.result_type(*[f.dtype for f in self.floats])
+        dtype = np.dtype(jnp.result_type(*[f.dtype for f in self.floats]))
+        ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(n_chunks * chunk - k)]).astype(dtype)
         out = _line_block(
             self.cost_fn,
             self.layout,
@@ -209,8 +238,8 @@ class Engine:
             self.arrays,
             self.arg_floats,
             self.arg_arrays,
-            [self._replicated(jnp.asarray(d, f.dtype)) for d, f in zip(direction, self.floats)],
-            self._sharded(jnp.asarray(ts.reshape(n_chunks, chunk), dtype)),
+            [self._replicated(np.asarray(d, f.dtype)) for d, f in zip(direction, self.floats)],
+            self._sharded(ts.reshape(n_chunks, chunk)),
         )
         self.evaluations += k
         return np.asarray(out, np.float64).reshape(-1)[:k]

@@ -129,7 +129,7 @@ def _bisect(engine, problem, leaf, g, g_eps, noise, opts, seed) -> tuple[np.ndar
 
 def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_dirs, seed, progress, n):
     """Per-leaf results for ``mode`` in ("full", "sample", "screen")."""
-    from jgradcheck._src.check import _check_entries, _show
+    from jgradcheck._src.check import _show, check_leaves
 
     sizes = [int(f.size) for f in problem.floats]
     per_entry = len(numerics.STENCILS[opts.method][0])
@@ -140,45 +140,49 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
     else:
         total = 4 * n_dirs * len(sizes)
     bar = Progress(total, _show(progress, total // 2))
-    out = []
-    for i, size in enumerate(sizes):
-        g = grads[i]
-        scale = float(np.max(np.abs(g))) if g.size and np.all(np.isfinite(g)) else 0.0
-
-        def entries(idx, how, i=i, g=g, scale=scale):
-            c = _check_entries(engine, problem, i, idx, g[idx], g_eps[i], scale, noise, opts, bar)
-            return c, how
-
-        if mode == "full" or (mode == "sample" and size <= sample_size):
-            c, how = entries(np.arange(size), "entries")
-            out.append(LeafResult(c, how))
-        elif mode == "sample":
-            idx = np.sort(leaf_rng(problem.paths[i], seed).choice(size, sample_size, replace=False))
-            c, how = entries(idx, "sampled")
-            out.append(LeafResult(c, how))
-        else:
+    results: dict[int, LeafResult] = {}
+    if mode in ("full", "sample"):
+        sel = {}
+        for i, size in enumerate(sizes):
+            if mode == "full" or size <= sample_size:
+                sel[i] = np.arange(size)
+            else:
+                sel[i] = np.sort(leaf_rng(problem.paths[i], seed).choice(size, sample_size, replace=False))
+        coords = check_leaves(engine, problem, sel, grads, g_eps, noise, opts, bar)
+        for i, size in enumerate(sizes):
+            results[i] = LeafResult(coords[i], "entries" if sel[i].size == size else "sampled")
+    else:
+        to_locate: dict[int, np.ndarray] = {}
+        notes: dict[int, tuple[str, int]] = {}
+        for i, size in enumerate(sizes):
+            g = grads[i]
             fails, ys, ns, tols = directional_test(engine, problem, i, g, g_eps[i], noise, opts, n_dirs, seed)
             bar.update(4 * n_dirs)
             rms = float(np.sqrt(np.mean(ns**2)))
             resolution = float(np.median(tols)) / rms if rms > 0 else math.inf
             if not fails:
-                out.append(LeafResult(None, "screened", n_dirs, numerics.relative_difference(ns, ys), resolution))
+                results[i] = LeafResult(None, "screened", n_dirs, numerics.relative_difference(ns, ys), resolution)
                 continue
             note = f"failed {fails}/{n_dirs} random directions"
             if size <= LOCATE_FULL_MAX:
-                c, how = entries(np.arange(size), "entries")
+                to_locate[i] = np.arange(size)
             else:
                 found, tests = _bisect(engine, problem, i, g, g_eps[i], noise, opts, seed)
                 sample = leaf_rng(problem.paths[i], seed, 10**6).choice(size, min(size, LOCATE_SAMPLE), replace=False)
-                idx = np.unique(np.concatenate([found, sample]).astype(np.int64))
-                c, how = entries(idx, "sampled")
+                to_locate[i] = np.unique(np.concatenate([found, sample]).astype(np.int64))
                 note += (
                     f"; bisection ({tests} tests) narrowed it to {found.size} entries"
                     if found.size
                     else f"; bisection ({tests} tests): the error is spread over the leaf"
                 )
+            notes[i] = (note, fails)
+        coords = check_leaves(engine, problem, to_locate, grads, g_eps, noise, opts, bar)
+        for i, c in coords.items():
+            note, fails = notes[i]
             n_bad = int(np.sum(c.status == "fail"))
-            out.append(LeafResult(c, how, n_dirs, extra_failures=0 if n_bad else fails, note=note))
+            how = "entries" if c.idx.size == sizes[i] else "sampled"
+            results[i] = LeafResult(c, how, n_dirs, extra_failures=0 if n_bad else fails, note=note)
+    out = [results[i] for i in range(len(sizes))]
     bar.close()
     return out
 
