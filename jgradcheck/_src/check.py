@@ -17,7 +17,7 @@ import numpy as np
 
 from jgradcheck._src import diagnose, numerics
 from jgradcheck._src.engine import Engine, Progress
-from jgradcheck._src.inspect import invisible_to_fd
+from jgradcheck._src.inspect import invisible_to_fd, walk_eqns
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
 from jgradcheck._src.tree import Layout, path_str, split
 
@@ -35,7 +35,7 @@ MSG_NONFINITE = (
     "meaningless. Check the data, log(0) in the loss (clip probabilities), and the initialization."
 )
 MSG_NONDETERMINISTIC = (
-    "cost_fn is not deterministic: two evaluations at the same params gave J = {a!r} and {b!r}. "
+    "cost_fn is not deterministic: two evaluations at the same params gave J = {a} and {b}. "
     "Finite differences need the same J every time (the seeds: dropout breaks gradient checking). "
     "Pass a fixed PRNG key as an argument (and use the same mask in your gradient), or set "
     "keep_prob = 1.0 while checking."
@@ -87,6 +87,7 @@ class _Problem:
     dtype: Any
     precision: str
     batch_sizes: tuple[int, ...]
+    trace: Any
 
     def params(self) -> PyTree:
         return self.layout.merge(self.floats, self.arrays)
@@ -95,15 +96,22 @@ class _Problem:
         return self.args_layout.merge(self.arg_floats, self.arg_arrays)
 
 
-def _evaluate_once(cost_fn, params, args) -> jax.Array:
-    # A fresh function object each call: a separate trace, so Python-side randomness shows.
-    return jax.jit(lambda p, a: cost_fn(p, *a))(params, args)
+def _trace(cost_fn, params, args) -> Any:
+    return jax.make_jaxpr(lambda p, a: cost_fn(p, *a))(params, args)
+
+
+def _same_trace(a: Any, b: Any) -> bool:
+    """Whether two traces of the cost are the same program with the same constants."""
+    if str(a.jaxpr) != str(b.jaxpr) or len(a.consts) != len(b.consts):
+        return False
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.consts, b.consts))
 
 
 def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Problem:
+    """Splits and promotes the inputs and traces the cost (no compilation: that comes once, later)."""
     if not callable(cost_fn):
         raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
-    target = jnp.float64 if x64 else None
+    target = np.float64 if x64 else None
     layout, floats, arrays = split(params, "params", target, python_floats=True)
     if not floats:
         dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in jax.tree_util.tree_leaves(params)})
@@ -116,19 +124,15 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
     )
     dtype = jnp.result_type(*[f.dtype for f in floats])
     p, a = layout.merge(floats, arrays), args_layout.merge(arg_floats, arg_arrays)
-    j = _evaluate_once(cost_fn, p, a)
-    if jnp.shape(j) != ():
-        raise ValueError(MSG_NOT_SCALAR.format(shape=jnp.shape(j)))
-    if not jnp.issubdtype(jnp.result_type(j), jnp.floating):
-        raise ValueError(MSG_NOT_REAL.format(dtype=jnp.result_type(j)))
-    j0 = float(j)
-    if not math.isfinite(j0):
-        raise ValueError(MSG_NONFINITE.format(value=j0))
-    if check_determinism:
-        j1 = float(_evaluate_once(cost_fn, p, a))
-        eps = numerics.machine_eps(jnp.result_type(j))
-        if not (abs(j1 - j0) <= 64 * eps * max(abs(j0), abs(j1))):
-            raise ValueError(MSG_NONDETERMINISTIC.format(a=j0, b=j1))
+    trace = _trace(cost_fn, p, a)
+    out = trace.out_avals[0] if len(trace.out_avals) == 1 else None
+    if out is None or out.shape != ():
+        shape = out.shape if out is not None else f"a tuple of {len(trace.out_avals)} outputs"
+        raise ValueError(MSG_NOT_SCALAR.format(shape=shape))
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(MSG_NOT_REAL.format(dtype=out.dtype))
+    if check_determinism and not _same_trace(trace, _trace(cost_fn, p, a)):
+        raise ValueError(MSG_NONDETERMINISTIC.format(a="(trace 1)", b="(trace 2: different constants)"))
     kinds = sorted(set(orig))
     if x64:
         precision = "float64" + (
@@ -151,10 +155,11 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         arg_arrays,
         layout.float_paths,
         orig,
-        j0,
+        math.nan,
         dtype,
         precision,
         tuple(dict.fromkeys(batch)),
+        trace,
     )
 
 
@@ -227,20 +232,41 @@ def _user_gradient(grad_fn, problem: _Problem) -> tuple[list[np.ndarray], list[f
     return out, eps
 
 
-def _noise(engine: Engine, problem: _Problem, seed: int) -> float:
-    """Noise level of J: ECnoise along two random directions, never below eps |J|."""
-    floor = numerics.machine_eps(problem.dtype) * max(abs(problem.j0), np.finfo(np.float64).tiny)
+def _probe(engine: Engine, problem: _Problem, seed: int, check_determinism: bool) -> float:
+    """J(θ) (twice) and its noise level, in one batched call; sets ``problem.j0``.
+
+    The noise is estimated with ECnoise along two random directions (the smaller estimate,
+    in case one direction crosses a kink), never below eps |J|.
+
+    Raises:
+      ValueError: J(θ) is NaN/Inf, or differs between two evaluations (runtime randomness).
+    """
     n = sum(int(f.size) for f in problem.floats)
     s = numerics.noise_spacing(problem.dtype)
-    ts = s * np.arange(-4, 5, dtype=np.float64)
-    estimates = []
+    line = s * np.arange(-4, 5, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    for _ in range(2):
-        direction = [
-            rng.choice([-1.0, 1.0], size=f.shape) * np.maximum(1.0, np.abs(np.asarray(f, np.float64))) / math.sqrt(n)
-            for f in problem.floats
-        ]
-        estimates.append(numerics.ecnoise(engine.line_costs(direction, ts)))
+    dirs = [
+        np.stack(
+            [
+                rng.choice([-1.0, 1.0], size=f.shape)
+                * np.maximum(1.0, np.abs(np.asarray(f, np.float64)))
+                / math.sqrt(n)
+                for _ in range(2)
+            ]
+        )
+        for f in problem.floats
+    ]
+    ts = np.concatenate([[0.0, 0.0], line, line])
+    which = np.concatenate([[0, 0], np.zeros(9), np.ones(9)]).astype(np.int32)
+    v = engine.line_costs(dirs, ts, which)
+    j0, j1 = float(v[0]), float(v[1])
+    if not math.isfinite(j0):
+        raise ValueError(MSG_NONFINITE.format(value=j0))
+    if check_determinism and not abs(j1 - j0) <= 64 * numerics.machine_eps(problem.dtype) * max(abs(j0), abs(j1)):
+        raise ValueError(MSG_NONDETERMINISTIC.format(a=repr(j0), b=repr(j1)))
+    problem.j0 = j0
+    floor = numerics.machine_eps(problem.dtype) * max(abs(j0), np.finfo(np.float64).tiny)
+    estimates = [numerics.ecnoise(v[2:11]), numerics.ecnoise(v[11:20])]
     finite = [e for e in estimates if math.isfinite(e)]
     return max(floor, min(finite)) if finite else floor
 
@@ -563,8 +589,7 @@ def check_grad(
             chunk_size,
             _eval_bytes(problem),
         )
-        engine.evaluations = 2 if check_determinism else 1
-        noise = _noise(engine, problem, seed)
+        noise = _probe(engine, problem, seed, check_determinism)
         n = sum(int(f.size) for f in problem.floats)
         chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
         mode_note = (
@@ -577,7 +602,7 @@ def check_grad(
         per_leaf = run_mode(
             chosen, engine, problem, grads, g_eps, noise, opts, sample_size, screen_directions, seed, progress, n
         )
-        warnings = list(invisible_to_fd(cost_fn, problem.params(), problem.args()))
+        warnings = list(invisible_to_fd(problem.trace))
         slopes = None
         if taylor_test:
             from jgradcheck._src.screen import taylor_slopes
@@ -588,35 +613,23 @@ def check_grad(
     )
 
 
-_EVAL_BYTES: dict[Any, int] = {}
-
-
 def _eval_bytes(problem: _Problem) -> int:
-    """Temporaries of one cost evaluation, from the compiled cost (0 where not reported).
+    """Footprint of one cost evaluation: the bytes of every value its jaxpr computes.
 
-    Measured once per cost function and shapes: re-checks at new values reuse it.
+    An upper bound on the temporaries (XLA fuses many of them away), measured from the
+    traced program without compiling it, so the chunk size errs on the safe side.
     """
-    key = (
-        problem.cost_fn,
-        problem.layout,
-        problem.args_layout,
-        tuple((f.shape, str(f.dtype)) for f in [*problem.floats, *problem.arg_floats]),
-        tuple((a.shape, str(a.dtype)) for a in [*problem.arrays, *problem.arg_arrays]),
-    )
-    try:
-        if key in _EVAL_BYTES:
-            return _EVAL_BYTES[key]
-    except TypeError:  # unhashable cost_fn
-        key = None
-    try:
-        compiled = jax.jit(lambda p, a: problem.cost_fn(p, *a)).lower(problem.params(), problem.args()).compile()
-        stats = compiled.memory_analysis()
-        out = int(getattr(stats, "temp_size_in_bytes", 0) or 0)
-    except Exception:  # noqa: BLE001 - backends without memory analysis
-        out = 0
-    if key is not None:
-        _EVAL_BYTES[key] = out
-    return out
+    total = 0
+    for eqn in walk_eqns(problem.trace.jaxpr):
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+            if shape is not None and dtype is not None:
+                try:
+                    total += math.prod(shape) * np.dtype(dtype).itemsize
+                except TypeError:  # extended dtypes (PRNG keys)
+                    continue
+    return total
 
 
 def _build_report(

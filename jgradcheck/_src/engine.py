@@ -67,14 +67,19 @@ def _group_block(
 
 
 @functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout"))
-def _line_block(cost_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays, direction, ts):
-    """J(θ + t d) for every t in ``ts`` (num_chunks, chunk): noise probes, directions, Taylor tests."""
+def _line_block(
+    cost_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays, directions, ts, which
+):
+    """J(θ + t_k d_{which_k}) for every k: J(θ), noise probes, directions, Taylor tests.
 
-    def one(t):
-        fl = [(f + t * d).astype(f.dtype) for f, d in zip(floats, direction)]
+    ``directions`` holds, per float leaf, a stack of direction components (num_dirs, *shape).
+    """
+
+    def one(t, k):
+        fl = [(f + t * d[k]).astype(f.dtype) for f, d in zip(floats, directions)]
         return cost_fn(layout.merge(fl, arrays), *args_layout.merge(arg_floats, arg_arrays))
 
-    return jax.lax.map(jax.vmap(one), ts)
+    return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
 
 
 def _next_pow2(k: int) -> int:
@@ -222,14 +227,17 @@ class Engine:
         self.evaluations += count
         return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outs])[:count]
 
-    def line_costs(self, direction: list[Any], ts: np.ndarray) -> np.ndarray:
-        """J(θ + t d) for each t in ``ts``, d a list of arrays shaped like the float leaves."""
+    def line_costs(self, directions: list[Any], ts: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+        """J(θ + t_k d_{which_k}) for each k; ``directions[leaf]`` has shape (num_dirs, *leaf.shape)."""
         k = int(len(ts))
+        which = np.zeros(k, np.int32) if which is None else np.asarray(which, np.int32)
         n_dev = len(self.devices)
-        chunk = int(math.ceil(min(k, 64) / n_dev) * n_dev)
+        chunk = int(math.ceil(min(_next_pow2(k), 64) / n_dev) * n_dev)
         n_chunks = math.ceil(k / chunk)
+        pad = n_chunks * chunk - k
         dtype = np.dtype(jnp.result_type(*[f.dtype for f in self.floats]))
-        ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(n_chunks * chunk - k)]).astype(dtype)
+        ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(pad)]).astype(dtype)
+        which = np.concatenate([which, np.zeros(pad, np.int32)])
         out = _line_block(
             self.cost_fn,
             self.layout,
@@ -238,8 +246,9 @@ class Engine:
             self.arrays,
             self.arg_floats,
             self.arg_arrays,
-            [self._replicated(np.asarray(d, f.dtype)) for d, f in zip(direction, self.floats)],
+            [self._replicated(np.asarray(d, f.dtype)) for d, f in zip(directions, self.floats)],
             self._sharded(ts.reshape(n_chunks, chunk)),
+            self._sharded(which.reshape(n_chunks, chunk)),
         )
         self.evaluations += k
         return np.asarray(out, np.float64).reshape(-1)[:k]

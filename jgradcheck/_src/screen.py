@@ -64,9 +64,9 @@ def _direction(theta: np.ndarray, subset: np.ndarray, rng: np.random.Generator) 
 
 def _line(engine, problem, leaf: int, d: np.ndarray, ts: np.ndarray):
     """J(θ + t d) for d inside one leaf, and the displacements Δ(t) actually taken."""
-    direction = [np.zeros(f.shape) for f in problem.floats]
+    direction = [np.zeros((1, *f.shape)) for f in problem.floats]
     f = problem.floats[leaf]
-    direction[leaf] = d.reshape(f.shape)
+    direction[leaf] = d.reshape((1, *f.shape))
     values = engine.line_costs(direction, ts)
     base = np.asarray(f).ravel()
     dtype = base.dtype

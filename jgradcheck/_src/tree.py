@@ -128,8 +128,11 @@ def split(
         if _is_complex(leaf):
             raise TypeError(MSG_COMPLEX.format(name=name, path=p, dtype=getattr(leaf, "dtype", "complex")))
         if is_floating(leaf) and (_is_array(leaf) or python_floats):
-            x = jnp.asarray(leaf)
-            floats.append(x.astype(float_dtype) if float_dtype is not None else x)
+            if float_dtype is not None and np.dtype(getattr(leaf, "dtype", np.float64)) != float_dtype:
+                # Cast on the host: an eager astype would compile a small program per shape.
+                floats.append(jnp.asarray(np.asarray(leaf, dtype=float_dtype)))
+            else:
+                floats.append(jnp.asarray(leaf))
             kinds.append("float")
         elif _is_array(leaf):
             arrays.append(jnp.asarray(leaf))
