@@ -82,6 +82,15 @@ def _line_block(
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """Host copy of a result; under ``jax.distributed`` results span processes and are gathered."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x, np.float64)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float64)
+
+
 def _next_pow2(k: int) -> int:
     return 1 << max(0, int(k) - 1).bit_length()
 
@@ -225,7 +234,7 @@ class Engine:
             progress.update(min(per_block * chunk, count - b * per_block * chunk))
             outs.append(out)
         self.evaluations += count
-        return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outs])[:count]
+        return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
 
     def line_costs(self, directions: list[Any], ts: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
         """J(θ + t_k d_{which_k}) for each k; ``directions[leaf]`` has shape (num_dirs, *leaf.shape)."""
@@ -251,4 +260,4 @@ class Engine:
             self._sharded(which.reshape(n_chunks, chunk)),
         )
         self.evaluations += k
-        return np.asarray(out, np.float64).reshape(-1)[:k]
+        return _to_host(out).reshape(-1)[:k]
