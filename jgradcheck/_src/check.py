@@ -88,6 +88,17 @@ class _Problem:
     precision: str
     batch_sizes: tuple[int, ...]
     trace: Any
+    groups: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def host(self, i: int) -> np.ndarray:
+        """Leaf i raveled on the host, in its check dtype (cached: big leaves are copied once)."""
+        if i not in self._host:
+            self._host[i] = np.asarray(self.floats[i]).ravel()
+        return self._host[i]
+
+    def group_of(self, i: int) -> tuple[int, ...]:
+        return next(g for g in self.groups if i in g)
 
     def params(self) -> PyTree:
         return self.layout.merge(self.floats, self.arrays)
@@ -145,7 +156,7 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         shape = getattr(leaf, "shape", ())
         if shape:
             batch += [shape[0], shape[-1]]
-    return _Problem(
+    problem = _Problem(
         cost_fn,
         layout,
         args_layout,
@@ -161,6 +172,8 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         tuple(dict.fromkeys(batch)),
         trace,
     )
+    problem.groups = _groups(problem, range(len(floats)))
+    return problem
 
 
 def numerics_msg_no_float(dtypes: list[str]) -> str:
@@ -235,30 +248,23 @@ def _user_gradient(grad_fn, problem: _Problem) -> tuple[list[np.ndarray], list[f
 def _probe(engine: Engine, problem: _Problem, seed: int, check_determinism: bool) -> float:
     """J(θ) (twice) and its noise level, in one batched call; sets ``problem.j0``.
 
-    The noise is estimated with ECnoise along two random directions (the smaller estimate,
-    in case one direction crosses a kink), never below eps |J|.
+    The noise is estimated with ECnoise along two random directions over the group of small
+    leaves (or the smallest leaf): cheap to batch, and the program is the one that screens
+    them. The smaller estimate wins (in case one direction crosses a kink); never below eps |J|.
 
     Raises:
       ValueError: J(θ) is NaN/Inf, or differs between two evaluations (runtime randomness).
     """
-    n = sum(int(f.size) for f in problem.floats)
+    group = min(problem.groups, key=lambda g: sum(int(problem.floats[i].size) for i in g))
+    theta = np.concatenate([problem.host(i) for i in group]).astype(np.float64)
     s = numerics.noise_spacing(problem.dtype)
     line = s * np.arange(-4, 5, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    dirs = [
-        np.stack(
-            [
-                rng.choice([-1.0, 1.0], size=f.shape)
-                * np.maximum(1.0, np.abs(np.asarray(f, np.float64)))
-                / math.sqrt(n)
-                for _ in range(2)
-            ]
-        )
-        for f in problem.floats
-    ]
+    scale = np.maximum(1.0, np.abs(theta)) / math.sqrt(theta.size)
+    dirs = np.stack([rng.choice([-1.0, 1.0], size=theta.size) * scale for _ in range(2)])
     ts = np.concatenate([[0.0, 0.0], line, line])
     which = np.concatenate([[0, 0], np.zeros(9), np.ones(9)]).astype(np.int32)
-    v = engine.line_costs(dirs, ts, which)
+    v = engine.line_costs(group, dirs, ts, which)
     j0, j1 = float(v[0]), float(v[1])
     if not math.isfinite(j0):
         raise ValueError(MSG_NONFINITE.format(value=j0))
@@ -305,7 +311,7 @@ def _check_entries(
     ``idx`` indexes the concatenation of the group's raveled leaves; ``g``, ``g_eps`` and
     ``g_scale`` are yours, its dtype's eps and its leaf's largest magnitude, per entry.
     """
-    base = np.concatenate([np.asarray(problem.floats[i]).ravel() for i in group])
+    base = np.concatenate([problem.host(i) for i in group])
     dtype = base.dtype
     theta = base[idx].astype(np.float64)
     k = idx.size
@@ -407,7 +413,10 @@ def check_leaves(
 ) -> dict[int, _Coords]:
     """Entry-by-entry check of ``selection`` (leaf -> entry indices), grouped for compilation."""
     out: dict[int, _Coords] = {}
-    for group in _groups(problem, list(selection)):
+    for full_group in problem.groups:
+        group = tuple(i for i in full_group if i in selection)
+        if not group:
+            continue
         sizes = [int(problem.floats[i].size) for i in group]
         offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         idx = np.concatenate([selection[i] + o for i, o in zip(group, offs)]).astype(np.int64)
@@ -679,7 +688,7 @@ def _build_report(
         fac = None
         if not passed:
             full = c.idx.size == f.size
-            theta = np.asarray(f, np.float64).ravel()[c.idx]
+            theta = problem.host(i).astype(np.float64)[c.idx]
             sel = finite
             diag = diagnose.describe_leaf(
                 gi[sel], c.numerical[sel], theta[sel], shape if full else (), int(np.sum(c.status[sel] == "fail"))
@@ -801,6 +810,7 @@ def numerical_grad(
     opts = _Options(eps, method, numerics.DEFAULT_SAFETY, 0.0, 0.0, False, 0)
     with _scope(x64):
         problem = _prepare(cost_fn, params, args, x64, check_determinism=False)
+        problem.j0 = float("nan")  # refinement (which needs J(θ)) is off here
         devs = list(devices) if devices is not None else jax.local_devices()
         engine = Engine(
             cost_fn,

@@ -66,17 +66,35 @@ def _group_block(
     return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout"))
-def _line_block(
-    cost_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays, directions, ts, which
+@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
+def _group_line_block(
+    cost_fn,
+    layout: Layout,
+    args_layout: Layout,
+    group: tuple[int, ...],
+    floats,
+    arrays,
+    arg_floats,
+    arg_arrays,
+    dirs,
+    ts,
+    which,
 ):
-    """J(θ + t_k d_{which_k}) for every k: J(θ), noise probes, directions, Taylor tests.
+    """J(θ + t_k d_{which_k}) with directions ``dirs`` (num_dirs, group size) over the group's
+    concatenated leaves: the noise probe, screening, bisection and the Taylor test.
 
-    ``directions`` holds, per float leaf, a stack of direction components (num_dirs, *shape).
+    Only the group's leaves are batched, as in ``_group_block``.
     """
+    shapes = [floats[g].shape for g in group]
+    sizes = [math.prod(s) for s in shapes]
+    base = jnp.concatenate([floats[g].reshape(-1) for g in group]) if len(group) > 1 else floats[group[0]].reshape(-1)
 
     def one(t, k):
-        fl = [(f + t * d[k]).astype(f.dtype) for f, d in zip(floats, directions)]
+        vec = (base + t * dirs[k]).astype(base.dtype)
+        parts = jnp.split(vec, np.cumsum(sizes)[:-1].tolist()) if len(group) > 1 else [vec]
+        fl = list(floats)
+        for g, part, shape in zip(group, parts, shapes):
+            fl[g] = part.reshape(shape)
         return cost_fn(layout.merge(fl, arrays), *args_layout.merge(arg_floats, arg_arrays))
 
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
@@ -236,26 +254,35 @@ class Engine:
         self.evaluations += count
         return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
 
-    def line_costs(self, directions: list[Any], ts: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
-        """J(θ + t_k d_{which_k}) for each k; ``directions[leaf]`` has shape (num_dirs, *leaf.shape)."""
+    def line_costs(self, group: tuple[int, ...], dirs: np.ndarray, ts: np.ndarray, which: np.ndarray) -> np.ndarray:
+        """J(θ + t_k d_{which_k}), ``dirs`` (num_dirs, group size) over the group's raveled leaves.
+
+        Shapes are padded (directions to a power of two, at least 4; points to multiples of
+        32) so the probe, screening and Taylor tests of a group share one compiled program.
+        """
         k = int(len(ts))
-        which = np.zeros(k, np.int32) if which is None else np.asarray(which, np.int32)
         n_dev = len(self.devices)
-        chunk = int(math.ceil(min(_next_pow2(k), 64) / n_dev) * n_dev)
+        dtype = np.dtype(self.floats[group[0]].dtype)
+        dirs = np.asarray(dirs, dtype)
+        n_dirs = max(4, _next_pow2(dirs.shape[0]))
+        dirs = np.concatenate([dirs, np.zeros((n_dirs - dirs.shape[0], dirs.shape[1]), dtype)])
+        group_bytes = dirs.shape[1] * dtype.itemsize
+        chunk = min(32, self.chunk_for(group_bytes))
+        chunk = int(math.ceil(chunk / n_dev) * n_dev)
         n_chunks = math.ceil(k / chunk)
         pad = n_chunks * chunk - k
-        dtype = np.dtype(jnp.result_type(*[f.dtype for f in self.floats]))
         ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(pad)]).astype(dtype)
-        which = np.concatenate([which, np.zeros(pad, np.int32)])
-        out = _line_block(
+        which = np.concatenate([np.asarray(which, np.int32), np.zeros(pad, np.int32)])
+        out = _group_line_block(
             self.cost_fn,
             self.layout,
             self.args_layout,
+            tuple(group),
             self.floats,
             self.arrays,
             self.arg_floats,
             self.arg_arrays,
-            [self._replicated(np.asarray(d, f.dtype)) for d, f in zip(directions, self.floats)],
+            self._replicated(dirs),
             self._sharded(ts.reshape(n_chunks, chunk)),
             self._sharded(which.reshape(n_chunks, chunk)),
         )

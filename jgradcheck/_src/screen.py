@@ -62,67 +62,108 @@ def _direction(theta: np.ndarray, subset: np.ndarray, rng: np.random.Generator) 
     return d
 
 
-def _line(engine, problem, leaf: int, d: np.ndarray, ts: np.ndarray):
-    """J(θ + t d) for d inside one leaf, and the displacements Δ(t) actually taken."""
-    direction = [np.zeros((1, *f.shape)) for f in problem.floats]
-    f = problem.floats[leaf]
-    direction[leaf] = d.reshape((1, *f.shape))
-    values = engine.line_costs(direction, ts)
-    base = np.asarray(f).ravel()
+def _lines(engine, problem, leaf: int, dirs: list[np.ndarray], ts: np.ndarray):
+    """J(θ + t d) for every direction in ``dirs`` (flat, inside one leaf) and every t, in one
+    call through the program of the leaf's group, and the displacements Δ(t) actually taken
+    (exact: see ``_direction``).
+
+    Returns values (num_dirs, len(ts)) and, per direction and t, Δ(t) as (support, values).
+    """
+    group = problem.group_of(leaf)
+    sizes = [int(problem.floats[i].size) for i in group]
+    start = sum(sizes[: group.index(leaf)])
+    stack = np.zeros((len(dirs), sum(sizes)))
+    for k, d in enumerate(dirs):
+        stack[k, start : start + d.size] = d
+    all_ts = np.tile(ts, len(dirs))
+    which = np.repeat(np.arange(len(dirs)), len(ts))
+    values = engine.line_costs(group, stack, all_ts, which).reshape(len(dirs), len(ts))
+    base = problem.host(leaf)
     dtype = base.dtype
-    deltas = [
-        ((base + (np.asarray(t, dtype) * d.astype(dtype))).astype(dtype)).astype(np.float64) - base.astype(np.float64)
-        for t in ts
-    ]
+    deltas = []
+    for d in dirs:
+        support = np.flatnonzero(d)
+        b, ds = base[support], d[support].astype(dtype)
+        deltas.append(
+            [(support, (b + np.asarray(t, dtype) * ds).astype(np.float64) - b.astype(np.float64)) for t in ts]
+        )
     return values, deltas
 
 
-def _directional(engine, problem, leaf, g, g_eps, noise, opts, d):
-    """(yours, numerical, tolerance) for the directional derivative along d."""
-    h = float(_pow2(np.array(numerics.machine_eps(problem.dtype) ** (1 / 3))))
+def _step(problem) -> float:
+    return float(_pow2(np.array(numerics.machine_eps(problem.dtype) ** (1 / 3))))
+
+
+def _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs):
+    """(yours, numerical, tolerance) per direction in ``dirs`` (inside one leaf), one batched call.
+
+    For each direction d: yoursᵀΔ against (J(θ+Δ(h)) − J(θ+Δ(−h))) / 2h, Richardson-improved
+    with 2h, judged against the finite-difference error estimate: round-off from the noise of
+    J, truncation from |D(h) − D(2h)| / 3, and your gradient's own rounding.
+    """
+    h = _step(problem)
     ts = np.array([h, -h, 2 * h, -2 * h])
-    v, deltas = _line(engine, problem, leaf, d, ts)
-    yours = float(g @ (deltas[0] - deltas[1])) / (2 * h)
-    n_h = (v[0] - v[1]) / (2 * h)
-    n_2h = (v[2] - v[3]) / (4 * h)
-    numerical = (4 * n_h - n_2h) / 3
-    roundoff = noise * numerics.roundoff_factor("central4") / h
-    trunc = abs(n_h - n_2h) / 3
-    floor = numerics.GRAD_ULPS * g_eps * float(np.abs(g) @ np.abs(d)) + opts.atol + opts.rtol * abs(numerical)
-    return yours, numerical, opts.safety * (roundoff + trunc) + floor
+    values, deltas = _lines(engine, problem, leaf, dirs, ts)
+    ys, ns, tols = [], [], []
+    for d, v, dl in zip(dirs, values, deltas):
+        n_h = (v[0] - v[1]) / (2 * h)
+        n_2h = (v[2] - v[3]) / (4 * h)
+        numerical = (4 * n_h - n_2h) / 3
+        roundoff = noise * numerics.roundoff_factor("central4") / h
+        trunc = abs(n_h - n_2h) / 3
+        (sup, dp), (_, dm) = dl[0], dl[1]
+        floor = (
+            numerics.GRAD_ULPS * g_eps * float(np.abs(g[sup]) @ np.abs(d[sup])) + opts.atol + opts.rtol * abs(numerical)
+        )
+        ys.append(float(g[sup] @ (dp - dm)) / (2 * h))
+        ns.append(numerical)
+        tols.append(opts.safety * (roundoff + trunc) + floor)
+    return np.array(ys), np.array(ns), np.array(tols)
 
 
-def directional_test(engine, problem, leaf, g, g_eps, noise, opts, n_dirs, seed, subset=None, salt=0):
-    """Screens one leaf (or a subset of its entries) with ``n_dirs`` random directions."""
-    theta = np.asarray(problem.floats[leaf], np.float64).ravel()
-    subset = np.arange(theta.size) if subset is None else subset
-    rng = leaf_rng(problem.paths[leaf], seed, salt)
-    rows = [
-        _directional(engine, problem, leaf, g, g_eps, noise, opts, _direction(theta, subset, rng))
-        for _ in range(n_dirs)
-    ]
-    ys, ns, tols = (np.array(x) for x in zip(*rows))
-    fails = int(np.sum(~(np.abs(ys - ns) <= tols)))
-    return fails, ys, ns, tols
+def directional_test(engine, problem, leaf, g, g_eps, noise, opts, n_dirs, seed):
+    """Screens one leaf with ``n_dirs`` random directions (its path seeds them).
+
+    Returns:
+      (number of failing directions, yours, numerical, tolerances), one entry per direction.
+    """
+    theta = problem.host(leaf).astype(np.float64)
+    rng = leaf_rng(problem.paths[leaf], seed)
+    dirs = [_direction(theta, np.arange(theta.size), rng) for _ in range(n_dirs)]
+    ys, ns, tols = _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs)
+    return int(np.sum(~(np.abs(ys - ns) <= tols))), ys, ns, tols
+
+
+# Bisection gives up when this many disjoint groups still fail: the error is spread out.
+SPREAD = 8
 
 
 def _bisect(engine, problem, leaf, g, g_eps, noise, opts, seed) -> tuple[np.ndarray, int]:
-    """Entries in small groups that still fail when a failing leaf is split in halves."""
+    """Entries in small groups that still fail when a failing leaf is split in halves.
+
+    Each level tests all halves of the failing groups with one random direction each (one
+    batched call per level); it stops at groups of ``GROUP_MIN`` entries, after
+    ``BISECT_BUDGET`` tests, or when more than ``SPREAD`` groups fail (errors everywhere).
+    """
     size = int(problem.floats[leaf].size)
-    queue = [np.arange(size)]
-    found, tests, salt = [], 0, 1
-    while queue and tests < BISECT_BUDGET:
-        group = queue.pop(0)
-        if group.size <= GROUP_MIN:
-            found.append(group)
-            continue
-        for half in np.array_split(group, 2):
-            salt += 1
-            tests += 1
-            fails, *_ = directional_test(engine, problem, leaf, g, g_eps, noise, opts, 1, seed, half, salt)
-            if fails:
-                queue.append(half)
-    found += [q for q in queue if q.size <= GROUP_MIN]
+    level, tests, found = [np.arange(size)], 0, []
+    depth = 0
+    while level and tests < BISECT_BUDGET and len(level) <= SPREAD:
+        depth += 1
+        small = [grp for grp in level if grp.size <= GROUP_MIN]
+        found += small
+        halves = [h for grp in level if grp.size > GROUP_MIN for h in np.array_split(grp, 2)]
+        if not halves:
+            level = []
+            break
+        theta = problem.host(leaf).astype(np.float64)
+        rng = leaf_rng(problem.paths[leaf], seed, 1000 + depth)
+        dirs = [_direction(theta, hv, rng) for hv in halves]
+        ys, ns, tols = _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs)
+        tests += len(halves)
+        level = [hv for hv, bad in zip(halves, ~(np.abs(ys - ns) <= tols)) if bad]
+    if len(level) <= SPREAD:
+        found += [grp for grp in level if grp.size <= GROUP_MIN]
     idx = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return idx, tests
 
@@ -195,11 +236,11 @@ def taylor_slopes(engine, problem, grads, noise, seed) -> list[float]:
     """
     ts = 2.0**-3 * 4.0 ** -np.arange(8)
     out = []
-    for i, f in enumerate(problem.floats):
-        theta = np.asarray(f, np.float64).ravel()
+    for i in range(len(problem.floats)):
+        theta = problem.host(i).astype(np.float64)
         d = _direction(theta, np.arange(theta.size), leaf_rng(problem.paths[i], seed, 7))
-        values, deltas = _line(engine, problem, i, d, ts)
-        r = np.array([abs(v - problem.j0 - float(grads[i] @ dl)) for v, dl in zip(values, deltas)])
+        values, deltas = _lines(engine, problem, i, [d], ts)
+        r = np.array([abs(v - problem.j0 - float(grads[i][sup] @ dl)) for v, (sup, dl) in zip(values[0], deltas[0])])
         ok = r > 100 * noise
         if ok.sum() < 3:
             out.append(math.nan)
