@@ -132,7 +132,14 @@ def split(
                 # Cast on the host: an eager astype would compile a small program per shape.
                 floats.append(jnp.asarray(np.asarray(leaf, dtype=float_dtype)))
             else:
-                floats.append(jnp.asarray(leaf))
+                # Keep the leaf's dtype as far as JAX's current x64 setting allows (float64
+                # becomes float32 when x64 is off, as everywhere in JAX), converting on the host.
+                want = jax.dtypes.canonicalize_dtype(np.dtype(getattr(leaf, "dtype", np.float64)))
+                floats.append(
+                    jnp.asarray(np.asarray(leaf, dtype=want))
+                    if want != getattr(leaf, "dtype", None)
+                    else jnp.asarray(leaf)
+                )
             kinds.append("float")
         elif _is_array(leaf):
             arrays.append(jnp.asarray(leaf))

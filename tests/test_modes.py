@@ -1,0 +1,191 @@
+"""Modes for large models (at small sizes): sample, screen, auto; devices; the progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgradcheck
+
+_N_BIG = 20_000
+_RNG = np.random.default_rng(0)
+_C = jnp.asarray(_RNG.standard_normal(_N_BIG), jnp.float32)
+_PARAMS = {
+    "big": jnp.asarray(_RNG.standard_normal(_N_BIG) * 0.5, jnp.float32),
+    "small": jnp.array([0.5, -1.0, 2.0]),
+}
+_PLANTED = 12_345
+
+
+def _cost(p, c):
+    return jnp.sum(jnp.sin(p["big"]) * c) + jnp.sum(p["small"] ** 3)
+
+
+def _grad(p, c):
+    return {"big": jnp.cos(p["big"]) * c, "small": 3 * p["small"] ** 2}
+
+
+def _one_entry_doubled(p, c):
+    g = _grad(p, c)
+    return {**g, "big": g["big"].at[_PLANTED].multiply(2.0)}
+
+
+def _small_one_percent_off(p, c):
+    g = _grad(p, c)
+    return {**g, "small": g["small"] * 1.01}
+
+
+def test_sample_mode_checks_a_sample_of_big_leaves_and_small_leaves_whole():
+    report = jgradcheck.check_grad(_cost, _grad, _PARAMS, _C, mode="sample", sample_size=16)
+    assert report.passed
+    assert report.mode == "sample"
+    big, small = report.leaf("big"), report.leaf("small")
+    assert (big.how, big.checked) == ("sampled", 16)
+    assert (small.how, small.checked) == ("entries", 3)
+    assert "16/20000" in str(report)
+
+
+def test_sample_mode_catches_a_leaf_that_is_wrong_everywhere():
+    wrong = lambda p, c: {**_grad(p, c), "big": -_grad(p, c)["big"]}  # noqa: E731
+    report = jgradcheck.check_grad(_cost, wrong, _PARAMS, _C, mode="sample", sample_size=16)
+    assert [leaf.path for leaf in report.failed_leaves] == ["big"]
+    assert report.leaf("big").n_failed == 16
+    assert "sign flipped" in report.leaf("big").diagnosis
+
+
+@pytest.fixture(scope="module")
+def screened():
+    return jgradcheck.check_grad(_cost, _grad, _PARAMS, _C, mode="screen")
+
+
+def test_screen_mode_passes_a_correct_gradient(screened):
+    assert screened.passed
+    assert screened.mode == "screen"
+    for leaf in screened.leaves:
+        assert leaf.how == "screened"
+        assert leaf.checked == 4  # screen_directions
+        assert leaf.difference < 1e-6
+    assert "4 dirs" in str(screened)
+    # Far fewer evaluations than the 2 × 20003 of a full check.
+    assert screened.evaluations < 1000
+
+
+def test_screen_mode_fails_a_one_percent_off_leaf():
+    report = jgradcheck.check_grad(_cost, _small_one_percent_off, _PARAMS, _C, mode="screen")
+    assert not report.passed
+    assert [leaf.path for leaf in report.failed_leaves] == ["small"]
+    assert report.worst[0].path == "small"
+    assert report.leaf("big").how == "screened"
+    assert "1.01 × numerical" in report.leaf("small").diagnosis
+
+
+def test_screen_mode_finds_a_single_wrong_entry_in_a_big_leaf():
+    report = jgradcheck.check_grad(_cost, _one_entry_doubled, _PARAMS, _C, mode="screen")
+    assert not report.passed
+    assert [leaf.path for leaf in report.failed_leaves] == ["big"]
+    worst = report.worst[0]
+    assert (worst.path, worst.index, worst.status) == ("big", (_PLANTED,), "fail")
+    assert worst.yours == pytest.approx(2 * worst.numerical, rel=1e-6)
+    assert report.leaf("big").n_failed == 1
+    assert report.leaf("big").how == "sampled"  # located, not all 20000 entries checked
+    assert report.leaf("big").checked < _N_BIG
+    assert report.evaluations < 2 * _N_BIG
+
+
+def test_auto_mode_screens_above_full_max_size():
+    report = jgradcheck.check_grad(_cost, _grad, _PARAMS, _C, full_max_size=100)
+    assert report.passed
+    assert report.mode.startswith("screen") and "auto" in report.mode
+    assert all(leaf.how == "screened" for leaf in report.leaves)
+    small = {"w": jnp.arange(3.0)}
+    report = jgradcheck.check_grad(lambda p: jnp.sum(p["w"] ** 2), lambda p: {"w": 2 * p["w"]}, small)
+    assert report.mode.startswith("full") and "auto" in report.mode
+
+
+def test_screen_directions_depend_on_the_leaf_path_only(screened):
+    def cost3(p, c):
+        return _cost({"big": p["big"], "small": p["small"]}, c) + jnp.sum(p["aaa"] ** 2)
+
+    def grad3(p, c):
+        return {**_grad({"big": p["big"], "small": p["small"]}, c), "aaa": 2 * p["aaa"]}
+
+    params3 = {**_PARAMS, "aaa": jnp.ones(5)}  # sorts first: shifts the other leaves' positions
+    report = jgradcheck.check_grad(cost3, grad3, params3, _C, mode="screen")
+    assert [leaf.path for leaf in report.leaves] == ["aaa", "big", "small"]
+    for path in ("big", "small"):
+        assert report.leaf(path).difference == screened.leaf(path).difference
+    # A different seed gives different directions.
+    other = jgradcheck.check_grad(_cost, _grad, _PARAMS, _C, mode="screen", seed=1)
+    assert other.leaf("big").difference != screened.leaf("big").difference
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    import jgradcheck
+
+    def cost(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) ** 2) + jnp.sum(p["b"] ** 3)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)
+    p = {"w": jnp.asarray(rng.standard_normal((7, 3)), jnp.float32), "b": jnp.arange(1.0, 4.0)}
+    devs = jax.devices()
+    report = jgradcheck.check_grad(cost, jax.grad(cost), p, x, devices=devs)
+    g4 = jgradcheck.numerical_grad(cost, p, x, devices=devs)
+    g1 = jgradcheck.numerical_grad(cost, p, x, devices=devs[:1])
+    print(json.dumps({
+        "n": len(devs),
+        "devices": list(report.devices),
+        "passed": report.passed,
+        "g4": {k: np.asarray(v).tolist() for k, v in g4.items()},
+        "g1": {k: np.asarray(v).tolist() for k, v in g1.items()},
+    }))
+    """
+)
+
+
+def test_several_devices_give_the_same_numerical_gradient():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["n"] == 4
+    assert result["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    assert result["passed"]
+    for k in ("w", "b"):
+        np.testing.assert_allclose(result["g4"][k], result["g1"][k], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar(capsys, progress):
+    params = {"w": jnp.linspace(-1.0, 1.0, 40)}
+    cost = lambda p: jnp.sum(jnp.sin(p["w"]))  # noqa: E731
+    report = jgradcheck.check_grad(cost, lambda p: {"w": jnp.cos(p["w"])}, params, progress=progress)
+    assert report.passed
+    err = capsys.readouterr().err
+    if progress:
+        assert "ETA" in err and "jgradcheck" in err
+    else:
+        assert err == ""
+    jgradcheck.numerical_grad(cost, params, progress=progress)
+    err = capsys.readouterr().err
+    assert ("ETA" in err) == progress
+    if not progress:
+        assert err == ""
