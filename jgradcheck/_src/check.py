@@ -52,6 +52,7 @@ MSG_SHAPE = (
 MSG_GRAD_TYPE = "gradient leaf {path!r} is {kind}; expected a real array shaped like the parameter {want}."
 MSG_MODE = "mode must be one of 'auto', 'full', 'screen', 'sample'; got {mode!r}."
 MSG_METHOD = "method must be one of 'central', 'central4', 'richardson'; got {method!r}."
+MSG_STRATEGY = "strategy must be 'delta' or 'vmap'; got {strategy!r}."
 MSG_EPS = "eps must be a positive finite number (an absolute step); got {eps!r}."
 
 
@@ -520,6 +521,7 @@ def check_grad(
     check_determinism: bool = True,
     max_refine: int = 4096,
     seed: int = 0,
+    strategy: str = "delta",
 ) -> GradCheckReport:
     """Checks your gradient of ``cost_fn`` against central finite differences, entry by entry.
 
@@ -572,6 +574,11 @@ def check_grad(
       max_refine: at most this many failing entries per leaf get the second, 2h look.
       seed: seed of the random directions and samples (each leaf's stream also depends on its
         path, so adding a leaf never changes the others').
+      strategy: how single-entry perturbations are evaluated: ``"delta"`` (default) interprets
+        the cost's jaxpr carrying each value as base + change, so what a perturbation does not
+        change is computed once and a product with the perturbed leaf shrinks to one row;
+        ``"vmap"`` re-evaluates the whole cost per perturbation (the reference; use it if a
+        primitive in your cost misbehaves under the interpreter).
 
     Returns:
       A :class:`GradCheckReport`; ``report.passed`` is the verdict, ``str(report)`` the table.
@@ -599,6 +606,8 @@ def check_grad(
         raise ValueError(MSG_MODE.format(mode=mode))
     if method not in numerics.ORDER:
         raise ValueError(MSG_METHOD.format(method=method))
+    if strategy not in ("delta", "vmap"):
+        raise ValueError(MSG_STRATEGY.format(strategy=strategy))
     eps = _check_eps(eps)
     opts = _Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
     with _scope(x64):
@@ -616,6 +625,7 @@ def check_grad(
             devs,
             chunk_size,
             _eval_bytes(problem),
+            strategy,
         )
         noise = _probe(engine, problem, seed, check_determinism)
         n = sum(int(f.size) for f in problem.floats)
@@ -795,6 +805,7 @@ def numerical_grad(
     chunk_size: int | None = None,
     devices: Sequence[Any] | None = None,
     progress: bool | None = None,
+    strategy: str = "delta",
 ) -> PyTree:
     """The finite-difference gradient of ``cost_fn`` at ``params``, shaped like ``params``.
 
@@ -811,6 +822,7 @@ def numerical_grad(
       chunk_size: perturbations per vmap step (default from device memory).
       devices: devices to spread the work over.
       progress: show a progress bar on stderr.
+      strategy: ``"delta"`` or ``"vmap"``; see :func:`check_grad`.
 
     Returns:
       A pytree like ``params``: NumPy float64 arrays (float32 etc. with ``x64=False``) at
@@ -828,6 +840,8 @@ def numerical_grad(
     """
     if method not in numerics.ORDER:
         raise ValueError(MSG_METHOD.format(method=method))
+    if strategy not in ("delta", "vmap"):
+        raise ValueError(MSG_STRATEGY.format(strategy=strategy))
     eps = _check_eps(eps)
     opts = _Options(eps, method, numerics.DEFAULT_SAFETY, 0.0, 0.0, False, 0)
     with _scope(x64):
@@ -845,6 +859,7 @@ def numerical_grad(
             devs,
             chunk_size,
             _eval_bytes(problem),
+            strategy,
         )
         n = sum(int(f.size) for f in problem.floats)
         bar = Progress(n * len(numerics.STENCILS[method][0]), _show(progress, n))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jgradcheck._src.delta import perturbed_cost
 from jgradcheck._src.tree import Layout
 
 # Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar.
@@ -67,6 +68,35 @@ def _group_block(
 
 
 @functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
+@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
+def _group_delta_block(
+    cost_fn,
+    layout: Layout,
+    args_layout: Layout,
+    group: tuple[int, ...],
+    floats,
+    arrays,
+    arg_floats,
+    arg_arrays,
+    idx,
+    vals,
+):
+    """As ``_group_block``, through the delta interpreter (``delta.py``): what a single-entry
+    perturbation does not change is computed once, and products with the perturbed leaf
+    shrink to a row of the other operand."""
+    inputs = (list(floats), list(arrays), list(arg_floats), list(arg_arrays))
+    closed = jax.make_jaxpr(lambda fl, ar, af, aa: cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa)))(*inputs)
+    flat = jax.tree_util.tree_leaves(inputs)
+    sizes = [math.prod(floats[g].shape) for g in group]
+    bases = [floats[g] for g in group]
+
+    def one(i, v):
+        return perturbed_cost(closed.jaxpr, closed.consts, flat, list(group), sizes, i, v, bases)
+
+    batched = jax.vmap(one)
+    return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
+
+
 def _group_line_block(
     cost_fn,
     layout: Layout,
@@ -178,10 +208,12 @@ class Engine:
         devices: Sequence[Any],
         chunk_size: int | None,
         eval_bytes: int,
+        strategy: str = "delta",
     ):
         self.cost_fn, self.layout, self.args_layout = cost_fn, layout, args_layout
         self.devices = list(devices)
         self.chunk_size, self.eval_bytes = chunk_size, eval_bytes
+        self.strategy = strategy
         self.mesh = Mesh(np.array(self.devices), ("p",)) if len(self.devices) > 1 else None
         rep = self._replicated
         self.floats = [rep(x) for x in floats]
@@ -235,7 +267,8 @@ class Engine:
         vals = vals.reshape(n_blocks, per_block, chunk)
         outs = []
         for b in range(n_blocks):
-            out = _group_block(
+            block = _group_delta_block if self.strategy == "delta" else _group_block
+            out = block(
                 self.cost_fn,
                 self.layout,
                 self.args_layout,

@@ -1,0 +1,303 @@
+"""J at single-entry perturbations without recomputing what a perturbation does not change.
+
+The vmap engine re-evaluates the whole cost for every perturbed entry: for a first-layer
+weight that means the full first-layer product W1 @ X, although W1 + δ·e_(r,c) changes only
+row r of it, by δ·X[c]. This module interprets the cost's jaxpr with each value carried as
+``base + delta``: ``base`` is the unperturbed value (unbatched, computed once), ``delta`` is
+None, a dense array, or a one-hot (one entry δ at a flat index). Rules keep deltas one-hot or
+cheap where the algebra allows:
+
+* a product with a one-hot operand is a row (or column) of the other operand, scaled by δ;
+* an elementwise operation on a one-hot changes one entry: f(b_p + δ) − f(b_p);
+* a sum of a one-hot is δ; reshapes, transposes and casts move the index;
+* linear operations (add, sub, neg, products with one dense delta, reductions, broadcasts,
+  reshapes, selects) apply to the delta alone;
+* anything else is evaluated on base + delta and the delta is what changed: f(x + Δ) − f(x).
+
+Call-like primitives (jit, custom_jvp/custom_vjp calls: finite differences ignore their
+rules anyway, checkpoint) are inlined. The result is J(θ) + ΔJ: the same number as a direct
+evaluation up to rounding of the same order, so the finite-difference analysis is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+
+
+class OneHot(NamedTuple):
+    index: Any  # flat index (int scalar)
+    delta: Any  # the change at that index (scalar)
+
+
+_ELEMENTWISE = {
+    "neg",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "sin",
+    "cos",
+    "tan",
+    "tanh",
+    "logistic",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "abs",
+    "sign",
+    "integer_pow",
+    "square",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "lgamma",
+    "digamma",
+    "asin",
+    "acos",
+    "atan",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "floor",
+    "ceil",
+    "round",
+    "is_finite",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "max",
+    "min",
+    "pow",
+    "atan2",
+    "rem",
+    "nextafter",
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "real",
+    "imag",
+    "not",
+    "and",
+    "or",
+    "xor",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "select_n",
+    "clamp",
+    "stop_gradient",
+}
+_LINEAR_UNARY = {
+    "neg",
+    "reduce_sum",
+    "broadcast_in_dim",
+    "reshape",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "slice",
+    "rev",
+    "cumsum",
+    "reduce_precision",
+    "stop_gradient",
+}
+_CALLS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+}
+
+
+def _bind(eqn, *args):
+    # As jax.core.eval_jaxpr does: higher-order primitives take their sub-functions apart.
+    got = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = got if isinstance(got, tuple) else ((), got)  # older JAX: (subfuns, params)
+    out = eqn.primitive.bind(*subfuns, *args, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _dense(base, d):
+    if d is None:
+        return jnp.zeros_like(base)
+    if isinstance(d, OneHot):
+        flat = jnp.zeros((math.prod(jnp.shape(base)),), jnp.result_type(base))
+        return flat.at[d.index].set(jnp.asarray(d.delta, flat.dtype)).reshape(jnp.shape(base))
+    return d
+
+
+def _at(x, index):
+    """Entry ``index`` (flat) of x, or x itself if it is a scalar."""
+    x = jnp.asarray(x)
+    return x if x.ndim == 0 else x.reshape(-1)[index]
+
+
+def _dot_onehot(eqn, bases, deltas, side):
+    """Δ of dot_general when operand ``side`` is one-hot and the other has no delta."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = bases
+    oh = deltas[side]
+    mine, other = (lhs, rhs) if side == 0 else (rhs, lhs)
+    my_c, other_c = (lc, rc) if side == 0 else (rc, lc)
+    p = jnp.unravel_index(oh.index, jnp.shape(mine))
+    moved = jnp.moveaxis(other, list(other_c), list(range(len(other_c))))
+    piece = moved[tuple(p[d] for d in my_c)] if other_c else moved  # the other's free dims
+    my_free = [d for d in range(jnp.ndim(mine)) if d not in my_c]
+    out_shape = eqn.outvars[0].aval.shape
+    dtype = eqn.outvars[0].aval.dtype
+    piece = (oh.delta * piece).astype(dtype)
+    zeros = jnp.zeros(out_shape, dtype)
+    mine_idx = tuple(p[d] for d in my_free)
+    if side == 0:  # out dims: lhs free..., rhs free...
+        return zeros.at[mine_idx].set(piece)
+    n_other_free = jnp.ndim(other) - len(other_c)
+    return zeros.at[(slice(None),) * n_other_free + mine_idx].set(piece)
+
+
+def _reindex(oh: OneHot, old_shape, new_shape, perm=None):
+    if perm is None:  # reshape-like: row-major flat index is unchanged
+        return oh
+    p = jnp.unravel_index(oh.index, old_shape)
+    q = tuple(p[i] for i in perm)
+    return OneHot(jnp.ravel_multi_index(q, new_shape, mode="clip"), oh.delta)
+
+
+def eval_delta(jaxpr, consts, args, deltas):
+    """Evaluates ``jaxpr`` on ``args`` (bases) with ``deltas``; returns (base, delta) per output."""
+    env: dict[Any, tuple[Any, Any]] = {}
+
+    def read(v):
+        if isinstance(v, jex.Literal):
+            return v.val, None
+        return env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = (c, None)
+    for v, a, d in zip(jaxpr.invars, args, deltas):
+        env[v] = (a, d)
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        bases = [b for b, _ in ins]
+        ds = [d for _, d in ins]
+        outs = _eval_eqn(eqn, bases, ds)
+        for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(eqn, bases, ds):
+    name = eqn.primitive.name
+    out_base = None
+    if all(d is None for d in ds):
+        return [(b, None) for b in _bind(eqn, *bases)]
+    if name in _CALLS and _CALLS[name] in eqn.params:
+        sub = eqn.params[_CALLS[name]]
+        inner, consts = (sub.jaxpr, sub.consts) if isinstance(sub, jex.ClosedJaxpr) else (sub, ())
+        n_consts = eqn.params.get("num_consts", 0) if name == "custom_jvp_call" else 0
+        return eval_delta(
+            inner,
+            list(consts),
+            bases[n_consts:] if len(inner.invars) < len(bases) else bases,
+            ds[n_consts:] if len(inner.invars) < len(bases) else ds,
+        )
+    out_base = _bind(eqn, *bases)
+    onehots = [i for i, d in enumerate(ds) if isinstance(d, OneHot)]
+    live = [i for i, d in enumerate(ds) if d is not None]
+    out_aval = eqn.outvars[0].aval
+    # One-hot rules.
+    if len(live) == 1 and onehots:
+        i = live[0]
+        oh = ds[i]
+        shape_i = jnp.shape(bases[i])
+        if name == "dot_general" and not any(eqn.params["dimension_numbers"][1]):
+            return [(out_base[0], _dot_onehot(eqn, bases, ds, i))]
+        if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == tuple(shape_i):
+            if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == tuple(shape_i) for b in bases):
+                at = [_at(b, oh.index) for b in bases]
+                moved = list(at)
+                moved[i] = at[i] + jnp.asarray(oh.delta, jnp.result_type(at[i]))
+                new = _bind(eqn, *moved)[0]
+                old = _bind(eqn, *at)[0]
+                if jnp.issubdtype(out_aval.dtype, jnp.inexact):
+                    return [(out_base[0], OneHot(oh.index, new - old))]
+        if name == "reduce_sum" and len(bases) == 1:
+            axes = tuple(eqn.params["axes"])
+            if len(axes) == len(shape_i):
+                return [(out_base[0], jnp.asarray(oh.delta, out_aval.dtype))]
+            p = jnp.unravel_index(oh.index, shape_i)
+            keep = [p[d] for d in range(len(shape_i)) if d not in axes]
+            return [
+                (out_base[0], OneHot(jnp.ravel_multi_index(tuple(keep), tuple(out_aval.shape), mode="clip"), oh.delta))
+            ]
+        if name in ("reshape", "squeeze", "expand_dims") and len(bases) == 1:
+            return [(out_base[0], oh)]
+        if name == "transpose":
+            perm = eqn.params["permutation"]
+            return [(out_base[0], _reindex(oh, shape_i, tuple(out_aval.shape), perm))]
+    # Linear rules on dense deltas.
+    if name in _LINEAR_UNARY and len(live) == 1 and live[0] == 0:
+        d = _dense(bases[0], ds[0])
+        return [(out_base[0], _bind(eqn, d, *bases[1:])[0])]
+    if name in ("add", "sub", "add_any") and len(bases) == 2:
+        a, b = (_dense(bases[k], ds[k]) if ds[k] is not None else None for k in range(2))
+        if a is None:
+            d = -b if name == "sub" else b
+        elif b is None:
+            d = a
+        else:
+            d = a - b if name == "sub" else a + b
+        return [(out_base[0], jnp.broadcast_to(d, out_aval.shape).astype(out_aval.dtype))]
+    if name == "mul" and len(live) == 1:
+        k = live[0]
+        d = _dense(bases[k], ds[k])
+        return [(out_base[0], d * bases[1 - k])]
+    if name == "dot_general" and len(live) == 1:
+        args = list(bases)
+        args[live[0]] = _dense(bases[live[0]], ds[live[0]])
+        return [(out_base[0], _bind(eqn, *args)[0])]
+    if name == "select_n" and ds[0] is None:
+        cases = [_dense(b, d) for b, d in zip(bases[1:], ds[1:])]
+        return [(out_base[0], _bind(eqn, bases[0], *cases)[0])]
+    # Generic: evaluate at base + delta; the delta is what changed.
+    full = _bind(eqn, *[b if d is None else b + _dense(b, d) for b, d in zip(bases, ds)])
+    out = []
+    for fb, ob, var in zip(full, out_base, eqn.outvars):
+        if jnp.issubdtype(var.aval.dtype, jnp.inexact):
+            out.append((ob, fb - ob))
+        else:  # integer / boolean outputs: carry the perturbed value itself as the base
+            out.append((fb, None))
+    return out
+
+
+def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):
+    """J with entry ``index`` of the group's concatenated invars set to ``value``: J(θ) + ΔJ."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    deltas = [None] * len(args)
+    for pos, off, size, base in zip(group_invars, offsets, sizes, bases):
+        inside = (index >= off) & (index < off + size)
+        local = jnp.clip(index - off, 0, size - 1)
+        current = base.reshape(-1)[local]
+        delta = jnp.where(inside, jnp.asarray(value, base.dtype) - current, jnp.zeros((), base.dtype))
+        deltas[pos] = OneHot(local, delta)
+    ((b, d),) = eval_delta(jaxpr, consts, args, deltas)
+    return b if d is None else b + _dense(b, d)
