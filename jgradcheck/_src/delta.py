@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,18 @@ import numpy as np
 class OneHot(NamedTuple):
     index: Any  # flat index (int scalar)
     delta: Any  # the change at that index (scalar)
+
+
+class Slab(NamedTuple):
+    """A change confined to position ``index`` along ``axis`` (a row, when axis is 0)."""
+
+    axis: int
+    index: Any  # int scalar
+    values: Any  # the change there: the value's shape without ``axis``
+
+
+def _take(x, axis, index):
+    return jax.lax.dynamic_index_in_dim(x, index, axis, keepdims=False)
 
 
 _ELEMENTWISE = {
@@ -143,6 +156,9 @@ def _dense(base, d):
     if isinstance(d, OneHot):
         flat = jnp.zeros((math.prod(jnp.shape(base)),), jnp.result_type(base))
         return flat.at[d.index].set(jnp.asarray(d.delta, flat.dtype)).reshape(jnp.shape(base))
+    if isinstance(d, Slab):
+        zeros = jnp.zeros(jnp.shape(base), jnp.result_type(base))
+        return zeros.at[(slice(None),) * d.axis + (d.index,)].set(d.values.astype(zeros.dtype))
     return d
 
 
@@ -166,8 +182,11 @@ def _dot_onehot(eqn, bases, deltas, side):
     out_shape = eqn.outvars[0].aval.shape
     dtype = eqn.outvars[0].aval.dtype
     piece = (oh.delta * piece).astype(dtype)
-    zeros = jnp.zeros(out_shape, dtype)
     mine_idx = tuple(p[d] for d in my_free)
+    if len(my_free) == 1:  # a row (or column) of the output: keep it sparse
+        axis = 0 if side == 0 else jnp.ndim(other) - len(other_c)
+        return Slab(axis, mine_idx[0], piece)
+    zeros = jnp.zeros(out_shape, dtype)
     if side == 0:  # out dims: lhs free..., rhs free...
         return zeros.at[mine_idx].set(piece)
     n_other_free = jnp.ndim(other) - len(other_c)
@@ -254,6 +273,10 @@ def _eval_eqn(eqn, bases, ds):
         if name == "transpose":
             perm = eqn.params["permutation"]
             return [(out_base[0], _reindex(oh, shape_i, tuple(out_aval.shape), perm))]
+    if len(live) == 1 and isinstance(ds[live[0]], Slab):
+        got = _slab_rule(eqn, name, bases, ds, live[0], out_base)
+        if got is not None:
+            return got
     # Linear rules on dense deltas.
     if name in _LINEAR_UNARY and len(live) == 1 and live[0] == 0:
         d = _dense(bases[0], ds[0])
@@ -287,6 +310,60 @@ def _eval_eqn(eqn, bases, ds):
         else:  # integer / boolean outputs: carry the perturbed value itself as the base
             out.append((fb, None))
     return out
+
+
+def _slab_rule(eqn, name, bases, ds, i, out_base):
+    """Rules that keep a Slab sparse, or turn it into a small dense change; None if none fits."""
+    sl: Slab = ds[i]
+    out_aval = eqn.outvars[0].aval
+    shape_i = tuple(jnp.shape(bases[i]))
+    if name in ("add", "sub") and tuple(out_aval.shape) == shape_i:
+        values = -sl.values if (name == "sub" and i == 1) else sl.values
+        return [(out_base[0], Slab(sl.axis, sl.index, values))]
+    if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == shape_i:
+        if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == shape_i for b in bases):
+            at = [b if jnp.ndim(b) == 0 else _take(b, sl.axis, sl.index) for b in bases]
+            moved = list(at)
+            moved[i] = at[i] + sl.values.astype(jnp.result_type(at[i]))
+            if jnp.issubdtype(out_aval.dtype, jnp.inexact):
+                return [(out_base[0], Slab(sl.axis, sl.index, _bind(eqn, *moved)[0] - _bind(eqn, *at)[0]))]
+    if name == "dot_general" and not any(eqn.params["dimension_numbers"][1]):
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        my_c, other_c = (list(lc), list(rc)) if i == 0 else (list(rc), list(lc))
+        other = bases[1 - i]
+        dt = out_aval.dtype
+        if sl.axis in my_c:  # the slab's axis is summed over: one slice of the other operand
+            k = my_c.index(sl.axis)
+            other_slice = _take(other, other_c[k], sl.index)
+            mc = [d - (d > sl.axis) for j, d in enumerate(my_c) if j != k]
+            oc = [d - (d > other_c[k]) for j, d in enumerate(other_c) if j != k]
+            if i == 0:
+                dense = jax.lax.dot_general(sl.values, other_slice, ((mc, oc), ((), ())))
+            else:
+                dense = jax.lax.dot_general(other_slice, sl.values, ((oc, mc), ((), ())))
+            return [(out_base[0], dense.astype(dt))]
+        mc = [d - (d > sl.axis) for d in my_c]
+        my_free = [d for d in range(len(shape_i)) if d not in my_c]
+        pos = my_free.index(sl.axis)
+        if i == 0:
+            vals = jax.lax.dot_general(sl.values, other, ((mc, other_c), ((), ())))
+            axis = pos
+        else:
+            vals = jax.lax.dot_general(other, sl.values, ((other_c, mc), ((), ())))
+            axis = jnp.ndim(other) - len(other_c) + pos
+        return [(out_base[0], Slab(axis, sl.index, vals.astype(dt)))]
+    if name == "reduce_sum" and len(bases) == 1:
+        axes = tuple(eqn.params["axes"])
+        mapped = tuple(a - (a > sl.axis) for a in axes if a != sl.axis)
+        vals = jnp.sum(sl.values, axis=mapped) if mapped else sl.values
+        if sl.axis in axes:
+            return [(out_base[0], vals.astype(out_aval.dtype))]
+        return [(out_base[0], Slab(sl.axis - sum(a < sl.axis for a in axes), sl.index, vals))]
+    if name == "transpose":
+        perm = list(eqn.params["permutation"])
+        inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
+        return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
+    return None
 
 
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):
