@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import math
+import os
 import numbers
 import sys
 import time
@@ -432,12 +434,16 @@ def check_leaves(
     opts: _Options,
     progress: Progress,
 ) -> dict[int, _Coords]:
-    """Entry-by-entry check of ``selection`` (leaf -> entry indices), grouped for compilation."""
+    """Entry-by-entry check of ``selection`` (leaf -> entry indices), grouped for compilation.
+
+    Groups run in threads: each one's first call compiles its program, and XLA compiles (and
+    the device computes) while other threads trace, so a cold check overlaps its compilations.
+    """
     out: dict[int, _Coords] = {}
-    for full_group in problem.groups:
-        group = tuple(i for i in full_group if i in selection)
-        if not group:
-            continue
+    groups = [tuple(i for i in full if i in selection) for full in problem.groups]
+    groups = [grp for grp in groups if grp]
+
+    def run(group: tuple[int, ...]) -> None:
         sizes = [int(problem.floats[i].size) for i in group]
         offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         idx = np.concatenate([selection[i] + o for i, o in zip(group, offs)]).astype(np.int64)
@@ -450,6 +456,21 @@ def check_leaves(
             sl = slice(start, start + selection[i].size)
             out[i] = _Coords(c.idx[sl] - o, c.numerical[sl], c.tol[sl], c.status[sl], c.left[sl], c.right[sl])
             start += selection[i].size
+
+    if len(groups) > 1:
+        # JAX's x64 and matmul-precision contexts are thread-local: re-enter them per thread.
+        x64_now = bool(jax.config.jax_enable_x64)
+
+        def run_scoped(group: tuple[int, ...]) -> None:
+            with _scope(x64_now):
+                run(group)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1)) as pool:
+            for future in [pool.submit(run_scoped, grp) for grp in groups]:
+                future.result()
+    else:
+        for grp in groups:
+            run(grp)
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -221,6 +222,7 @@ class Engine:
         self.arg_floats = [rep(x) for x in arg_floats]
         self.arg_arrays = [rep(x) for x in arg_arrays]
         self.evaluations = 0
+        self._lock = threading.Lock()
 
     def _replicated(self, x):
         if self.mesh is None:
@@ -284,7 +286,8 @@ class Engine:
                 out.block_until_ready()
             progress.update(min(per_block * chunk, count - b * per_block * chunk))
             outs.append(out)
-        self.evaluations += count
+        with self._lock:
+            self.evaluations += count
         return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
 
     def line_costs(self, group: tuple[int, ...], dirs: np.ndarray, ts: np.ndarray, which: np.ndarray) -> np.ndarray:
@@ -319,5 +322,6 @@ class Engine:
             self._sharded(ts.reshape(n_chunks, chunk)),
             self._sharded(which.reshape(n_chunks, chunk)),
         )
-        self.evaluations += k
+        with self._lock:
+            self.evaluations += k
         return _to_host(out).reshape(-1)[:k]
