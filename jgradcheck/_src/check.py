@@ -7,8 +7,8 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import numbers
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +22,7 @@ from jgradcheck._src import diagnose, numerics
 from jgradcheck._src.engine import Engine, Progress
 from jgradcheck._src.inspect import invisible_to_fd, walk_eqns
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
-from jgradcheck._src.tree import Layout, path_str, split
+from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
 
 PyTree = Any
 
@@ -54,6 +54,15 @@ MSG_SHAPE = (
 MSG_GRAD_TYPE = "gradient leaf {path!r} is {kind}; expected a real array shaped like the parameter {want}."
 MSG_MODE = "mode must be one of 'auto', 'full', 'screen', 'sample'; got {mode!r}."
 MSG_METHOD = "method must be one of 'central', 'central4', 'richardson'; got {method!r}."
+MSG_STEP_LOST = (
+    "the step h = {h:g} is lost in {dtype} at {entry} = {theta:g}: θ + h and θ - h round to the "
+    "same number, so the finite difference there is 0/0 ({count} entries like this). Use the "
+    "default step (eps=None), which scales with |θ|, or a larger eps, or x64=True."
+)
+MSG_COUNT = "{name} must be a positive integer; got {value!r}."
+MSG_POSITIVE = "{name} must be a positive number; got {value!r}."
+MSG_NONNEGATIVE = "{name} must be a non-negative number; got {value!r}."
+MSG_NO_DEVICES = "devices is empty; pass None (all local devices) or a non-empty list such as jax.devices()[:1]."
 MSG_STRATEGY = "strategy must be 'delta' or 'vmap'; got {strategy!r}."
 MSG_EPS = "eps must be a positive finite number (an absolute step); got {eps!r}."
 
@@ -119,7 +128,15 @@ def _same_trace(a: Any, b: Any) -> bool:
     """Whether two traces of the cost are the same program with the same constants."""
     if str(a.jaxpr) != str(b.jaxpr) or len(a.consts) != len(b.consts):
         return False
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.consts, b.consts))
+    return all(np.array_equal(_const_data(x), _const_data(y)) for x, y in zip(a.consts, b.consts))
+
+
+def _const_data(x: Any) -> np.ndarray:
+    """A constant's values; typed PRNG keys compare by their key data."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
 
 
 def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Problem:
@@ -130,7 +147,7 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
     layout, floats, arrays = split(params, "params", target, python_floats=True)
     if not floats:
         dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in jax.tree_util.tree_leaves(params)})
-        raise ValueError(numerics_msg_no_float(dtypes))
+        raise ValueError(MSG_NO_FLOAT.format(dtypes=", ".join(dtypes) or "none"))
     args_layout, arg_floats, arg_arrays = split(tuple(args), "args", target, python_floats=False)
     orig = tuple(
         str(getattr(leaf, "dtype", "float32" if not jax.config.jax_enable_x64 else "float64"))
@@ -178,12 +195,6 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
     )
     problem.groups = _groups(problem, range(len(floats)))
     return problem
-
-
-def numerics_msg_no_float(dtypes: list[str]) -> str:
-    from jgradcheck._src.tree import MSG_NO_FLOAT
-
-    return MSG_NO_FLOAT.format(dtypes=", ".join(dtypes) or "none")
 
 
 @functools.partial(jax.jit, static_argnames=("grad_fn", "layout", "args_layout"))
@@ -239,22 +250,24 @@ def _user_gradient(grad_fn, problem: _Problem) -> tuple[list[np.ndarray], list[f
         if not hasattr(g, "shape") and not isinstance(g, (int, float)):
             raise TypeError(MSG_GRAD_TYPE.format(path=path, kind=type(g).__name__, want=p.shape))
         g = np.asarray(g)
-        if g.dtype.kind not in "fiub":
+        is_float = jnp.issubdtype(g.dtype, jnp.floating)
+        if not (is_float or jnp.issubdtype(g.dtype, jnp.integer) or g.dtype == np.bool_):
             raise TypeError(MSG_GRAD_TYPE.format(path=path, kind=f"an array of dtype {g.dtype}", want=p.shape))
         if g.shape != p.shape:
             hint = " (transposed?)" if g.shape == p.shape[::-1] and len(p.shape) == 2 else ""
             raise ValueError(MSG_SHAPE.format(path=path, got=g.shape, want=p.shape, hint=hint))
-        eps.append(numerics.machine_eps(g.dtype) if g.dtype.kind == "f" else numerics.machine_eps(problem.dtype))
-        out.append(g.astype(np.float64).ravel())
+        eps.append(numerics.machine_eps(g.dtype) if is_float else numerics.machine_eps(problem.dtype))
+        out.append(np.asarray(g, np.float64).ravel())
     return out, eps
 
 
 def _probe(engine: Engine, problem: _Problem, seed: int, check_determinism: bool) -> float:
     """J(θ) (twice) and its noise level, in one batched call; sets ``problem.j0``.
 
-    The noise is estimated with ECnoise along two random directions over the group of small
-    leaves (or the smallest leaf): cheap to batch, and the program is the one that screens
-    them. The smaller estimate wins (in case one direction crosses a kink); never below eps |J|.
+    The noise is estimated with ECnoise along two random one-sided lines over the group of
+    small leaves (or the smallest leaf): cheap to batch, and the program is the one that
+    screens them. The smaller estimate wins (in case one line crosses a kink); never below
+    eps |J|.
 
     Raises:
       ValueError: J(θ) is NaN/Inf, or differs between two evaluations (runtime randomness).
@@ -262,7 +275,9 @@ def _probe(engine: Engine, problem: _Problem, seed: int, check_determinism: bool
     group = min(problem.groups, key=lambda g: sum(int(problem.floats[i].size) for i in g))
     theta = np.concatenate([problem.host(i) for i in group]).astype(np.float64)
     s = numerics.noise_spacing(problem.dtype)
-    line = s * np.arange(-4, 5, dtype=np.float64)
+    # One-sided (t = s..9s): a kink at θ itself (ReLU or |w| at 0) then lies at the end of
+    # the line rather than inside it, where it would pass for noise and hide real bugs.
+    line = s * np.arange(1, 10, dtype=np.float64)
     rng = np.random.default_rng(seed)
     scale = np.maximum(1.0, np.abs(theta)) / math.sqrt(theta.size)
     dirs = np.stack([rng.choice([-1.0, 1.0], size=theta.size) * scale for _ in range(2)])
@@ -298,6 +313,18 @@ def _points(theta: np.ndarray, h: np.ndarray, offsets: Sequence[int], dtype) -> 
     return np.concatenate([(theta + o * h).astype(dtype) for o in offsets])
 
 
+def _entry_name(problem: _Problem, group: tuple[int, ...], flat: int) -> str:
+    """``W2[3, 1]`` for a position in the concatenation of the group's leaves."""
+    for i in group:
+        size = int(problem.floats[i].size)
+        if flat < size:
+            shape = tuple(problem.floats[i].shape)
+            index = ", ".join(str(int(j)) for j in np.unravel_index(flat, shape)) if shape else ""
+            return f"{problem.paths[i]}[{index}]"
+        flat -= size
+    return "?"
+
+
 def _check_entries(
     engine: Engine,
     problem: _Problem,
@@ -325,11 +352,23 @@ def _check_entries(
         h = numerics.base_step(theta, dtype, opts.method)
     offsets = numerics.STENCILS[opts.method][0]
     pts = _points(theta, h, offsets, dtype)
+    lost = np.flatnonzero(pts[:k] == pts[k : 2 * k])
+    if lost.size:
+        raise ValueError(
+            MSG_STEP_LOST.format(
+                entry=_entry_name(problem, group, int(idx[lost[0]])),
+                theta=theta[lost[0]],
+                h=h[lost[0]],
+                dtype=dtype,
+                count=lost.size,
+            )
+        )
     vals = engine.costs(group, np.tile(idx, len(offsets)), pts, progress).reshape(len(offsets), k)
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
     # Central difference at h over the step actually taken (exact for the default steps).
     d_h = (J[1] - J[-1]) / (P[1] - P[-1])
+    h = (P[1] - P[-1]) / 2  # the step taken (a user's eps may not be representable at θ)
     if opts.method == "central":
         numerical = d_h
     else:
@@ -462,7 +501,7 @@ def check_leaves(
         x64_now = bool(jax.config.jax_enable_x64)
 
         def run_scoped(group: tuple[int, ...]) -> None:
-            with _scope(x64_now):
+            with jax.enable_x64(x64_now), jax.default_matmul_precision("highest"):
                 run(group)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1)) as pool:
@@ -510,13 +549,6 @@ def _entries(path: str, shape, c: _Coords, g: np.ndarray, which: np.ndarray) -> 
 
 def _leaf_devs(engine: Engine) -> tuple[str, ...]:
     return tuple(f"{d.platform}:{d.id}" for d in engine.devices)
-
-
-def _screen_leaf(engine, problem, leaf, g_full, g_eps, noise, opts, n_dirs, seed):
-    """Random-direction test of one leaf: (n_failed, worst ratio, details). See screen mode."""
-    from jgradcheck._src.screen import directional_test
-
-    return directional_test(engine, problem, leaf, g_full, g_eps, noise, opts, n_dirs, seed)
 
 
 def check_grad(
@@ -630,6 +662,18 @@ def check_grad(
     if strategy not in ("delta", "vmap"):
         raise ValueError(MSG_STRATEGY.format(strategy=strategy))
     eps = _check_eps(eps)
+    _check_options(
+        sample_size=sample_size,
+        screen_directions=screen_directions,
+        top_k=top_k,
+        max_refine=max_refine,
+        full_max_size=full_max_size,
+        chunk_size=chunk_size,
+        safety=safety,
+        rtol=rtol,
+        atol=atol,
+        devices=devices,
+    )
     opts = _Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
     with _scope(x64):
         problem = _prepare(cost_fn, params, args, x64, check_determinism)
@@ -706,6 +750,8 @@ def _build_report(
         g = grads[i]
         slope = None if slopes is None else slopes[i]
         if res.coords is None:  # screened and passed: directions only
+            ys.append(res.dir_yours)
+            ns.append(res.dir_numerical)
             rows.append(
                 LeafReport(
                     path,
@@ -726,28 +772,37 @@ def _build_report(
             continue
         c = res.coords
         gi = g[c.idx]
-        ys.append(gi)
-        ns.append(c.numerical)
         finite = np.isfinite(c.numerical)
+        kink = c.status == "kink"
+        compared = finite & ~kink  # kinks are judged by their slopes, not by this difference
+        ys.append(gi[compared])
+        ns.append(c.numerical[compared])
         fails = np.flatnonzero(c.status == "fail")
-        kink_idx = np.flatnonzero(c.status == "kink")
-        ratio = np.where(finite, np.abs(gi - c.numerical) / np.where(c.tol > 0, c.tol, np.inf), 0.0)
-        ratio = np.nan_to_num(ratio, nan=np.inf)
-        worst_j = int(np.argmax(ratio)) if ratio.size else None
+        unverifiable = np.flatnonzero(c.status == "nan")
+        kink_idx = np.flatnonzero(kink)
+        # How far outside its tolerance each entry is: kinks rank last, unverifiable first.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.abs(gi - c.numerical) / np.where(c.tol > 0, c.tol, np.inf)
+        ratio = np.nan_to_num(ratio, nan=np.inf, posinf=np.inf)
+        ratio[kink] = -1.0
+        worst_j = int(np.argmax(ratio)) if ratio.size and ratio.max() >= 0 else None
         worst = _entries(path, shape, c, gi, [worst_j])[0] if worst_j is not None else None
         all_entries.append((ratio, path, shape, c, gi))
-        kinks += _entries(path, shape, c, gi, kink_idx[:top_k])
-        passed = fails.size == 0 and res.extra_failures == 0
+        kinks += _entries(path, shape, c, gi, kink_idx)
+        passed = fails.size == 0 and unverifiable.size == 0 and res.extra_failures == 0
         diag = None
         fac = None
         if not passed:
             full = c.idx.size == f.size
             theta = problem.host(i).astype(np.float64)[c.idx]
-            sel = finite
+            sel = compared
             diag = diagnose.describe_leaf(
                 gi[sel], c.numerical[sel], theta[sel], shape if full else (), int(np.sum(c.status[sel] == "fail"))
             )
             fac = diagnose.fitted_factor(gi[sel], c.numerical[sel])
+            if unverifiable.size:
+                note = f"J is NaN/Inf at θ ± h for {unverifiable.size} entries: they could not be checked"
+                diag = (diag + "; " if diag else "") + note
             if res.note:
                 diag = (diag + "; " if diag else "") + res.note
         factors.append(fac if not passed else None)
@@ -758,11 +813,11 @@ def _build_report(
                 path,
                 shape,
                 problem.orig_dtypes[i],
-                numerics.relative_difference(c.numerical[finite], gi[finite]),
+                numerics.relative_difference(c.numerical[compared], gi[compared]),
                 passed,
                 int(c.idx.size),
                 res.how,
-                int(fails.size) + res.extra_failures,
+                int(fails.size) + int(unverifiable.size) + res.extra_failures,
                 int(kink_idx.size),
                 worst,
                 resolution,
@@ -770,28 +825,24 @@ def _build_report(
                 slope,
             )
         )
-        if (~finite).any():
-            warnings.append(
-                f"{int((~finite).sum())} entries of {path} have a NaN/Inf numerical gradient (J is NaN/Inf at θ ± h): not compared."
-            )
     for row in rows:
-        if row.passed and row.how != "screened" and row.resolution > 1e-2:
+        if row.passed and row.resolution > 1e-2:
             warnings.append(
                 f"{row.path}: finite differences in {problem.precision} can only see errors above "
                 f"{row.resolution:.0%} of its gradient here (entries near zero or noisy J); "
                 + ("run with x64=True" if "off" in problem.precision else "the pass means no large error")
                 + "."
             )
+    # The seeds' difference over everything compared: entries, and screened leaves' directions.
     ys = np.concatenate(ys) if ys else np.zeros(0)
     ns = np.concatenate(ns) if ns else np.zeros(0)
-    fin = np.isfinite(ns)
-    difference = numerics.relative_difference(ns[fin], ys[fin])
+    difference = numerics.relative_difference(ns, ys)
     if not np.all(np.isfinite(ys)):
         difference = math.nan
     # k worst entries over all of θ, ranked by how far outside their tolerance they are.
     cand = []
     for ratio, path, shape, c, gi in all_entries:
-        top = np.argsort(-ratio)[:top_k]
+        top = [j for j in np.argsort(-ratio)[:top_k] if ratio[j] >= 0]
         cand += [(float(ratio[j]), e) for j, e in zip(top, _entries(path, shape, c, gi, top))]
     cand.sort(key=lambda t: -t[0])
     worst = tuple(e for _, e in cand[:top_k])
@@ -864,6 +915,7 @@ def numerical_grad(
     if strategy not in ("delta", "vmap"):
         raise ValueError(MSG_STRATEGY.format(strategy=strategy))
     eps = _check_eps(eps)
+    _check_options(chunk_size=chunk_size, devices=devices)
     opts = _Options(eps, method, numerics.DEFAULT_SAFETY, 0.0, 0.0, False, 0)
     with _scope(x64):
         problem = _prepare(cost_fn, params, args, x64, check_determinism=False)
@@ -898,6 +950,23 @@ def numerical_grad(
         for leaf, k in zip(jax.tree_util.tree_leaves(params), problem.layout.kinds)
     ]
     return jax.tree_util.tree_unflatten(problem.layout.treedef, leaves)
+
+
+def _check_options(**options: Any) -> None:
+    """Counts must be positive integers, factors positive, tolerances non-negative."""
+    for name in ("sample_size", "screen_directions", "top_k", "max_refine", "full_max_size", "chunk_size"):
+        if name in options and options[name] is not None:
+            v = options[name]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(MSG_COUNT.format(name=name, value=v))
+    if "safety" in options and not (isinstance(options["safety"], numbers.Real) and options["safety"] > 0):
+        raise ValueError(MSG_POSITIVE.format(name="safety", value=options["safety"]))
+    for name in ("rtol", "atol"):
+        if name in options and not (isinstance(options[name], numbers.Real) and options[name] >= 0):
+            raise ValueError(MSG_NONNEGATIVE.format(name=name, value=options[name]))
+    devices = options.get("devices")
+    if devices is not None and len(list(devices)) == 0:
+        raise ValueError(MSG_NO_DEVICES)
 
 
 def _check_eps(eps: Any) -> float | None:

@@ -112,6 +112,8 @@ _ELEMENTWISE = {
     "clamp",
     "stop_gradient",
 }
+# Linear in their (first) operand; convert_element_type only when it widens a float (see
+# _is_linear): narrowing and integer casts round, and rounding is not linear.
 _LINEAR_UNARY = {
     "neg",
     "reduce_sum",
@@ -126,7 +128,6 @@ _LINEAR_UNARY = {
     "slice",
     "rev",
     "cumsum",
-    "reduce_precision",
     "stop_gradient",
 }
 _CALLS = {
@@ -278,7 +279,7 @@ def _eval_eqn(eqn, bases, ds):
         if got is not None:
             return got
     # Linear rules on dense deltas.
-    if name in _LINEAR_UNARY and len(live) == 1 and live[0] == 0:
+    if name in _LINEAR_UNARY and len(live) == 1 and live[0] == 0 and _is_linear(eqn, bases[0]):
         d = _dense(bases[0], ds[0])
         return [(out_base[0], _bind(eqn, d, *bases[1:])[0])]
     if name in ("add", "sub", "add_any") and len(bases) == 2:
@@ -310,6 +311,19 @@ def _eval_eqn(eqn, bases, ds):
         else:  # integer / boolean outputs: carry the perturbed value itself as the base
             out.append((fb, None))
     return out
+
+
+def _is_linear(eqn, operand) -> bool:
+    """Whether applying the primitive to the change alone is exact: casts must widen floats."""
+    if eqn.primitive.name != "convert_element_type":
+        return True
+    src, dst = jnp.result_type(operand), eqn.outvars[0].aval.dtype
+    return (
+        jnp.issubdtype(src, jnp.floating)
+        and jnp.issubdtype(dst, jnp.floating)
+        and jnp.finfo(dst).bits >= jnp.finfo(src).bits
+        and jnp.finfo(dst).nmant >= jnp.finfo(src).nmant
+    )
 
 
 def _slab_rule(eqn, name, bases, ds, i, out_base):

@@ -69,7 +69,6 @@ def _group_block(
 
 
 @functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
-@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
 def _group_delta_block(
     cost_fn,
     layout: Layout,
@@ -98,6 +97,7 @@ def _group_delta_block(
     return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
 
 
+@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
 def _group_line_block(
     cost_fn,
     layout: Layout,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 # Stencils: name -> (offsets in units of h, weights); the derivative is sum(w * J(θ + o h)) / h.
@@ -45,7 +46,8 @@ GRADE_BUG = 1e-3
 
 
 def machine_eps(dtype) -> float:
-    return float(np.finfo(np.dtype(dtype)).eps)
+    """Machine epsilon of a float dtype (bfloat16 included, via jnp.finfo)."""
+    return float(jnp.finfo(dtype).eps)
 
 
 def base_step(theta: np.ndarray, dtype, method: str) -> np.ndarray:

@@ -39,6 +39,8 @@ class LeafResult:
     resolution: float = 0.0
     extra_failures: int = 0
     note: str | None = None
+    dir_yours: np.ndarray | None = None  # screened leaves: yoursᵀd and numerical per direction
+    dir_numerical: np.ndarray | None = None
 
 
 def leaf_rng(path: str, seed: int, salt: int = 0) -> np.random.Generator:
@@ -202,7 +204,15 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
             rms = float(np.sqrt(np.mean(ns**2)))
             resolution = float(np.median(tols)) / rms if rms > 0 else math.inf
             if not fails:
-                results[i] = LeafResult(None, "screened", n_dirs, numerics.relative_difference(ns, ys), resolution)
+                results[i] = LeafResult(
+                    None,
+                    "screened",
+                    n_dirs,
+                    numerics.relative_difference(ns, ys),
+                    resolution,
+                    dir_yours=ys,
+                    dir_numerical=ns,
+                )
                 continue
             note = f"failed {fails}/{n_dirs} random directions"
             if size <= LOCATE_FULL_MAX:

@@ -8,7 +8,6 @@ PRNG keys (jax-ml/jax#6136, #29593).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -152,39 +151,3 @@ def split(
             statics.append(leaf)
             kinds.append("static")
     return Layout(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
-
-
-@dataclasses.dataclass(frozen=True)
-class FloatIndex:
-    """Maps between θ (the concatenated float leaves) and (leaf, index inside the leaf).
-
-    This is the seed notes' ``identify_parameter``, for any pytree.
-    """
-
-    paths: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[Any, ...]
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out, acc = [], 0
-        for s in self.sizes:
-            out.append(acc)
-            acc += s
-        return tuple(out)
-
-    @property
-    def size(self) -> int:
-        return sum(self.sizes)
-
-    def locate(self, flat_index: int) -> tuple[int, tuple[int, ...]]:
-        """Returns (leaf number, index inside that leaf) for a position in θ."""
-        offsets = self.offsets
-        leaf = int(np.searchsorted(np.asarray(offsets), flat_index, side="right")) - 1
-        inner = flat_index - offsets[leaf]
-        shape = self.shapes[leaf]
-        return leaf, tuple(int(i) for i in np.unravel_index(inner, shape)) if shape else ()
