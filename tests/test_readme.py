@@ -1,0 +1,33 @@
+"""The README and the example must run as shown."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import runpy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_example_runs_and_finds_the_missing_l2_term(capsys):
+    block = next(b for b in _python_blocks() if "report = jgradcheck.check_grad" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    report = namespace["report"]
+    assert not report.passed
+    assert [leaf.path for leaf in report.failed_leaves] == ["W1"]
+    assert "missing L2 term" in report.leaf("W1").diagnosis
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "W1" in printed
+
+
+def test_seeds_workflow_example_runs(capsys):
+    runpy.run_path(str(ROOT / "examples" / "seeds_workflow.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "constant factor: yours ≈ 2 × numerical" in out
+    assert out.count("PASSED") >= 3
