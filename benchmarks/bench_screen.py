@@ -18,10 +18,9 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_core import cost, make_problem  # noqa: E402
+from bench_core import cost, machine_line, make_problem  # noqa: E402
 
 import jgradcheck  # noqa: E402
 
@@ -35,7 +34,8 @@ def main():
     with jax.enable_x64(True):
         params, x, y = make_problem(dims, args.m)
         n = sum(int(p.size) for p in jax.tree.leaves(params))
-        print(f"network {dims}, m = {args.m}, n = {n:,}, float64, jax {jax.__version__}, devices {jax.devices()}")
+        print(f"network {dims}, m = {args.m}, n = {n:,}, float64")
+        print(machine_line())
         exact = jax.grad(cost)
 
         def one_percent(p, *a):
