@@ -1,6 +1,6 @@
 """Screen mode on a 3.7M-parameter network: time to pass a correct gradient and to catch bugs.
 
-The issue's target: 2048-1024-1024-512-1 (3,672,065 parameters), 32 examples, float64, cold
+The issue's target: 2048-1024-1024-512-1 (3,673,089 parameters), 32 examples, float64, cold
 (each check in a fresh process would include compilation; here each scenario is the first
 check of its gradient function, so tracing and compiling the user's gradient are included,
 while the cost's engine programs compile once in the first scenario, reported separately).

@@ -18,7 +18,6 @@ import zlib
 import numpy as np
 
 from jgradcheck._src import numerics
-from jgradcheck._src.engine import Progress
 
 # Leaves up to this size that fail screening are checked entry by entry in full.
 LOCATE_FULL_MAX = 4096
@@ -140,7 +139,7 @@ def directional_test(engine, problem, leaf, g, g_eps, noise, opts, n_dirs, seed)
 SPREAD = 8
 
 
-def _bisect(engine, problem, leaf, g, g_eps, noise, opts, seed) -> tuple[np.ndarray, int]:
+def bisect(engine, problem, leaf, g, g_eps, noise, opts, seed) -> tuple[np.ndarray, int]:
     """Entries in small groups that still fail when a failing leaf is split in halves.
 
     Each level tests all halves of the failing groups with one random direction each (one
@@ -168,74 +167,6 @@ def _bisect(engine, problem, leaf, g, g_eps, noise, opts, seed) -> tuple[np.ndar
         found += [grp for grp in level if grp.size <= GROUP_MIN]
     idx = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
     return idx, tests
-
-
-def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_dirs, seed, progress, n):
-    """Per-leaf results for ``mode`` in ("full", "sample", "screen")."""
-    from jgradcheck._src.check import _show, check_leaves
-
-    sizes = [int(f.size) for f in problem.floats]
-    per_entry = len(numerics.STENCILS[opts.method][0])
-    if mode == "full":
-        total = per_entry * n
-    elif mode == "sample":
-        total = per_entry * sum(min(s, sample_size) for s in sizes)
-    else:
-        total = 4 * n_dirs * len(sizes)
-    bar = Progress(total, _show(progress, total // 2))
-    results: dict[int, LeafResult] = {}
-    if mode in ("full", "sample"):
-        sel = {}
-        for i, size in enumerate(sizes):
-            if mode == "full" or size <= sample_size:
-                sel[i] = np.arange(size)
-            else:
-                sel[i] = np.sort(leaf_rng(problem.paths[i], seed).choice(size, sample_size, replace=False))
-        coords = check_leaves(engine, problem, sel, grads, g_eps, noise, opts, bar)
-        for i, size in enumerate(sizes):
-            results[i] = LeafResult(coords[i], "entries" if sel[i].size == size else "sampled")
-    else:
-        to_locate: dict[int, np.ndarray] = {}
-        notes: dict[int, tuple[str, int]] = {}
-        for i, size in enumerate(sizes):
-            g = grads[i]
-            fails, ys, ns, tols = directional_test(engine, problem, i, g, g_eps[i], noise, opts, n_dirs, seed)
-            bar.update(4 * n_dirs)
-            rms = float(np.sqrt(np.mean(ns**2)))
-            resolution = float(np.median(tols)) / rms if rms > 0 else math.inf
-            if not fails:
-                results[i] = LeafResult(
-                    None,
-                    "screened",
-                    n_dirs,
-                    numerics.relative_difference(ns, ys),
-                    resolution,
-                    dir_yours=ys,
-                    dir_numerical=ns,
-                )
-                continue
-            note = f"failed {fails}/{n_dirs} random directions"
-            if size <= LOCATE_FULL_MAX:
-                to_locate[i] = np.arange(size)
-            else:
-                found, tests = _bisect(engine, problem, i, g, g_eps[i], noise, opts, seed)
-                sample = leaf_rng(problem.paths[i], seed, 10**6).choice(size, min(size, LOCATE_SAMPLE), replace=False)
-                to_locate[i] = np.unique(np.concatenate([found, sample]).astype(np.int64))
-                note += (
-                    f"; bisection ({tests} tests) narrowed it to {found.size} entries"
-                    if found.size
-                    else f"; bisection ({tests} tests): the error is spread over the leaf"
-                )
-            notes[i] = (note, fails)
-        coords = check_leaves(engine, problem, to_locate, grads, g_eps, noise, opts, bar)
-        for i, c in coords.items():
-            note, fails = notes[i]
-            n_bad = int(np.sum(c.status == "fail"))
-            how = "entries" if c.idx.size == sizes[i] else "sampled"
-            results[i] = LeafResult(c, how, n_dirs, extra_failures=0 if n_bad else fails, note=note)
-    out = [results[i] for i in range(len(sizes))]
-    bar.close()
-    return out
 
 
 def taylor_slopes(engine, problem, grads, noise, seed) -> list[float]:
