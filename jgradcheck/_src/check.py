@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import math
 import numbers
 import os
@@ -150,7 +149,7 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         raise ValueError(MSG_NO_FLOAT.format(dtypes=", ".join(dtypes) or "none"))
     args_layout, arg_floats, arg_arrays = split(tuple(args), "args", target, python_floats=False)
     orig = tuple(
-        str(getattr(leaf, "dtype", "float32" if not jax.config.jax_enable_x64 else "float64"))
+        str(getattr(leaf, "dtype", "float32" if not jax.config.read("jax_enable_x64") else "float64"))
         for leaf, k in zip(jax.tree_util.tree_leaves(params), layout.kinds)
         if k == "float"
     )
@@ -172,11 +171,11 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         )
     else:
         precision = ", ".join(sorted({str(f.dtype) for f in floats})) + " (promotion to float64 off)"
-    batch = []
+    batch: list[int] = []
     for leaf in jax.tree_util.tree_leaves(args):
         shape = getattr(leaf, "shape", ())
         if shape:
-            batch += [shape[0], shape[-1]]
+            batch += [int(shape[0]), int(shape[-1])]
     problem = _Problem(
         cost_fn,
         layout,
@@ -197,9 +196,11 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
     return problem
 
 
-@functools.partial(jax.jit, static_argnames=("grad_fn", "layout", "args_layout"))
-def _grad_jit(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays):
+def _grad_call(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays):
     return grad_fn(layout.merge(floats, arrays), *args_layout.merge(arg_floats, arg_arrays))
+
+
+_grad_jit = jax.jit(_grad_call, static_argnames=("grad_fn", "layout", "args_layout"))
 
 
 def _call_grad(grad_fn, problem: _Problem) -> PyTree:
@@ -217,7 +218,7 @@ def _call_grad(grad_fn, problem: _Problem) -> PyTree:
             problem.arg_arrays,
         )
     except TypeError:  # an unhashable grad_fn (e.g. a functools.partial of arrays): jit it afresh
-        return jax.jit(lambda *xs: _grad_jit.__wrapped__(grad_fn, problem.layout, problem.args_layout, *xs))(
+        return jax.jit(lambda *xs: _grad_call(grad_fn, problem.layout, problem.args_layout, *xs))(
             problem.floats, problem.arrays, problem.arg_floats, problem.arg_arrays
         )
     except (
@@ -498,7 +499,7 @@ def check_leaves(
 
     if len(groups) > 1:
         # JAX's x64 and matmul-precision contexts are thread-local: re-enter them per thread.
-        x64_now = bool(jax.config.jax_enable_x64)
+        x64_now = bool(jax.config.read("jax_enable_x64"))
 
         def run_scoped(group: tuple[int, ...]) -> None:
             with jax.enable_x64(x64_now), jax.default_matmul_precision("highest"):
@@ -528,7 +529,7 @@ class _Options:
     max_refine: int
 
 
-def _entries(path: str, shape, c: _Coords, g: np.ndarray, which: np.ndarray) -> list[Entry]:
+def _entries(path: str, shape, c: _Coords, g: np.ndarray, which: Sequence[int] | np.ndarray) -> list[Entry]:
     out = []
     for j in which:
         index = tuple(int(i) for i in np.unravel_index(int(c.idx[j]), shape)) if shape else ()
@@ -806,16 +807,20 @@ def _eval_bytes(problem: _Problem) -> int:
 def _build_report(
     problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, seconds
 ) -> GradCheckReport:
-    rows, all_entries, kinks, factors = [], [], [], []
-    ys, ns = [], []
+    rows: list[LeafReport] = []
+    all_entries: list[tuple] = []
+    kinks: list[Entry] = []
+    factors: list[float | None] = []
+    ys_parts: list[np.ndarray] = []
+    ns_parts: list[np.ndarray] = []
     for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
         res = per_leaf[i]
         shape = tuple(f.shape)
         g = grads[i]
         slope = None if slopes is None else slopes[i]
         if res.coords is None:  # screened and passed: directions only
-            ys.append(res.dir_yours)
-            ns.append(res.dir_numerical)
+            ys_parts.append(res.dir_yours)
+            ns_parts.append(res.dir_numerical)
             rows.append(
                 LeafReport(
                     path,
@@ -839,8 +844,8 @@ def _build_report(
         finite = np.isfinite(c.numerical)
         kink = c.status == "kink"
         compared = finite & ~kink  # kinks are judged by their slopes, not by this difference
-        ys.append(gi[compared])
-        ns.append(c.numerical[compared])
+        ys_parts.append(gi[compared])
+        ns_parts.append(c.numerical[compared])
         fails = np.flatnonzero(c.status == "fail")
         unverifiable = np.flatnonzero(c.status == "nan")
         kink_idx = np.flatnonzero(kink)
@@ -850,7 +855,7 @@ def _build_report(
         ratio = np.nan_to_num(ratio, nan=np.inf, posinf=np.inf)
         ratio[kink] = -1.0
         worst_j = int(np.argmax(ratio)) if ratio.size and ratio.max() >= 0 else None
-        worst = _entries(path, shape, c, gi, [worst_j])[0] if worst_j is not None else None
+        leaf_worst = _entries(path, shape, c, gi, [worst_j])[0] if worst_j is not None else None
         all_entries.append((ratio, path, shape, c, gi))
         kinks += _entries(path, shape, c, gi, kink_idx)
         passed = fails.size == 0 and unverifiable.size == 0 and res.extra_failures == 0
@@ -883,7 +888,7 @@ def _build_report(
                 res.how,
                 int(fails.size) + int(unverifiable.size) + res.extra_failures,
                 int(kink_idx.size),
-                worst,
+                leaf_worst,
                 resolution,
                 diag,
                 slope,
@@ -898,8 +903,8 @@ def _build_report(
                 + "."
             )
     # The seeds' difference over everything compared: entries, and screened leaves' directions.
-    ys = np.concatenate(ys) if ys else np.zeros(0)
-    ns = np.concatenate(ns) if ns else np.zeros(0)
+    ys = np.concatenate(ys_parts) if ys_parts else np.zeros(0)
+    ns = np.concatenate(ns_parts) if ns_parts else np.zeros(0)
     difference = numerics.relative_difference(ns, ys)
     if not np.all(np.isfinite(ys)):
         difference = math.nan
@@ -1021,12 +1026,12 @@ def _check_options(**options: Any) -> None:
     for name in ("sample_size", "screen_directions", "top_k", "max_refine", "full_max_size", "chunk_size"):
         if name in options and options[name] is not None:
             v = options[name]
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1:
                 raise ValueError(MSG_COUNT.format(name=name, value=v))
-    if "safety" in options and not (isinstance(options["safety"], numbers.Real) and options["safety"] > 0):
+    if "safety" in options and not (isinstance(options["safety"], numbers.Real) and float(options["safety"]) > 0):
         raise ValueError(MSG_POSITIVE.format(name="safety", value=options["safety"]))
     for name in ("rtol", "atol"):
-        if name in options and not (isinstance(options[name], numbers.Real) and options[name] >= 0):
+        if name in options and not (isinstance(options[name], numbers.Real) and float(options[name]) >= 0):
             raise ValueError(MSG_NONNEGATIVE.format(name=name, value=options[name]))
     devices = options.get("devices")
     if devices is not None and len(list(devices)) == 0:
@@ -1037,7 +1042,11 @@ def _check_eps(eps: Any) -> float | None:
     """A user step: a positive finite real number (NumPy scalars welcome, bools not)."""
     if eps is None:
         return None
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
+    if (
+        isinstance(eps, (bool, np.bool_))
+        or not isinstance(eps, numbers.Real)
+        or not (math.isfinite(eps) and float(eps) > 0)
+    ):
         raise ValueError(MSG_EPS.format(eps=eps))
     return float(eps)
 
