@@ -157,3 +157,15 @@ def test_screening_again_reuses_the_compiled_programs():
     jgradcheck.check_grad(cost, grad, params, mode="full")
     assert engine._group_line_block._cache_size() == sizes[0]
     assert engine._group_delta_block._cache_size() <= sizes[1] + 1  # the full mode's one program
+
+
+def test_nan_cost_with_several_programs_raises_the_probe_error():
+    # A big leaf gets its own program; the probe rides in the small leaves' program, and the
+    # error a user sees must be the probe's, not a waiting thread's.
+    params = {"big": jnp.ones((80, 80)), "small": jnp.ones(3)}
+
+    def cost(p):
+        return jnp.sum(p["big"]) + jnp.log(p["small"][0] - 1.0)  # log(0) at θ
+
+    with pytest.raises(ValueError, match="NaN/Inf|-inf"):
+        jgradcheck.check_grad(cost, jax.grad(cost), params)

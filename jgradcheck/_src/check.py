@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -262,39 +263,96 @@ def _user_gradient(grad_fn, problem: _Problem) -> tuple[list[np.ndarray], list[f
     return out, eps
 
 
-def _probe(engine: Engine, problem: _Problem, seed: int, check_determinism: bool) -> float:
-    """J(θ) (twice) and its noise level, in one batched call; sets ``problem.j0``.
+def _probe_line(engine: Engine, problem: _Problem, seed: int, check_determinism: bool) -> float:
+    """J(θ) (twice) and its noise level from one batched call of the line program (screen mode).
 
-    The noise is estimated with ECnoise along two random one-sided lines over the group of
-    small leaves (or the smallest leaf): cheap to batch, and the program is the one that
-    screens them. The smaller estimate wins (in case one line crosses a kink); never below
-    eps |J|.
+    ECnoise along two random one-sided lines over the group of small leaves (or the smallest
+    leaf): the program is the one that screens them.
+    """
+    group = _probe_group(problem)
+    theta = np.concatenate([problem.host(i) for i in group]).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    scale = np.maximum(1.0, np.abs(theta)) / math.sqrt(theta.size)
+    dirs = np.stack([rng.choice([-1.0, 1.0], size=theta.size) * scale for _ in range(2)])
+    line = numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
+    ts = np.concatenate([[0.0, 0.0], line, line])
+    which = np.concatenate([[0, 0], np.zeros(9), np.ones(9)]).astype(np.int32)
+    return _noise_from(engine.line_costs(group, dirs, ts, which), problem, check_determinism)
+
+
+def _probe_group(problem: _Problem) -> tuple[int, ...]:
+    return min(problem.groups, key=lambda g: sum(int(problem.floats[i].size) for i in g))
+
+
+def _probe_entries(problem: _Problem, group: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Single-entry probe points for full and sample modes: J(θ) twice, then one-sided lines
+    along two random coordinates of ``group``. They ride in that group's first call, so the
+    probe costs no compilation of its own."""
+    theta = np.concatenate([problem.host(i) for i in group])
+    rng = np.random.default_rng(seed)
+    js = rng.choice(theta.size, size=2, replace=theta.size < 2)
+    steps = numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
+    idx = np.concatenate([[js[0], js[0]], np.repeat(js, 9)]).astype(np.int64)
+    base = theta[js].astype(np.float64)
+    moved = np.concatenate([base[k] + steps * max(1.0, abs(base[k])) for k in range(2)])
+    vals = np.concatenate([theta[[js[0], js[0]]].astype(np.float64), moved]).astype(theta.dtype)
+    return idx, vals
+
+
+def _noise_from(v: np.ndarray, problem: _Problem, check_determinism: bool) -> float:
+    """J(θ) and its noise level from probe values [J(θ), J(θ), line 1 (9), line 2 (9)].
+
+    Sets ``problem.j0``. The noise is ECnoise (Moré & Wild) on each one-sided line (t = s..9s:
+    a kink at θ itself, ReLU or |w| at 0, lies at the end of the line rather than inside it,
+    where it would pass for noise and hide real bugs); the smaller estimate wins (in case one
+    line crosses a kink); never below eps |J|.
 
     Raises:
       ValueError: J(θ) is NaN/Inf, or differs between two evaluations (runtime randomness).
     """
-    group = min(problem.groups, key=lambda g: sum(int(problem.floats[i].size) for i in g))
-    theta = np.concatenate([problem.host(i) for i in group]).astype(np.float64)
-    s = numerics.noise_spacing(problem.dtype)
-    # One-sided (t = s..9s): a kink at θ itself (ReLU or |w| at 0) then lies at the end of
-    # the line rather than inside it, where it would pass for noise and hide real bugs.
-    line = s * np.arange(1, 10, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    scale = np.maximum(1.0, np.abs(theta)) / math.sqrt(theta.size)
-    dirs = np.stack([rng.choice([-1.0, 1.0], size=theta.size) * scale for _ in range(2)])
-    ts = np.concatenate([[0.0, 0.0], line, line])
-    which = np.concatenate([[0, 0], np.zeros(9), np.ones(9)]).astype(np.int32)
-    v = engine.line_costs(group, dirs, ts, which)
     j0, j1 = float(v[0]), float(v[1])
     if not math.isfinite(j0):
         raise ValueError(MSG_NONFINITE.format(value=j0))
     if check_determinism and not abs(j1 - j0) <= 64 * numerics.machine_eps(problem.dtype) * max(abs(j0), abs(j1)):
         raise ValueError(MSG_NONDETERMINISTIC.format(a=repr(j0), b=repr(j1)))
     problem.j0 = j0
-    floor = numerics.machine_eps(problem.dtype) * max(abs(j0), np.finfo(np.float64).tiny)
+    # Never below rounding at J's magnitude near θ (|J(θ)| itself may be 0).
+    floor = numerics.machine_eps(problem.dtype) * max(
+        float(np.max(np.abs(v[np.isfinite(v)]))), np.finfo(np.float64).tiny
+    )
     estimates = [numerics.ecnoise(v[2:11]), numerics.ecnoise(v[11:20])]
     finite = [e for e in estimates if math.isfinite(e)]
     return max(floor, min(finite)) if finite else floor
+
+
+class _NoiseBox:
+    """The noise level, delivered by the group whose first call carries the probe.
+
+    Other groups evaluate meanwhile (their points do not depend on it) and wait only to judge.
+    """
+
+    def __init__(self, problem: _Problem, seed: int, check_determinism: bool):
+        self.problem, self.seed, self.check_determinism = problem, seed, check_determinism
+        self.group = _probe_group(problem)
+        self._ready = threading.Event()
+        self._value: float | None = None
+
+    def deliver(self, values: np.ndarray) -> float:
+        try:
+            self._value = _noise_from(values, self.problem, self.check_determinism)
+            return self._value
+        finally:
+            self._ready.set()
+
+    def get(self) -> float:
+        self._ready.wait()
+        if self._value is None:
+            raise _ProbeFailed
+        return self._value
+
+
+class _ProbeFailed(Exception):
+    """Raised in groups waiting on a probe that failed; the probe's own error is reported."""
 
 
 @dataclasses.dataclass
@@ -334,7 +392,7 @@ def _check_entries(
     g: np.ndarray,
     g_eps: np.ndarray,
     g_scale: np.ndarray,
-    noise: float,
+    noise: float | _NoiseBox,
     opts: _Options,
     progress: Progress,
 ) -> _Coords:
@@ -342,6 +400,8 @@ def _check_entries(
 
     ``idx`` indexes the concatenation of the group's raveled leaves; ``g``, ``g_eps`` and
     ``g_scale`` are yours, its dtype's eps and its leaf's largest magnitude, per entry.
+    ``noise`` is J's noise level, or the box that delivers it: the probe group's first call
+    then carries the probe points too.
     """
     base = np.concatenate([problem.host(i) for i in group])
     dtype = base.dtype
@@ -364,7 +424,21 @@ def _check_entries(
                 count=lost.size,
             )
         )
-    vals = engine.costs(group, np.tile(idx, len(offsets)), pts, progress).reshape(len(offsets), k)
+    probe_idx: Any = ()
+    probe_vals: Any = ()
+    carries_probe = isinstance(noise, _NoiseBox) and noise.group == group
+    if isinstance(noise, _NoiseBox) and carries_probe:
+        probe_idx, probe_vals = _probe_entries(problem, group, noise.seed)
+    n_main = len(offsets) * k
+    all_vals = engine.costs(
+        group,
+        np.concatenate([np.tile(idx, len(offsets)), np.asarray(probe_idx, np.int64)]),
+        np.concatenate([pts, np.asarray(probe_vals, dtype)]),
+        progress,
+    )
+    if isinstance(noise, _NoiseBox):
+        noise = noise.deliver(all_vals[n_main:]) if carries_probe else noise.get()
+    vals = all_vals[:n_main].reshape(len(offsets), k)
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
     # Central difference at h over the step actually taken (exact for the default steps).
@@ -470,7 +544,7 @@ def check_leaves(
     selection: dict[int, np.ndarray],
     grads: list[np.ndarray],
     g_eps: list[float],
-    noise: float,
+    noise: float | _NoiseBox,
     opts: _Options,
     progress: Progress,
 ) -> dict[int, _Coords]:
@@ -482,6 +556,12 @@ def check_leaves(
     out: dict[int, _Coords] = {}
     groups = [tuple(i for i in full if i in selection) for full in problem.groups]
     groups = [grp for grp in groups if grp]
+    if isinstance(noise, _NoiseBox):
+        if noise.group not in groups:  # the probe's group is not checked here: probe on its own
+            probe = _probe_entries(problem, noise.group, noise.seed)
+            noise = noise.deliver(engine.costs(noise.group, *probe, progress))
+        else:  # the group carrying the probe goes first: the others wait for it to judge
+            groups.sort(key=lambda grp: grp != noise.group)
 
     def run(group: tuple[int, ...]) -> None:
         sizes = [int(problem.floats[i].size) for i in group]
@@ -506,8 +586,11 @@ def check_leaves(
                 run(group)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1)) as pool:
-            for future in [pool.submit(run_scoped, grp) for grp in groups]:
-                future.result()
+            futures = [pool.submit(run_scoped, grp) for grp in groups]
+            errors = [f.exception() for f in futures]
+        # The probe's own error (e.g. a NaN cost) rather than the waiting groups' _ProbeFailed.
+        for error in sorted((e for e in errors if e is not None), key=lambda e: isinstance(e, _ProbeFailed)):
+            raise error
     else:
         for grp in groups:
             run(grp)
@@ -761,9 +844,13 @@ def check_grad(
             _eval_bytes(problem),
             strategy,
         )
-        noise = _probe(engine, problem, seed, check_determinism)
         n = sum(int(f.size) for f in problem.floats)
         chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
+        noise: float | _NoiseBox
+        if chosen == "screen":
+            noise = _probe_line(engine, problem, seed, check_determinism)
+        else:  # the probe rides in the first call of the smallest group's program
+            noise = _NoiseBox(problem, seed, check_determinism)
         mode_note = (
             chosen
             if mode != "auto"
@@ -779,7 +866,9 @@ def check_grad(
         )
         slopes = None
         if taylor_test:
-            slopes = screen.taylor_slopes(engine, problem, grads, noise, seed)
+            slopes = screen.taylor_slopes(
+                engine, problem, grads, noise if isinstance(noise, float) else noise.get(), seed
+            )
     return _build_report(
         problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start
     )
@@ -850,7 +939,7 @@ def _build_report(
         unverifiable = np.flatnonzero(c.status == "nan")
         kink_idx = np.flatnonzero(kink)
         # How far outside its tolerance each entry is: kinks rank last, unverifiable first.
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ratio = np.abs(gi - c.numerical) / np.where(c.tol > 0, c.tol, np.inf)
         ratio = np.nan_to_num(ratio, nan=np.inf, posinf=np.inf)
         ratio[kink] = -1.0
