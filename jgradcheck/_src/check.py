@@ -830,20 +830,7 @@ def check_grad(
     with _scope(x64):
         problem = _prepare(cost_fn, params, args, x64, check_determinism)
         grads, g_eps = _user_gradient(grad_fn, problem)
-        devs = list(devices) if devices is not None else jax.local_devices()
-        engine = Engine(
-            cost_fn,
-            problem.layout,
-            problem.args_layout,
-            problem.floats,
-            problem.arrays,
-            problem.arg_floats,
-            problem.arg_arrays,
-            devs,
-            chunk_size,
-            _eval_bytes(problem),
-            strategy,
-        )
+        engine = _engine(problem, devices, chunk_size, strategy)
         n = sum(int(f.size) for f in problem.floats)
         chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
         noise: float | _NoiseBox
@@ -871,6 +858,23 @@ def check_grad(
             )
     return _build_report(
         problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start
+    )
+
+
+def _engine(problem: _Problem, devices: Sequence[Any] | None, chunk_size: int | None, strategy: str) -> Engine:
+    devs = list(devices) if devices is not None else jax.local_devices()
+    return Engine(
+        problem.cost_fn,
+        problem.layout,
+        problem.args_layout,
+        problem.floats,
+        problem.arrays,
+        problem.arg_floats,
+        problem.arg_arrays,
+        devs,
+        chunk_size,
+        _eval_bytes(problem),
+        strategy,
     )
 
 
@@ -1078,20 +1082,7 @@ def numerical_grad(
     with _scope(x64):
         problem = _prepare(cost_fn, params, args, x64, check_determinism=False)
         problem.j0 = float("nan")  # refinement (which needs J(θ)) is off here
-        devs = list(devices) if devices is not None else jax.local_devices()
-        engine = Engine(
-            cost_fn,
-            problem.layout,
-            problem.args_layout,
-            problem.floats,
-            problem.arrays,
-            problem.arg_floats,
-            problem.arg_arrays,
-            devs,
-            chunk_size,
-            _eval_bytes(problem),
-            strategy,
-        )
+        engine = _engine(problem, devices, chunk_size, strategy)
         n = sum(int(f.size) for f in problem.floats)
         bar = Progress(n * len(numerics.STENCILS[method][0]), _show(progress, n))
         sel = {i: np.arange(int(f.size)) for i, f in enumerate(problem.floats)}

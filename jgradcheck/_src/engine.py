@@ -34,6 +34,21 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 MAX_CHUNK = 512
 
 
+def _group_vector(floats, group: tuple[int, ...]) -> jax.Array:
+    """The group's leaves raveled and concatenated."""
+    return jnp.concatenate([floats[g].reshape(-1) for g in group]) if len(group) > 1 else floats[group[0]].reshape(-1)
+
+
+def _with_group(floats, group: tuple[int, ...], vec: jax.Array) -> list[Any]:
+    """``floats`` with the group's leaves replaced by the pieces of ``vec``."""
+    shapes = [floats[g].shape for g in group]
+    parts = jnp.split(vec, np.cumsum([math.prod(s) for s in shapes])[:-1].tolist()) if len(group) > 1 else [vec]
+    out = list(floats)
+    for g, part, shape in zip(group, parts, shapes):
+        out[g] = part.reshape(shape)
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
 def _group_block(
     cost_fn,
@@ -51,18 +66,11 @@ def _group_block(
 
     Only the group's leaves are batched; every other leaf stays unbatched.
     """
-    shapes = [floats[g].shape for g in group]
-    sizes = [math.prod(s) for s in shapes]
-    base = jnp.concatenate([floats[g].reshape(-1) for g in group]) if len(group) > 1 else floats[group[0]].reshape(-1)
+    base = _group_vector(floats, group)
 
     def one(i, v):
-        vec = base.at[i].set(v)
-        parts = jnp.split(vec, np.cumsum(sizes)[:-1].tolist()) if len(group) > 1 else [vec]
-        perturbed = list(floats)
-        for g, part, shape in zip(group, parts, shapes):
-            perturbed[g] = part.reshape(shape)
-        params = layout.merge(perturbed, arrays)
-        return cost_fn(params, *args_layout.merge(arg_floats, arg_arrays))
+        perturbed = _with_group(floats, group, base.at[i].set(v))
+        return cost_fn(layout.merge(perturbed, arrays), *args_layout.merge(arg_floats, arg_arrays))
 
     batched = jax.vmap(one)
     return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
@@ -116,17 +124,11 @@ def _group_line_block(
 
     Only the group's leaves are batched, as in ``_group_block``.
     """
-    shapes = [floats[g].shape for g in group]
-    sizes = [math.prod(s) for s in shapes]
-    base = jnp.concatenate([floats[g].reshape(-1) for g in group]) if len(group) > 1 else floats[group[0]].reshape(-1)
+    base = _group_vector(floats, group)
 
     def one(t, k):
-        vec = (base + t * dirs[k]).astype(base.dtype)
-        parts = jnp.split(vec, np.cumsum(sizes)[:-1].tolist()) if len(group) > 1 else [vec]
-        fl = list(floats)
-        for g, part, shape in zip(group, parts, shapes):
-            fl[g] = part.reshape(shape)
-        return cost_fn(layout.merge(fl, arrays), *args_layout.merge(arg_floats, arg_arrays))
+        moved = _with_group(floats, group, (base + t * dirs[k]).astype(base.dtype))
+        return cost_fn(layout.merge(moved, arrays), *args_layout.merge(arg_floats, arg_arrays))
 
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
 
