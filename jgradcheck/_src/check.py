@@ -120,8 +120,14 @@ class _Problem:
         return self.args_layout.merge(self.arg_floats, self.arg_arrays)
 
 
-def _trace(cost_fn, params, args) -> Any:
-    return jax.make_jaxpr(lambda p, a: cost_fn(p, *a))(params, args)
+def _trace(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
+    """The cost's jaxpr over (floats, arrays, arg floats, arg arrays); non-array leaves (an
+    activation function in an equinox module, a Python int) are constants, as in the engine."""
+
+    def f(fl, ar, af, aa):
+        return cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa))
+
+    return jax.make_jaxpr(f)(*inputs)
 
 
 def _same_trace(a: Any, b: Any) -> bool:
@@ -143,6 +149,7 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
     """Splits and promotes the inputs and traces the cost (no compilation: that comes once, later)."""
     if not callable(cost_fn):
         raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    cost_fn = hashable(cost_fn)
     target = np.float64 if x64 else None
     layout, floats, arrays = split(params, "params", target, python_floats=True)
     if not floats:
@@ -155,15 +162,17 @@ def _prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> _Prob
         if k == "float"
     )
     dtype = jnp.result_type(*[f.dtype for f in floats])
-    p, a = layout.merge(floats, arrays), args_layout.merge(arg_floats, arg_arrays)
-    trace = _trace(cost_fn, p, a)
+    inputs = (floats, arrays, arg_floats, arg_arrays)
+    trace = _trace(cost_fn, layout, args_layout, inputs)
     out = trace.out_avals[0] if len(trace.out_avals) == 1 else None
     if out is None or out.shape != ():
         shape = out.shape if out is not None else f"a tuple of {len(trace.out_avals)} outputs"
         raise ValueError(MSG_NOT_SCALAR.format(shape=shape))
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(MSG_NOT_REAL.format(dtype=out.dtype))
-    if check_determinism and not all(_same_trace(trace, _trace(cost_fn, p, a)) for _ in range(2)):
+    if check_determinism and not all(
+        _same_trace(trace, _trace(cost_fn, layout, args_layout, inputs)) for _ in range(2)
+    ):
         raise ValueError(MSG_NONDETERMINISTIC.format(a="(trace 1)", b="(trace 2: different constants)"))
     kinds = sorted(set(orig))
     if x64:
@@ -204,23 +213,44 @@ def _grad_call(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg
 _grad_jit = jax.jit(_grad_call, static_argnames=("grad_fn", "layout", "args_layout"))
 
 
+class _ByIdentity:
+    """A callable that hashes by the identity of the one it wraps (equinox modules, partials of
+    arrays): jit needs hashable static arguments, and the same object then reuses its programs."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
+def hashable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        hash(fn)
+    except TypeError:
+        return _ByIdentity(fn)
+    return fn
+
+
 def _call_grad(grad_fn, problem: _Problem) -> PyTree:
     """Calls your gradient jitted (one compile instead of one per operation in eager mode);
     falls back to eager execution if it is not traceable (Python control flow on values)."""
 
     try:
         return _grad_jit(
-            grad_fn,
+            hashable(grad_fn),
             problem.layout,
             problem.args_layout,
             problem.floats,
             problem.arrays,
             problem.arg_floats,
             problem.arg_arrays,
-        )
-    except TypeError:  # an unhashable grad_fn (e.g. a functools.partial of arrays): jit it afresh
-        return jax.jit(lambda *xs: _grad_call(grad_fn, problem.layout, problem.args_layout, *xs))(
-            problem.floats, problem.arrays, problem.arg_floats, problem.arg_arrays
         )
     except (
         jax.errors.ConcretizationTypeError,
