@@ -761,7 +761,8 @@ def check_grad(
     """Checks your gradient of ``cost_fn`` against central finite differences, entry by entry.
 
     Every floating entry θᵢ of ``params`` is perturbed by ±hᵢ and J re-evaluated (batched with
-    ``jax.vmap`` under ``jax.jit``, in chunks, one leaf at a time); (J(θ+hᵢeᵢ) − J(θ−hᵢeᵢ)) / 2hᵢ
+    ``jax.vmap`` under ``jax.jit``, in chunks, one group of leaves at a time, computing only what
+    each perturbation changes: see ``strategy``); (J(θ+hᵢeᵢ) − J(θ−hᵢeᵢ)) / 2hᵢ
     is compared with your gradient against an estimate of its own error (round-off measured
     from the noise in J, truncation from a second step), so a verdict is not a false alarm in
     float32, near a minimum or at large scales. Kinks (ReLU at 0, max ties) are detected from
