@@ -20,7 +20,7 @@ import numpy as np
 
 from jgradcheck._src import diagnose, numerics, screen
 from jgradcheck._src.engine import Engine, Progress
-from jgradcheck._src.inspect import invisible_to_fd, walk_eqns
+from jgradcheck._src.jaxpr_scan import invisible_to_fd, walk_eqns
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
 from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
 

@@ -1,0 +1,1 @@
+"""jgradcheck internals: import from ``jgradcheck``, not from here."""
