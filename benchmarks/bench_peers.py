@@ -276,11 +276,17 @@ def make_seeds_loop(prob: Problem):
             count()
             j_minus = float(J(minus, X, Y))
             approx[i] = (j_plus - j_minus) / (2 * SEEDS_EPS)
-        d = seeds_difference(approx, dtheta)
-        worst = int(np.argmax(np.abs(approx - dtheta)))
-        return Outcome(grade(d) != "pass", f"index only (-> {leaf_of_index(worst, params)})", f"{d:.1e}", count.n)
+        return _flat_outcome(approx, dtheta, params, count.n)
 
     return run
+
+
+def _flat_outcome(approx, yours, params, evals) -> Outcome:
+    """The verdict of a checker that returns a flat vector: the seeds' difference, and the
+    worst index mapped back to its leaf by hand (the checker itself names none)."""
+    d = seeds_difference(approx, yours)
+    worst = int(np.argmax(np.abs(approx - yours)))
+    return Outcome(grade(d) != "pass", f"index only (-> {leaf_of_index(worst, params)})", f"{d:.1e}", evals)
 
 
 def _make_torch(fast: bool):
@@ -405,9 +411,7 @@ def make_numdifftools(prob: Problem):
         count.n = 0
         approx = np.asarray(gradient(theta0))
         yours = np.asarray(grads[bug](theta0))
-        d = seeds_difference(approx, yours)
-        worst = int(np.argmax(np.abs(approx - yours)))
-        return Outcome(grade(d) != "pass", f"index only (-> {leaf_of_index(worst, params)})", f"{d:.1e}", count.n)
+        return _flat_outcome(approx, yours, params, count.n)
 
     return run
 

@@ -27,6 +27,24 @@ def test_kinks_at_theta_do_not_hide_a_real_bug():
     assert report.worst[0].name == "w[7]"
 
 
+def test_a_noise_probe_through_a_kink_does_not_hide_a_bug():
+    # Most entries sit on |k|'s kink, so the noise probe's line starts at one: a line through
+    # the kink would read the jump in slope as noise, loosen every tolerance and pass w's bug.
+    params = {"k": jnp.zeros(200), "w": jnp.linspace(0.1, 1.0, 4)}
+
+    def cost(p):
+        return 0.1 * jnp.sum(jnp.abs(p["k"])) + jnp.sum(jnp.sin(p["w"]) ** 2)
+
+    def grad(p):
+        g = jax.grad(cost)(p)
+        # 1%: inside the 2.5% tolerance that a kink read as noise would give.
+        return {**g, "w": g["w"].at[2].multiply(1.01)}
+
+    report = jgradcheck.check_grad(cost, grad, params)
+    assert not report.passed
+    assert report.worst[0].name == "w[2]"
+
+
 def test_relu_exactly_at_zero_everywhere_is_kinks_not_bugs():
     def cost(p):
         return jnp.sum(jax.nn.relu(p["w"]))

@@ -119,6 +119,11 @@ class _Problem:
     def args(self) -> tuple[Any, ...]:
         return self.args_layout.merge(self.arg_floats, self.arg_arrays)
 
+    @property
+    def inputs(self) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        """The dynamic inputs every compiled program takes: (floats, arrays, arg floats, arg arrays)."""
+        return self.floats, self.arrays, self.arg_floats, self.arg_arrays
+
 
 def _trace(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
     """The cost's jaxpr over (floats, arrays, arg floats, arg arrays); non-array leaves (an
@@ -243,15 +248,7 @@ def _call_grad(grad_fn, problem: _Problem) -> PyTree:
     falls back to eager execution if it is not traceable (Python control flow on values)."""
 
     try:
-        return _grad_jit(
-            hashable(grad_fn),
-            problem.layout,
-            problem.args_layout,
-            problem.floats,
-            problem.arrays,
-            problem.arg_floats,
-            problem.arg_arrays,
-        )
+        return _grad_jit(hashable(grad_fn), problem.layout, problem.args_layout, *problem.inputs)
     except (
         jax.errors.ConcretizationTypeError,
         jax.errors.TracerArrayConversionError,
@@ -898,10 +895,7 @@ def _engine(problem: _Problem, devices: Sequence[Any] | None, chunk_size: int | 
         problem.cost_fn,
         problem.layout,
         problem.args_layout,
-        problem.floats,
-        problem.arrays,
-        problem.arg_floats,
-        problem.arg_arrays,
+        *problem.inputs,
         devs,
         chunk_size,
         _eval_bytes(problem),
