@@ -3,7 +3,7 @@
 References:
   Nocedal & Wright, *Numerical Optimization*, 2nd ed., §8.1 (step sizes for finite differences).
   Moré & Wild, "Estimating computational noise", SIAM J. Sci. Comput. 33(3), 2011 (ECnoise).
-  Seed notes (``shared/seeds``): the relative difference and its graded scale.
+  The classic gradient-checking recipe of the deep-learning course notes: the relative difference and its graded scale.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def base_step(theta: np.ndarray, dtype, method: str) -> np.ndarray:
 
     Why: the error of an order-p difference is ~ h**p f^(p+1) + eps |J| / h, smallest near
     h ~ eps**(1/(p+1)) in units of the coordinate's scale (Nocedal & Wright §8.1); for central
-    differences that is ∛eps (6e-6 in float64, 5e-3 in float32). With the seeds' h = 1e-7 in
+    differences that is ∛eps (6e-6 in float64, 5e-3 in float32). With the classic recipe's h = 1e-7 in
     float32, θ + h rounds back to θ for |θ| >~ 1 and the estimate is garbage. A power of two
     at least a few ulps of θ makes θ + k h exact, so the step taken is the step divided by.
     """
@@ -101,7 +101,7 @@ def noise_spacing(dtype) -> float:
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-    """The seeds' ‖a − b‖₂ / (‖a‖₂ + ‖b‖₂); 0 when both are exactly zero (not NaN)."""
+    """The classic ‖a − b‖₂ / (‖a‖₂ + ‖b‖₂); 0 when both are exactly zero (not NaN)."""
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     num = float(np.linalg.norm(a - b))

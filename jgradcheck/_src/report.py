@@ -14,11 +14,11 @@ from jgradcheck._src import numerics
 
 
 class Grade(enum.Enum):
-    """The seeds' graded scale for the relative difference; each member carries its message."""
+    """The classic gradient-checking recipe's graded scale for the relative difference; each member carries its message."""
 
-    GREAT = "great (the seeds' scale: ~1e-7)"
-    DOUBLE_CHECK = "double-check (the seeds' scale: ~1e-5)"
-    BUG = "bug (the seeds' scale: >= 1e-3)"
+    GREAT = "great (classic gradient-check scale: ~1e-7)"
+    DOUBLE_CHECK = "double-check (classic gradient-check scale: ~1e-5)"
+    BUG = "bug (classic gradient-check scale: >= 1e-3)"
 
     @classmethod
     def of(cls, difference: float) -> Grade:
@@ -81,7 +81,7 @@ class LeafReport:
       path: readable leaf path (``W2``, ``layers[0].w``, ``enc.b``).
       shape: the leaf's shape.
       dtype: the leaf's dtype as you passed it.
-      difference: the seeds' relative difference over this leaf's checked entries.
+      difference: the classic relative difference over this leaf's checked entries.
       passed: no checked entry failed.
       checked: how many entries were compared entry by entry.
       how: ``"entries"`` (every entry), ``"sampled"`` (a random subset), or ``"screened"`` (random
@@ -121,8 +121,8 @@ class GradCheckReport:
     Attributes:
       passed: every checked entry of your gradient agrees with the numerical one within its
         estimated finite-difference error (kinks accepted when yours lies between the slopes).
-      difference: the seeds' ‖numerical − yours‖₂ / (‖numerical‖₂ + ‖yours‖₂) over checked θ.
-      grade: the seeds' graded verdict on ``difference``.
+      difference: the classic ‖numerical − yours‖₂ / (‖numerical‖₂ + ‖yours‖₂) over checked θ.
+      grade: the classic graded verdict on ``difference``.
       leaves: one row per floating leaf, in tree order.
       worst: the k entries furthest outside their tolerance, over all of θ.
       kinks: entries found on a kink (non-differentiable points).
@@ -183,7 +183,7 @@ class GradCheckReport:
         )
         if self.passed and self.grade is not Grade.GREAT:
             lines.append(
-                "  (every entry agrees within its finite-difference error estimate; the seeds' fixed "
+                "  (every entry agrees within its finite-difference error estimate; the classic fixed "
                 "scale does not know that error)"
             )
         lines.append(

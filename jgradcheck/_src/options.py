@@ -1,0 +1,68 @@
+"""Options of a check: validated once, then carried as one frozen value."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import sys
+from typing import Any
+
+import numpy as np
+
+MSG_MODE = "mode must be one of 'auto', 'full', 'screen', 'sample'; got {mode!r}."
+MSG_METHOD = "method must be one of 'central', 'central4', 'richardson'; got {method!r}."
+MSG_COUNT = "{name} must be a positive integer; got {value!r}."
+MSG_POSITIVE = "{name} must be a positive number; got {value!r}."
+MSG_NONNEGATIVE = "{name} must be a non-negative number; got {value!r}."
+MSG_NO_DEVICES = "devices is empty; pass None (all local devices) or a non-empty list such as jax.devices()[:1]."
+MSG_STRATEGY = "strategy must be 'delta' or 'vmap'; got {strategy!r}."
+MSG_EPS = "eps must be a positive finite number (an absolute step); got {eps!r}."
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    eps: float | None
+    method: str
+    safety: float
+    rtol: float
+    atol: float
+    refine: bool
+    max_refine: int
+
+
+def check_options(**options: Any) -> None:
+    """Counts must be positive integers, factors positive, tolerances non-negative."""
+    for name in ("sample_size", "screen_directions", "top_k", "max_refine", "full_max_size", "chunk_size"):
+        if name in options and options[name] is not None:
+            v = options[name]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1:
+                raise ValueError(MSG_COUNT.format(name=name, value=v))
+    if "safety" in options and not (isinstance(options["safety"], numbers.Real) and float(options["safety"]) > 0):
+        raise ValueError(MSG_POSITIVE.format(name="safety", value=options["safety"]))
+    for name in ("rtol", "atol"):
+        if name in options and not (isinstance(options[name], numbers.Real) and float(options[name]) >= 0):
+            raise ValueError(MSG_NONNEGATIVE.format(name=name, value=options[name]))
+    devices = options.get("devices")
+    if devices is not None and len(list(devices)) == 0:
+        raise ValueError(MSG_NO_DEVICES)
+
+
+def check_eps(eps: Any) -> float | None:
+    """A user step: a positive finite real number (NumPy scalars welcome, bools not)."""
+    if eps is None:
+        return None
+    if (
+        isinstance(eps, (bool, np.bool_))
+        or not isinstance(eps, numbers.Real)
+        or not (math.isfinite(eps) and float(eps) > 0)
+    ):
+        raise ValueError(MSG_EPS.format(eps=eps))
+    return float(eps)
+
+
+def show_progress(progress: bool | None, n: int) -> bool:
+    """Progress bar default: only on a terminal, only for checks large enough to wait for."""
+    if progress is not None:
+        return bool(progress)
+    return sys.stderr.isatty() and n > 50_000

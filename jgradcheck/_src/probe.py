@@ -1,0 +1,109 @@
+"""The noise probe: J(θ) twice (determinism) and J's round-off noise level (ECnoise).
+
+The noise sets the round-off part of every entry's error estimate. The probe's points ride in
+the first call of the smallest group's program (no compilation of its own); in screen mode
+they go through the line program.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from jgradcheck._src import numerics
+from jgradcheck._src.engine import Engine
+from jgradcheck._src.problem import MSG_NONDETERMINISTIC, MSG_NONFINITE, Problem
+
+
+def probe_line(engine: Engine, problem: Problem, seed: int, check_determinism: bool) -> float:
+    """J(θ) (twice) and its noise level from one batched call of the line program (screen mode).
+
+    ECnoise along two random one-sided lines over the group of small leaves (or the smallest
+    leaf): the program is the one that screens them.
+    """
+    group = probe_group(problem)
+    theta = np.concatenate([problem.host(i) for i in group]).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    scale = np.maximum(1.0, np.abs(theta)) / math.sqrt(theta.size)
+    dirs = np.stack([rng.choice([-1.0, 1.0], size=theta.size) * scale for _ in range(2)])
+    line = numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
+    ts = np.concatenate([[0.0, 0.0], line, line])
+    which = np.concatenate([[0, 0], np.zeros(9), np.ones(9)]).astype(np.int32)
+    return noise_from(engine.line_costs(group, dirs, ts, which), problem, check_determinism)
+
+
+def probe_group(problem: Problem) -> tuple[int, ...]:
+    return min(problem.groups, key=lambda g: sum(int(problem.floats[i].size) for i in g))
+
+
+def probe_entries(problem: Problem, group: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Single-entry probe points for full and sample modes: J(θ) twice, then one-sided lines
+    along two random coordinates of ``group``. They ride in that group's first call, so the
+    probe costs no compilation of its own."""
+    theta = np.concatenate([problem.host(i) for i in group])
+    rng = np.random.default_rng(seed)
+    js = rng.choice(theta.size, size=2, replace=theta.size < 2)
+    steps = numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
+    idx = np.concatenate([[js[0], js[0]], np.repeat(js, 9)]).astype(np.int64)
+    base = theta[js].astype(np.float64)
+    moved = np.concatenate([base[k] + steps * max(1.0, abs(base[k])) for k in range(2)])
+    vals = np.concatenate([theta[[js[0], js[0]]].astype(np.float64), moved]).astype(theta.dtype)
+    return idx, vals
+
+
+def noise_from(v: np.ndarray, problem: Problem, check_determinism: bool) -> float:
+    """J(θ) and its noise level from probe values [J(θ), J(θ), line 1 (9), line 2 (9)].
+
+    Sets ``problem.j0``. The noise is ECnoise (Moré & Wild) on each one-sided line (t = s..9s:
+    a kink at θ itself, ReLU or |w| at 0, lies at the end of the line rather than inside it,
+    where it would pass for noise and hide real bugs); the smaller estimate wins (in case one
+    line crosses a kink); never below eps |J|.
+
+    Raises:
+      ValueError: J(θ) is NaN/Inf, or differs between two evaluations (runtime randomness).
+    """
+    j0, j1 = float(v[0]), float(v[1])
+    if not math.isfinite(j0):
+        raise ValueError(MSG_NONFINITE.format(value=j0))
+    if check_determinism and not abs(j1 - j0) <= 64 * numerics.machine_eps(problem.dtype) * max(abs(j0), abs(j1)):
+        raise ValueError(MSG_NONDETERMINISTIC.format(a=repr(j0), b=repr(j1)))
+    problem.j0 = j0
+    # Never below rounding at J's magnitude near θ (|J(θ)| itself may be 0).
+    floor = numerics.machine_eps(problem.dtype) * max(
+        float(np.max(np.abs(v[np.isfinite(v)]))), np.finfo(np.float64).tiny
+    )
+    estimates = [numerics.ecnoise(v[2:11]), numerics.ecnoise(v[11:20])]
+    finite = [e for e in estimates if math.isfinite(e)]
+    return max(floor, min(finite)) if finite else floor
+
+
+class NoiseBox:
+    """The noise level, delivered by the group whose first call carries the probe.
+
+    Other groups evaluate meanwhile (their points do not depend on it) and wait only to judge.
+    """
+
+    def __init__(self, problem: Problem, seed: int, check_determinism: bool):
+        self.problem, self.seed, self.check_determinism = problem, seed, check_determinism
+        self.group = probe_group(problem)
+        self._ready = threading.Event()
+        self._value: float | None = None
+
+    def deliver(self, values: np.ndarray) -> float:
+        try:
+            self._value = noise_from(values, self.problem, self.check_determinism)
+            return self._value
+        finally:
+            self._ready.set()
+
+    def get(self) -> float:
+        self._ready.wait()
+        if self._value is None:
+            raise ProbeFailed
+        return self._value
+
+
+class ProbeFailed(Exception):
+    """Raised in groups waiting on a probe that failed; the probe's own error is reported."""

@@ -1,0 +1,294 @@
+"""The problem: your cost and parameters split, promoted and traced; your gradient read in.
+
+The first stage of a check. ``prepare`` splits ``params`` and ``args`` into floating leaves
+(perturbed, promoted to float64 under x64) and the rest (integer leaves, PRNG keys: carried
+along untouched), traces the cost once (and twice more for the determinism check) and groups
+the leaves for compilation. ``user_gradient`` calls your gradient (jitted when it can be) and
+validates it leaf by leaf against ``params``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jgradcheck._src import numerics
+from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
+
+PyTree = Any
+
+MSG_NOT_CALLABLE = "cost_fn must be a function J(params, *args) -> scalar; got {kind}."
+MSG_NOT_SCALAR = (
+    "cost_fn must return a scalar, but J(params, *args) has shape {shape}. Reduce it to one "
+    "number, e.g. jnp.mean over the examples (J = (1/m) Σ L), and add the "
+    "regularization term."
+)
+MSG_NOT_REAL = "cost_fn must return a real floating scalar; J(params, *args) has dtype {dtype}."
+MSG_NONFINITE = (
+    "J(params, *args) = {value} at the given params: finite differences of a NaN/Inf cost are "
+    "meaningless. Check the data, log(0) in the loss (clip probabilities), and the initialization."
+)
+MSG_NONDETERMINISTIC = (
+    "cost_fn is not deterministic: two evaluations at the same params gave J = {a} and {b}. "
+    "Finite differences need the same J every time (dropout breaks gradient checking). "
+    "Pass a fixed PRNG key as an argument (and use the same mask in your gradient), or set "
+    "keep_prob = 1.0 while checking."
+)
+MSG_MISSING = (
+    "the gradient is missing leaves that params has: {missing}. Your gradient must return one "
+    "array per floating parameter leaf, in a pytree shaped like params."
+)
+MSG_EXTRA = "the gradient has leaves that params does not: {extra}. Return a pytree shaped like params."
+MSG_SHAPE = (
+    "gradient leaf {path!r} has shape {got} but the parameter has shape {want}{hint}. dJ/dθ has the parameter's shape."
+)
+MSG_GRAD_TYPE = "gradient leaf {path!r} is {kind}; expected a real array shaped like the parameter {want}."
+
+
+class CostFn(Protocol):
+    def __call__(self, params: PyTree, *args: Any) -> jax.Array: ...
+
+
+class GradFn(Protocol):
+    def __call__(self, params: PyTree, *args: Any) -> PyTree: ...
+
+
+@contextlib.contextmanager
+def precision_scope(x64: bool):
+    """Scoped precision: float64 if asked, and "highest" matmuls (no TF32 on GPUs, jax#11628)."""
+    with contextlib.ExitStack() as stack:
+        if x64:
+            stack.enter_context(jax.enable_x64(True))
+        stack.enter_context(jax.default_matmul_precision("highest"))
+        yield
+
+
+@dataclasses.dataclass
+class Problem:
+    cost_fn: Callable[..., Any]
+    layout: Layout
+    args_layout: Layout
+    floats: list[jax.Array]
+    arrays: list[Any]
+    arg_floats: list[jax.Array]
+    arg_arrays: list[Any]
+    paths: tuple[str, ...]
+    orig_dtypes: tuple[str, ...]
+    j0: float
+    dtype: Any
+    precision: str
+    batch_sizes: tuple[int, ...]
+    trace: Any
+    groups: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def host(self, i: int) -> np.ndarray:
+        """Leaf i raveled on the host, in its check dtype (cached: big leaves are copied once)."""
+        if i not in self._host:
+            self._host[i] = np.asarray(self.floats[i]).ravel()
+        return self._host[i]
+
+    def group_of(self, i: int) -> tuple[int, ...]:
+        return next(g for g in self.groups if i in g)
+
+    def params(self) -> PyTree:
+        return self.layout.merge(self.floats, self.arrays)
+
+    def args(self) -> tuple[Any, ...]:
+        return self.args_layout.merge(self.arg_floats, self.arg_arrays)
+
+    @property
+    def inputs(self) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        """The dynamic inputs every compiled program takes: (floats, arrays, arg floats, arg arrays)."""
+        return self.floats, self.arrays, self.arg_floats, self.arg_arrays
+
+
+def _trace(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
+    """The cost's jaxpr over (floats, arrays, arg floats, arg arrays); non-array leaves (an
+    activation function in an equinox module, a Python int) are constants, as in the engine."""
+
+    def f(fl, ar, af, aa):
+        return cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa))
+
+    return jax.make_jaxpr(f)(*inputs)
+
+
+def _same_trace(a: Any, b: Any) -> bool:
+    """Whether two traces of the cost are the same program with the same constants."""
+    if str(a.jaxpr) != str(b.jaxpr) or len(a.consts) != len(b.consts):
+        return False
+    return all(np.array_equal(_const_data(x), _const_data(y)) for x, y in zip(a.consts, b.consts))
+
+
+def _const_data(x: Any) -> np.ndarray:
+    """A constant's values; typed PRNG keys compare by their key data."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Problem:
+    """Splits and promotes the inputs and traces the cost (no compilation: that comes once, later)."""
+    if not callable(cost_fn):
+        raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    cost_fn = hashable(cost_fn)
+    target = np.float64 if x64 else None
+    layout, floats, arrays = split(params, "params", target, python_floats=True)
+    if not floats:
+        dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in jax.tree_util.tree_leaves(params)})
+        raise ValueError(MSG_NO_FLOAT.format(dtypes=", ".join(dtypes) or "none"))
+    args_layout, arg_floats, arg_arrays = split(tuple(args), "args", target, python_floats=False)
+    orig = tuple(
+        str(getattr(leaf, "dtype", "float32" if not jax.config.read("jax_enable_x64") else "float64"))
+        for leaf, k in zip(jax.tree_util.tree_leaves(params), layout.kinds)
+        if k == "float"
+    )
+    dtype = jnp.result_type(*[f.dtype for f in floats])
+    inputs = (floats, arrays, arg_floats, arg_arrays)
+    trace = _trace(cost_fn, layout, args_layout, inputs)
+    out = trace.out_avals[0] if len(trace.out_avals) == 1 else None
+    if out is None or out.shape != ():
+        shape = out.shape if out is not None else f"a tuple of {len(trace.out_avals)} outputs"
+        raise ValueError(MSG_NOT_SCALAR.format(shape=shape))
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(MSG_NOT_REAL.format(dtype=out.dtype))
+    if check_determinism and not all(
+        _same_trace(trace, _trace(cost_fn, layout, args_layout, inputs)) for _ in range(2)
+    ):
+        raise ValueError(MSG_NONDETERMINISTIC.format(a="(trace 1)", b="(trace 2: different constants)"))
+    kinds = sorted(set(orig))
+    if x64:
+        precision = "float64" + (
+            f" (promoted from {', '.join(k for k in kinds if k != 'float64')})" if kinds != ["float64"] else ""
+        )
+    else:
+        precision = ", ".join(sorted({str(f.dtype) for f in floats})) + " (promotion to float64 off)"
+    batch: list[int] = []
+    for leaf in jax.tree_util.tree_leaves(args):
+        shape = getattr(leaf, "shape", ())
+        if shape:
+            batch += [int(shape[0]), int(shape[-1])]
+    problem = Problem(
+        cost_fn,
+        layout,
+        args_layout,
+        floats,
+        arrays,
+        arg_floats,
+        arg_arrays,
+        layout.float_paths,
+        orig,
+        math.nan,
+        dtype,
+        precision,
+        tuple(dict.fromkeys(batch)),
+        trace,
+    )
+    problem.groups = groups(problem, range(len(floats)))
+    return problem
+
+
+def _grad_call(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays):
+    return grad_fn(layout.merge(floats, arrays), *args_layout.merge(arg_floats, arg_arrays))
+
+
+_grad_jit = jax.jit(_grad_call, static_argnames=("grad_fn", "layout", "args_layout"))
+
+
+class _ByIdentity:
+    """A callable that hashes by the identity of the one it wraps (equinox modules, partials of
+    arrays): jit needs hashable static arguments, and the same object then reuses its programs."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
+def hashable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        hash(fn)
+    except TypeError:
+        return _ByIdentity(fn)
+    return fn
+
+
+def _call_grad(grad_fn, problem: Problem) -> PyTree:
+    """Calls your gradient jitted (one compile instead of one per operation in eager mode);
+    falls back to eager execution if it is not traceable (Python control flow on values)."""
+
+    try:
+        return _grad_jit(hashable(grad_fn), problem.layout, problem.args_layout, *problem.inputs)
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ):
+        return grad_fn(problem.params(), *problem.args())
+
+
+def user_gradient(grad_fn, problem: Problem) -> tuple[list[np.ndarray], list[float]]:
+    """Your gradient, leaf by leaf in params' float-leaf order, and each leaf's own eps."""
+    grads = _call_grad(grad_fn, problem) if callable(grad_fn) else grad_fn
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    by_path = {path_str(p): leaf for p, leaf in flat}
+    want = dict(zip(problem.paths, problem.floats))
+    all_params = set(problem.layout.paths)
+    missing = [p for p in problem.paths if p not in by_path]
+    extra = [p for p in by_path if p not in all_params]
+    if missing:
+        raise ValueError(
+            MSG_MISSING.format(missing=", ".join(missing))
+            + (f" It has extra leaves: {', '.join(extra)}." if extra else "")
+        )
+    if extra:
+        raise ValueError(MSG_EXTRA.format(extra=", ".join(extra)))
+    out, eps = [], []
+    for path in problem.paths:
+        g, p = by_path[path], want[path]
+        if not hasattr(g, "shape") and not isinstance(g, (int, float)):
+            raise TypeError(MSG_GRAD_TYPE.format(path=path, kind=type(g).__name__, want=p.shape))
+        g = np.asarray(g)
+        is_float = jnp.issubdtype(g.dtype, jnp.floating)
+        if not (is_float or jnp.issubdtype(g.dtype, jnp.integer) or g.dtype == np.bool_):
+            raise TypeError(MSG_GRAD_TYPE.format(path=path, kind=f"an array of dtype {g.dtype}", want=p.shape))
+        if g.shape != p.shape:
+            hint = " (transposed?)" if g.shape == p.shape[::-1] and len(p.shape) == 2 else ""
+            raise ValueError(MSG_SHAPE.format(path=path, got=g.shape, want=p.shape, hint=hint))
+        eps.append(numerics.machine_eps(g.dtype) if is_float else numerics.machine_eps(problem.dtype))
+        out.append(np.asarray(g, np.float64).ravel())
+    return out, eps
+
+
+# Leaves up to this many entries are perturbed together in one compiled program (biases, small
+# last layers): one compilation instead of one per leaf, and no more FLOPs, because the layers
+# after the first of them are batched either way.
+SMALL_LEAF = 4096
+
+
+def groups(problem: Problem, leaves: Sequence[int]) -> list[tuple[int, ...]]:
+    """Big leaves alone (their followers stay unbatched: large GEMMs); small ones together."""
+    small: dict[str, list[int]] = {}
+    out: list[tuple[int, ...]] = []
+    for i in leaves:
+        f = problem.floats[i]
+        if f.size <= SMALL_LEAF:
+            small.setdefault(str(f.dtype), []).append(i)
+        else:
+            out.append((i,))
+    return out + [tuple(v) for v in small.values()]
