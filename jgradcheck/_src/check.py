@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +27,17 @@ from jgradcheck._src.options import (
     show_progress,
 )
 from jgradcheck._src.probe import NoiseBox, probe_line
-from jgradcheck._src.problem import CostFn, GradFn, Problem, precision_scope, prepare, user_gradient
+from jgradcheck._src.problem import (
+    MSG_NOT_CALLABLE,
+    CostFn,
+    GradFn,
+    Problem,
+    precision_scope,
+    prepare,
+    user_gradient,
+)
 from jgradcheck._src.report import GradCheckReport
+from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, join_grad, rewrite
 
 PyTree = Any
 
@@ -56,6 +66,7 @@ def check_grad(
     max_refine: int = 4096,
     seed: int = 0,
     strategy: str = "delta",
+    **kwargs: Any,
 ) -> GradCheckReport:
     """Checks your gradient of ``cost_fn`` against central finite differences, entry by entry.
 
@@ -77,8 +88,16 @@ def check_grad(
         (yours may omit them or hold anything there).
       params: any pytree of arrays (dicts, lists, NamedTuples, flax/equinox/optax trees).
         Floating leaves are checked; integer and bool leaves (step counters, PRNG keys) ride
-        along untouched.
+        along untouched. A complex leaf ``z`` is checked as its real and imaginary parts
+        (rows ``z.real`` and ``z.imag``), with yours read in JAX's convention: for a real J,
+        ``jax.grad`` returns ∂J/∂x − i·∂J/∂y for z = x + iy. Yours in PyTorch's convention
+        (the conjugate) fails on ``z.imag`` with a diagnosis saying so.
       *args: further arguments to both functions (data, labels, a PRNG key, λ).
+      **kwargs: keyword arguments that are not options of the check are passed on to both
+        functions (``check_grad(cost, grad, params, X, lam=0.5)``); a keyword whose name is an
+        option here (``eps``, ``mode``, ``seed``, ...) is taken as the option: bind such an
+        argument with ``functools.partial`` instead. Floating arrays among them are data, not
+        parameters: they are not perturbed.
       eps: absolute step for every entry (the classic recipe uses 1e-7). Default: per entry
         ∛ε·max(1, |θᵢ|) rounded to a power of two, ε the machine epsilon of the check's dtype.
       x64: run the check in float64 (params, floating args and your ``grad_fn``) inside a
@@ -137,6 +156,10 @@ def check_grad(
       Wild 2011 (noise estimation).
     """
     start = time.perf_counter()
+    if not callable(cost_fn):
+        raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    rw = rewrite(cost_fn, grad_fn, params, args, kwargs)
+    cost_fn, grad_fn, params, args = rw.cost_fn, rw.grad_fn, rw.params, rw.args
     if mode not in ("auto", "full", "screen", "sample"):
         raise ValueError(MSG_MODE.format(mode=mode))
     if method not in numerics.ORDER:
@@ -157,7 +180,7 @@ def check_grad(
         devices=devices,
     )
     opts = Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
-    with precision_scope(x64):
+    with precision_scope(x64), _explain_kwargs(kwargs):
         problem = prepare(cost_fn, params, args, x64, check_determinism)
         grads, g_eps = user_gradient(grad_fn, problem)
         engine = make_engine(problem, devices, chunk_size, strategy)
@@ -186,9 +209,24 @@ def check_grad(
             slopes = screen.taylor_slopes(
                 engine, problem, grads, noise if isinstance(noise, float) else noise.get(), seed
             )
-    return build_report(
+    report = build_report(
         problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start
     )
+    return conjugate_diagnosis(report) if rw.complex_mask is not None else report
+
+
+@contextlib.contextmanager
+def _explain_kwargs(kwargs: dict[str, Any]) -> Iterator[None]:
+    """A TypeError about keyword arguments we passed on says where they came from."""
+    try:
+        yield
+    except TypeError as e:
+        if kwargs and "keyword argument" in str(e):
+            names = ", ".join(repr(k) for k in kwargs)
+            raise TypeError(
+                MSG_KWARGS.format(fn="your function", names=names, error=e, first=next(iter(kwargs)))
+            ) from e
+        raise
 
 
 def make_engine(problem: Problem, devices: Sequence[Any] | None, chunk_size: int | None, strategy: str) -> Engine:
@@ -235,6 +273,8 @@ def numerical_grad(
     devices: Sequence[Any] | None = None,
     progress: bool | None = None,
     strategy: str = "delta",
+    float64: bool = False,
+    **kwargs: Any,
 ) -> PyTree:
     """The finite-difference gradient of ``cost_fn`` at ``params``, shaped like ``params``.
 
@@ -252,11 +292,16 @@ def numerical_grad(
       devices: devices to spread the work over.
       progress: show a progress bar on stderr.
       strategy: ``"delta"`` or ``"vmap"``; see :func:`check_grad`.
+      float64: return the float64 estimates as NumPy arrays (full precision on the host)
+        instead of arrays typed and placed like ``params``.
+      **kwargs: keyword arguments passed on to ``cost_fn`` (see :func:`check_grad`).
 
     Returns:
-      A pytree like ``params``: NumPy float64 arrays (float32 etc. with ``x64=False``) at
-      floating leaves; integer and bool leaves become ``float0`` zeros, as in
-      ``jax.grad(..., allow_int=True)``.
+      A pytree like ``params``: at each floating leaf an array of that leaf's shape, dtype and
+      placement (a ``jax.Array`` on the leaf's devices/sharding for JAX leaves, a NumPy array
+      for NumPy leaves), or float64 NumPy arrays with ``float64=True``; complex leaves get
+      ∂J/∂x − i·∂J/∂y (JAX's convention); integer and bool leaves become ``float0`` zeros, as
+      in ``jax.grad(..., allow_int=True)``.
 
     Raises:
       ValueError: J not a scalar or not finite, no floating leaves, a bad option.
@@ -274,7 +319,12 @@ def numerical_grad(
     eps = check_eps(eps)
     check_options(chunk_size=chunk_size, devices=devices)
     opts = Options(eps, method, numerics.DEFAULT_SAFETY, 0.0, 0.0, False, 0)
-    with precision_scope(x64):
+    if not callable(cost_fn):
+        raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    original = params
+    rw = rewrite(cost_fn, None, params, args, kwargs)
+    cost_fn, params, args = rw.cost_fn, rw.params, rw.args
+    with precision_scope(x64), _explain_kwargs(kwargs):
         problem = prepare(cost_fn, params, args, x64, check_determinism=False)
         problem.j0 = float("nan")  # refinement (which needs J(θ)) is off here
         engine = make_engine(problem, devices, chunk_size, strategy)
@@ -283,14 +333,27 @@ def numerical_grad(
         sel = {i: np.arange(int(f.size)) for i, f in enumerate(problem.floats)}
         zeros = [np.zeros(int(f.size)) for f in problem.floats]
         coords = check_leaves(engine, problem, sel, zeros, [0.0] * len(zeros), 0.0, opts, bar)
-        out = [
-            coords[i].numerical.reshape(f.shape).astype(np.float64 if x64 else np.asarray(f).dtype)
-            for i, f in enumerate(problem.floats)
-        ]
+        out = [coords[i].numerical.reshape(f.shape) for i, f in enumerate(problem.floats)]
         bar.close()
     it = iter(out)
     leaves = [
-        next(it) if k == "float" else np.zeros(np.shape(leaf), jax.dtypes.float0)
+        (next(it) if float64 else _like(next(it), leaf))
+        if k == "float"
+        else np.zeros(np.shape(leaf), jax.dtypes.float0)
         for leaf, k in zip(jax.tree_util.tree_leaves(params), problem.layout.kinds)
     ]
-    return jax.tree_util.tree_unflatten(problem.layout.treedef, leaves)
+    grads = jax.tree_util.tree_unflatten(problem.layout.treedef, leaves)
+    if rw.complex_mask is None:
+        return grads
+    joined = join_grad(grads, rw.complex_mask)
+    if float64:
+        return joined
+    return jax.tree_util.tree_map(lambda g, p: _like(np.asarray(g), p) if is_complex(p) else g, joined, original)
+
+
+def _like(values: np.ndarray, leaf: Any) -> Any:
+    """``values`` (float64, host) in the dtype and on the devices of ``leaf``."""
+    if isinstance(leaf, jax.Array):
+        return jax.device_put(values.astype(leaf.dtype), leaf.sharding)
+    dtype = np.asarray(leaf).dtype if isinstance(leaf, (np.ndarray, np.generic)) else np.float64
+    return values.astype(dtype)
