@@ -6,10 +6,10 @@ import doctest
 
 import pytest
 
-from jgradcheck._src import asserts, check
+from jgradcheck._src import asserts, check, derivatives
 
 
-@pytest.mark.parametrize("module", [check, asserts], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [check, asserts, derivatives], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

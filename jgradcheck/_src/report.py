@@ -45,6 +45,8 @@ class Entry:
         slopes ``left`` and ``right``) or ``"ok"``.
       left: backward one-sided slope (kinks only).
       right: forward one-sided slope (kinks only).
+      output: for a Jacobian entry (vector checks), the output it is the derivative of, e.g.
+        ``out[2, 1]``; ``yours`` and ``numerical`` are then ∂output/∂input.
     """
 
     path: str
@@ -55,6 +57,7 @@ class Entry:
     status: str
     left: float = math.nan
     right: float = math.nan
+    output: str | None = None
 
     @property
     def abs_error(self) -> float:
@@ -65,7 +68,8 @@ class Entry:
         return f"{self.path}[{', '.join(map(str, self.index))}]" if self.index else self.path
 
     def __str__(self) -> str:
-        s = f"{self.name}: yours={self.yours:.6e}  numerical={self.numerical:.6e}  |diff|={self.abs_error:.2e}"
+        name = self.name if self.output is None else f"d {self.output} / d {self.name}"
+        s = f"{name}: yours={self.yours:.6e}  numerical={self.numerical:.6e}  |diff|={self.abs_error:.2e}"
         if self.status == "kink":
             return s + f"  kink: one-sided slopes {self.left:.4e} (left) and {self.right:.4e} (right)"
         if self.error_estimate > 0 and math.isfinite(self.abs_error):
@@ -134,6 +138,10 @@ class GradCheckReport:
       evaluations: cost-function evaluations made.
       devices: devices the perturbations ran on.
       seconds: wall time of the check, compilation included.
+      what: what was checked: ``"your gradient"``, ``"your VJP"``, ``"your JVP"``,
+        ``"your Hessian-vector product"``, or ``"JAX's derivative of f"`` (check_rules).
+      jacobian: for vector checks, the disagreeing Jacobian entries with their input leaf and
+        index and their output leaf and index (``Entry.output``).
     """
 
     passed: bool
@@ -150,6 +158,8 @@ class GradCheckReport:
     evaluations: int
     devices: tuple[str, ...]
     seconds: float
+    what: str = "your gradient"
+    jacobian: tuple[Entry, ...] = ()
 
     @property
     def failed_leaves(self) -> tuple[LeafReport, ...]:
@@ -170,10 +180,10 @@ class GradCheckReport:
 
     def summary(self) -> str:
         if self.passed:
-            head = "jgradcheck: PASSED - yours matches the numerical gradient"
+            head = f"jgradcheck: PASSED - {self.what} matches the numerical one"
         else:
             bad = ", ".join(leaf.path for leaf in self.failed_leaves) or "-"
-            head = f"jgradcheck: FAILED - yours disagrees with the numerical gradient in {bad}"
+            head = f"jgradcheck: FAILED - {self.what} disagrees with the numerical one in {bad}"
         return head
 
     def __str__(self) -> str:
@@ -195,9 +205,12 @@ class GradCheckReport:
         if self.diagnosis:
             lines += ["", f"  diagnosis: {self.diagnosis}"]
         failing = [e for e in self.worst if e.status == "fail"]
-        if failing:
+        if failing and not all(e.output is not None for e in failing):
             lines += ["", "  worst entries (yours = your gradient, numerical = finite differences):"]
             lines += [f"    {e}" for e in failing]
+        if self.jacobian:
+            lines += ["", "  disagreeing Jacobian entries (d output / d input; yours vs numerical finite differences):"]
+            lines += [f"    {e}" for e in self.jacobian]
         if self.kinks:
             lines += [
                 "",

@@ -1,0 +1,85 @@
+"""One report from several scalar checks of the same parameters (projections, modes, orders)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
+
+
+def _ratio(e: Entry) -> float:
+    """How far outside its tolerance an entry is (kinks last, unverifiable first)."""
+    if e.status == "kink":
+        return -1.0
+    if not (e.error_estimate > 0) or not math.isfinite(e.abs_error):
+        return math.inf
+    return e.abs_error / e.error_estimate
+
+
+def _worse(a: LeafReport, b: LeafReport) -> LeafReport:
+    """The row to show for a leaf seen by two checks: a failure first, then the larger difference."""
+    if a.passed != b.passed:
+        return b if a.passed else a
+    return b if (b.difference > a.difference or math.isnan(b.difference)) else a
+
+
+def _prefixed(e: Entry, prefix: str) -> Entry:
+    return dataclasses.replace(e, path=prefix + e.path)
+
+
+def merge_reports(
+    reports: Sequence[GradCheckReport], prefixes: Sequence[str] | None = None, top_k: int = 10
+) -> GradCheckReport:
+    """Merges checks: with ``prefixes``, each check keeps its own rows (paths prefixed, e.g.
+    ``rev:x``); without, the checks are of the same leaves and each leaf shows its worst row.
+
+    The merged difference is the largest of the checks' (the classic number of the worst view).
+    """
+    if len(reports) == 1 and not prefixes:
+        return reports[0]
+    rows: dict[str, LeafReport] = {}
+    worst: list[Entry] = []
+    kinks: dict[tuple[str, tuple[int, ...]], Entry] = {}
+    warnings: dict[str, None] = {}
+    for k, r in enumerate(reports):
+        prefix = prefixes[k] if prefixes else ""
+        for row in r.leaves:
+            row = dataclasses.replace(
+                row, path=prefix + row.path, worst=None if row.worst is None else _prefixed(row.worst, prefix)
+            )
+            rows[row.path] = _worse(rows[row.path], row) if row.path in rows else row
+        worst += [_prefixed(e, prefix) for e in r.worst]
+        for e in r.kinks:
+            e = _prefixed(e, prefix)
+            kinks.setdefault((e.path, e.index), e)
+        warnings.update(dict.fromkeys(r.warnings))
+    worst.sort(key=lambda e: -_ratio(e))
+    seen: set[tuple[str, tuple[int, ...], str | None]] = set()
+    unique = []
+    for e in worst:
+        key = (e.path, e.index, e.output)
+        if key not in seen:
+            seen.add(key)
+            unique.append(e)
+    difference = max((r.difference for r in reports), key=lambda d: (math.isnan(d), d))
+    diagnoses = list(dict.fromkeys(r.diagnosis for r in reports if r.diagnosis))
+    first = reports[0]
+    return GradCheckReport(
+        passed=all(r.passed for r in reports),
+        difference=difference,
+        grade=Grade.of(difference),
+        leaves=tuple(rows.values()),
+        worst=tuple(unique[:top_k]),
+        kinks=tuple(kinks.values()),
+        diagnosis="; ".join(diagnoses) or None,
+        warnings=tuple(warnings),
+        precision=first.precision,
+        method=first.method,
+        mode=first.mode,
+        evaluations=sum(r.evaluations for r in reports),
+        devices=first.devices,
+        seconds=sum(r.seconds for r in reports),
+        what=first.what,
+    )
