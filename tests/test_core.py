@@ -435,8 +435,8 @@ def test_numerical_grad_matches_jax_grad_in_float64(net):
         exact = jax.grad(net.cost)(params, *net.args())
     assert set(numerical) == set(params)
     for k in params:
-        assert isinstance(numerical[k], np.ndarray)
-        assert numerical[k].dtype == np.float64 and numerical[k].shape == params[k].shape
+        assert isinstance(numerical[k], type(params[k]))  # typed and placed like params
+        assert numerical[k].dtype == params[k].dtype == np.float64 and numerical[k].shape == params[k].shape
         np.testing.assert_allclose(
             numerical[k], np.asarray(exact[k]), rtol=1e-8, atol=1e-8 * float(np.max(np.abs(exact[k])))
         )
@@ -494,3 +494,35 @@ def test_precomputed_gradient_with_fixed_key_dropout_passes(dropout_net):
     grads = dropout_net.backprop(None)(dropout_net.params32, *dropout_net.args())
     report = jgradcheck.check_grad(dropout_net.cost, grads, dropout_net.params32, *dropout_net.args())
     assert report.passed or any("dropout" in w or "random" in w for w in report.warnings)
+
+
+def test_numerical_grad_returns_arrays_typed_and_placed_like_params():
+    params = {"w": jnp.arange(1.0, 4.0), "n": np.arange(3.0, dtype=np.float32), "k": jnp.int32(3)}
+
+    def cost(p):
+        return jnp.sum(p["w"] ** 2) + jnp.sum(p["n"] ** 3)
+
+    g = jgradcheck.numerical_grad(cost, params)
+    assert isinstance(g["w"], jax.Array) and g["w"].dtype == jnp.float32
+    assert g["w"].sharding == params["w"].sharding
+    assert isinstance(g["n"], np.ndarray) and g["n"].dtype == np.float32
+    assert g["k"].dtype == jax.dtypes.float0
+    np.testing.assert_allclose(g["w"], [2.0, 4.0, 6.0], rtol=1e-6)
+    g64 = jgradcheck.numerical_grad(cost, params, float64=True)
+    assert isinstance(g64["w"], np.ndarray) and g64["w"].dtype == np.float64
+
+
+def test_keyword_arguments_reach_both_functions():
+    def cost(p, x, lam=0.0):
+        return jnp.sum((x @ p["w"]) ** 2) + lam * jnp.sum(p["w"] ** 2)
+
+    def grad(p, x, lam=0.0):
+        return {"w": 2 * x.T @ (x @ p["w"]) + 2 * lam * p["w"]}
+
+    p, x = {"w": jnp.arange(1.0, 5.0)}, jnp.ones((3, 4))
+    assert jgradcheck.check_grad(cost, grad, p, x, lam=0.5).passed
+    wrong = jgradcheck.check_grad(cost, lambda p, x, lam: {"w": 2 * x.T @ (x @ p["w"])}, p, x, lam=0.5)
+    assert not wrong.passed and "missing L2" in wrong.leaf("w").diagnosis
+    with pytest.raises(TypeError, match="keyword argument.*'lamb'.*functools.partial"):
+        jgradcheck.check_grad(cost, grad, p, x, lamb=0.5)
+    np.testing.assert_allclose(jgradcheck.numerical_grad(cost, p, x, lam=0.5)["w"], grad(p, x, 0.5)["w"], rtol=1e-5)

@@ -172,7 +172,7 @@ def _stencil_errors(**kwargs):
         exact = np.asarray(jax.grad(_smooth_cost)({"w": jnp.asarray(np.asarray(_W_SMOOTH), jnp.float64)})["w"])
     out = {}
     for method in ("central", "central4", "richardson"):
-        ng = jgradcheck.numerical_grad(_smooth_cost, {"w": _W_SMOOTH}, method=method, **kwargs)["w"]
+        ng = jgradcheck.numerical_grad(_smooth_cost, {"w": _W_SMOOTH}, method=method, float64=True, **kwargs)["w"]
         out[method] = float(np.max(np.abs(ng - exact)) / np.max(np.abs(exact)))
     return out
 

@@ -354,6 +354,8 @@ def numerical_grad(
 def _like(values: np.ndarray, leaf: Any) -> Any:
     """``values`` (float64, host) in the dtype and on the devices of ``leaf``."""
     if isinstance(leaf, jax.Array):
-        return jax.device_put(values.astype(leaf.dtype), leaf.sharding)
+        # Under x64 for float64 leaves: outside it, device_put would narrow them to float32.
+        with jax.enable_x64(bool(jax.config.read("jax_enable_x64")) or leaf.dtype == np.float64):
+            return jax.device_put(values.astype(leaf.dtype), leaf.sharding)
     dtype = np.asarray(leaf).dtype if isinstance(leaf, (np.ndarray, np.generic)) else np.float64
     return values.astype(dtype)

@@ -306,7 +306,8 @@ def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -
     """The tangent e_i in float leaf ``leaf`` (params order, flat position i), zeros elsewhere
     (``float0`` for integer leaves, as jax.jvp wants)."""
     leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(primals)))
-    out, fl = [], 0
+    out: list[Any] = []
+    fl = 0
     for x in leaves:
         if is_floating(x):
             t = jnp.zeros(np.shape(x), jnp.result_type(x))
@@ -727,7 +728,7 @@ def check_hvp(
         p, v = primals[0], tangents[0]
         hv = hvp_fn(p, v, *args)
         want, got = jax.tree_util.tree_structure(p), jax.tree_util.tree_structure(hv)
-        if want != got:
+        if str(want) != str(got):
             raise ValueError(MSG_HVP_SHAPE.format(detail=f"it returned structure {got}, params have {want}"))
         return grad(p, *args), hv
 
