@@ -214,7 +214,7 @@ def _cotangents(m: int, count: int | None, seed: int) -> tuple[np.ndarray, bool]
 
 def _compare_out(who: str, which: str, got: PyTree, want: PyTree) -> None:
     """Your function's primal output must be fn's (up to rounding)."""
-    if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want):
+    if str(jax.tree_util.tree_structure(got)) != str(jax.tree_util.tree_structure(want)):
         raise ValueError(
             MSG_STRUCTURE.format(
                 who=who, got=jax.tree_util.tree_structure(got), want=jax.tree_util.tree_structure(want)
