@@ -33,7 +33,7 @@ def _isatty(stream: Any) -> bool:
 def _tqdm_class() -> Any:
     """``tqdm.auto.tqdm`` (a notebook widget under Jupyter), or None when tqdm is not installed."""
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return None
     return tqdm
