@@ -55,7 +55,7 @@ def test_passing_report(passing):
     fig = passing.plot()
     assert isinstance(fig, Figure)
     top, scatter = fig.axes
-    assert "PASSED" in fig._suptitle.get_text()
+    assert "PASSED" in fig.get_suptitle()
     assert top.get_xscale() == "log"
     assert set(_ticks(top)) == {"W", "v"}
     assert all(t.get_color() != "#c62828" for t in _ticks(top).values())
@@ -66,7 +66,7 @@ def test_passing_report(passing):
 def test_failing_leaf_is_marked(doubled):
     fig = doubled.plot()
     top, scatter = fig.axes
-    assert "FAILED" in fig._suptitle.get_text() and "W" in fig._suptitle.get_text()
+    assert "FAILED" in fig.get_suptitle() and "W" in fig.get_suptitle()
     ticks = _ticks(top)
     assert ticks["W"].get_color() == "#c62828" and ticks["W"].get_fontweight() == "bold"
     assert ticks["v"].get_color() != "#c62828"
