@@ -26,8 +26,8 @@ def test_readme_example_runs_and_finds_the_missing_l2_term(capsys):
     assert "FAILED" in printed and "W1" in printed
 
 
-def test_seeds_workflow_example_runs(capsys):
-    runpy.run_path(str(ROOT / "examples" / "seeds_workflow.py"), run_name="__main__")
+def test_classic_recipe_example_runs(capsys):
+    runpy.run_path(str(ROOT / "examples" / "classic_recipe.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "constant factor: yours ≈ 2 × numerical" in out
     assert out.count("PASSED") >= 3

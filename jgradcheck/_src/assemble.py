@@ -10,7 +10,7 @@ import numpy as np
 from jgradcheck._src import diagnose, numerics
 from jgradcheck._src.engine import Engine
 from jgradcheck._src.estimate import Coords
-from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
+from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport, LeafValues
 
 
 def _entries(path: str, shape, c: Coords, g: np.ndarray, which: Sequence[int] | np.ndarray) -> list[Entry]:
@@ -45,6 +45,7 @@ def build_report(
     factors: list[float | None] = []
     ys_parts: list[np.ndarray] = []
     ns_parts: list[np.ndarray] = []
+    values: list[LeafValues | None] = []  # every compared entry, for report.plot()
     for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
         res = per_leaf[i]
         shape = tuple(f.shape)
@@ -70,9 +71,20 @@ def build_report(
                 )
             )
             factors.append(None)
+            values.append(None)
             continue
         c = res.coords
         gi = g[c.idx]
+        values.append(
+            LeafValues(
+                np.asarray(c.idx, np.int64).copy(),
+                np.asarray(gi, np.float64).copy(),
+                np.asarray(c.numerical, np.float64).copy(),
+                np.asarray(c.tol, np.float64).copy(),
+                problem.host(i).astype(np.float64)[c.idx],
+                np.asarray(c.status).astype(str),
+            )
+        )
         finite = np.isfinite(c.numerical)
         kink = c.status == "kink"
         compared = finite & ~kink  # kinks are judged by their slopes, not by this difference
@@ -165,4 +177,5 @@ def build_report(
         engine.evaluations,
         leaf_devs(engine),
         seconds,
+        entry_values=tuple(values),
     )

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jgradcheck._src.delta import perturbed_cost
+from jgradcheck._src.progress import Progress
 from jgradcheck._src.tree import Layout
 
 # Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar.
@@ -171,32 +170,6 @@ def device_budget(device: Any) -> int:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         return max(1 << 26, free // 4)
     return DEFAULT_BUDGET_BYTES
-
-
-class Progress:
-    """A one-line progress bar with ETA on stderr (no dependency); silent unless enabled."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "jgradcheck"):
-        self.total, self.enabled, self.label = total, enabled, label
-        self.done, self.start = 0, time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        frac = self.done / max(1, self.total)
-        eta = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(
-            f"\r{self.label} [{bar:<30}] {self.done:,}/{self.total:,} evals  {elapsed:5.1f}s elapsed  ETA {eta:5.1f}s"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 class Engine:

@@ -9,8 +9,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from jgradcheck._src import numerics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class Grade(enum.Enum):
@@ -118,6 +125,27 @@ class LeafReport:
         return math.prod(self.shape)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeafValues:
+    """Every entry of one leaf that was compared one by one: what :meth:`GradCheckReport.plot` draws.
+
+    Attributes:
+      index: flat indices into the leaf (``np.unravel_index(index, shape)`` gives positions).
+      yours: your gradient there.
+      numerical: the finite-difference estimate.
+      error_estimate: the estimated error of ``numerical``; an entry fails beyond it.
+      parameter: the parameter's value θ at those entries.
+      status: ``"ok"``, ``"fail"``, ``"kink"`` or ``"nan"`` per entry (as in :class:`Entry`).
+    """
+
+    index: np.ndarray
+    yours: np.ndarray
+    numerical: np.ndarray
+    error_estimate: np.ndarray
+    parameter: np.ndarray
+    status: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class GradCheckReport:
     """What ``check_grad`` found. ``str(report)`` renders the table.
@@ -142,6 +170,9 @@ class GradCheckReport:
         ``"your Hessian-vector product"``, or ``"JAX's derivative of f"`` (check_rules).
       jacobian: for vector checks, the disagreeing Jacobian entries with their input leaf and
         index and their output leaf and index (``Entry.output``).
+      entry_values: per leaf (in ``leaves`` order), its :class:`LeafValues` (every entry compared
+        one by one), or None for a leaf that was only screened; None when the check did not
+        record them. Drawn by :meth:`plot`; not part of equality or ``repr``.
     """
 
     passed: bool
@@ -160,6 +191,7 @@ class GradCheckReport:
     seconds: float
     what: str = "your gradient"
     jacobian: tuple[Entry, ...] = ()
+    entry_values: tuple[LeafValues | None, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def failed_leaves(self) -> tuple[LeafReport, ...]:
@@ -171,6 +203,27 @@ class GradCheckReport:
             if row.path == path:
                 return row
         raise KeyError(f"no floating leaf {path!r}; leaves are {[r.path for r in self.leaves]}")
+
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Figure:
+        """A figure of this report: which leaves are wrong, and how (needs matplotlib).
+
+        Top: each leaf's difference on a log axis over the classic 1e-7 / 1e-5 / 1e-3 scale,
+        beside the smallest error the check could see there. Below, for each failing leaf:
+        yours against numerical per entry (the diagonal when right; slope 2 or -1, or a
+        shift, when it is a factor, a sign or a missing term), kinks marked.
+
+        Args:
+          path: also save the figure there (the extension picks the format, e.g. ``check.png``).
+
+        Returns:
+          A ``matplotlib.figure.Figure``; pyplot's state is not touched.
+
+        Raises:
+          ImportError: matplotlib is missing; ``pip install "jgradcheck[plot]"``.
+        """
+        from jgradcheck._src.plot import plot_report
+
+        return plot_report(self, path)
 
     def __bool__(self) -> bool:
         raise TypeError(

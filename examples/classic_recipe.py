@@ -1,4 +1,4 @@
-"""The seeds' gradient-checking workflow, end to end, with jgradcheck.
+"""The classic gradient-checking recipe of the deep-learning course notes, end to end, with jgradcheck.
 
 An L-layer network (ReLU ... ReLU, sigmoid), cross-entropy cost with L2 regularization and
 inverted dropout, and a hand-written backprop — the thing we want to verify. Then:
@@ -8,7 +8,7 @@ inverted dropout, and a hand-written backprop — the thing we want to verify. T
 3. train briefly with dropout on (no gradient checking inside the loop: it costs 2n evaluations);
 4. check again after training, dropout off, and once more with a fixed dropout mask.
 
-Run: python examples/seeds_workflow.py
+Run: python examples/classic_recipe.py
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def forward(params, X, keep_prob, key):
 
 
 def cost(params, X, Y, lambd, keep_prob, key):
-    """J = cross-entropy + λ/(2m) Σ ||W||²: the full cost, regularization included (seeds §3)."""
+    """J = cross-entropy + λ/(2m) Σ ||W||²: the full cost, regularization included."""
     m = X.shape[1]
     AL, _ = forward(params, X, keep_prob, key)
     ce = -jnp.sum(Y * jnp.log(AL) + (1 - Y) * jnp.log(1 - AL)) / m
@@ -98,9 +98,7 @@ def main():
     assert not report.passed and report.worst[0].path == "W2"
 
     print("3) Train briefly with dropout on (keep_prob = 0.8); no gradient checking in the loop.")
-    step = jax.jit(
-        lambda p, k: jax.tree.map(lambda w, g: w - 0.3 * g, p, backprop(p, X, Y, lambd, 0.8, k))
-    )
+    step = jax.jit(lambda p, k: jax.tree.map(lambda w, g: w - 0.3 * g, p, backprop(p, X, Y, lambd, 0.8, k)))
     for i in range(300):
         params = step(params, jax.random.fold_in(k_drop, i))
     print(f"   cost after training: {float(cost(params, X, Y, lambd, 1.0, k_drop)):.4f}\n")

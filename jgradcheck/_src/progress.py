@@ -1,0 +1,145 @@
+"""Progress of a long check, shown in the form that fits where stderr goes.
+
+* ``tqdm`` when it is installed and stderr is a terminal or a notebook (``tqdm.auto``: the bar
+  JAX users already know, a widget in Jupyter);
+* otherwise, on a terminal, a one-line bar with ETA (no dependency);
+* otherwise (CI logs, files) a few plain lines, one per tenth of the work, with no carriage
+  returns.
+
+Nothing is ever written unless ``enabled``. Counts shown never exceed the total: the engine
+may do more evaluations than planned (a second look at suspect entries), and a log that says
+"800,020/800,000" or "ETA -0.0s" helps no one.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+# Plain-line mode: one line per this fraction of the work (at most 10 lines, plus the last).
+LINE_STEP = 0.1
+# Width of the built-in terminal bar, in characters.
+BAR_WIDTH = 30
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _tqdm_class() -> Any:
+    """``tqdm.auto.tqdm`` (a notebook widget under Jupyter), or None when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _in_notebook(tqdm_cls: Any) -> bool:
+    """``tqdm.auto`` builds on its notebook class (a widget) only inside a Jupyter kernel."""
+    return any(c.__name__ == "tqdm_notebook" for c in getattr(tqdm_cls, "__mro__", ()))
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {s % 60:02.0f} s"
+
+
+class Progress:
+    """Progress of ``total`` cost evaluations on stderr; silent unless ``enabled``.
+
+    Attributes:
+      total: evaluations planned.
+      enabled: whether anything is shown.
+      done: evaluations reported so far through :meth:`update` (may pass ``total``; what is
+        shown is clamped to it).
+      label: the prefix of every line.
+      kind: ``"tqdm"``, ``"bar"`` (a terminal without tqdm), ``"lines"`` (not a terminal) or
+        ``"off"``.
+    """
+
+    def __init__(self, total: int, enabled: bool, label: str = "jgradcheck"):
+        self.total, self.enabled, self.label = int(total), bool(enabled), label
+        self.done = 0
+        self.start = time.perf_counter()
+        self._stream: TextIO = sys.stderr
+        self._shown = 0  # clamped count already shown (tqdm) or last tenth printed (lines)
+        self._closed = False
+        self._tqdm: Any = None
+        self.kind = "off"
+        if not self.enabled:
+            return
+        tty = _isatty(self._stream)
+        tqdm_cls = _tqdm_class()
+        if tqdm_cls is not None and (tty or _in_notebook(tqdm_cls)):
+            self.kind = "tqdm"
+            self._tqdm = tqdm_cls(
+                total=self.total, desc=label, unit="evals", unit_scale=True, file=self._stream, leave=True
+            )
+        else:
+            self.kind = "bar" if tty else "lines"
+
+    def _clamped(self) -> int:
+        return min(self.done, self.total)
+
+    def update(self, n: int) -> None:
+        """Records ``n`` more evaluations and shows them."""
+        self.done += int(n)
+        if not self.enabled or self._closed:
+            return
+        if self.kind == "tqdm":
+            shown = self._clamped()
+            if shown > self._shown:
+                self._tqdm.update(shown - self._shown)
+                self._shown = shown
+        elif self.kind == "bar":
+            self._write_bar()
+        else:
+            self._write_line()
+
+    def _eta(self, elapsed: float) -> float:
+        frac = self._clamped() / max(1, self.total)
+        return max(0.0, elapsed * (1 - frac) / frac) if frac > 0 else float("nan")
+
+    def _write_bar(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        shown = self._clamped()
+        frac = shown / max(1, self.total)
+        bar = "#" * int(BAR_WIDTH * frac)
+        eta = self._eta(elapsed)
+        eta_s = _seconds(eta) if eta == eta else "?"
+        self._stream.write(
+            f"\r{self.label} [{bar:<{BAR_WIDTH}}] {shown:,}/{self.total:,} evals  "
+            f"{_seconds(elapsed)} elapsed  ETA {eta_s}   "
+        )
+        self._stream.flush()
+
+    def _write_line(self) -> None:
+        tenth = int(self._clamped() * round(1 / LINE_STEP) // max(1, self.total))
+        if tenth <= self._shown or tenth >= round(1 / LINE_STEP):
+            return  # nothing new, or the end: close() writes the last line
+        self._shown = tenth
+        elapsed = time.perf_counter() - self.start
+        self._stream.write(
+            f"{self.label}: {self._clamped():,}/{self.total:,} evals ({tenth * 10}%), "
+            f"{_seconds(elapsed)} elapsed, about {_seconds(self._eta(elapsed))} left\n"
+        )
+        self._stream.flush()
+
+    def close(self) -> None:
+        """Ends the display (the last line says how long it took); idempotent."""
+        if not self.enabled or self._closed:
+            return
+        self._closed = True
+        if self.kind == "tqdm":
+            self._tqdm.close()
+        elif self.kind == "bar":
+            self._stream.write("\n")
+            self._stream.flush()
+        else:
+            elapsed = time.perf_counter() - self.start
+            self._stream.write(f"{self.label}: {self._clamped():,}/{self.total:,} evals, done in {_seconds(elapsed)}\n")
+            self._stream.flush()

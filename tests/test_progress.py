@@ -1,0 +1,148 @@
+"""Progress fits its place: tqdm on a terminal, a one-line bar without it, plain lines in logs."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+
+from jgradcheck._src import progress as progress_mod
+from jgradcheck._src.progress import Progress
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@pytest.fixture
+def stderr(monkeypatch):
+    """A fake stderr; ``stderr(tty=True)`` makes it a terminal."""
+
+    def make(tty: bool) -> _Stream:
+        s = _Stream(tty)
+        monkeypatch.setattr(sys, "stderr", s)
+        return s
+
+    return make
+
+
+@pytest.fixture
+def no_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+
+
+def _overshoot(bar: Progress) -> None:
+    """Like a check: planned 800,000 evaluations, then 20 more for a second look at suspects."""
+    for _ in range(100):
+        bar.update(8_000)
+    bar.update(20)
+    bar.close()
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_disabled_prints_nothing(stderr, capsys, tty):
+    s = stderr(tty)
+    bar = Progress(800_000, enabled=False)
+    _overshoot(bar)
+    assert s.getvalue() == ""
+    assert capsys.readouterr() == ("", "")
+    assert bar.done == 800_020 and bar.total == 800_000 and not bar.enabled
+
+
+def test_log_gets_a_few_plain_lines_that_never_pass_the_total(stderr):
+    s = stderr(False)
+    bar = Progress(800_000, enabled=True)
+    assert bar.kind == "lines"
+    _overshoot(bar)
+    out = s.getvalue()
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert 2 <= len(lines) <= 11
+    for line in lines:
+        done, total = (int(x.replace(",", "")) for x in re.search(r"([\d,]+)/([\d,]+) evals", line).groups())
+        assert done <= total == 800_000
+    assert "-" not in out.replace("jgradcheck", "")  # no negative ETA
+    assert lines[-1].startswith("jgradcheck: 800,000/800,000 evals, done in")
+    assert "(10%)" in lines[0] and "(90%)" in lines[-2]
+
+
+def test_log_lines_are_unchanged_by_tqdm(stderr):
+    pytest.importorskip("tqdm")
+    s = stderr(False)
+    bar = Progress(100, enabled=True)
+    assert bar.kind == "lines"
+    bar.update(100)
+    bar.close()
+    assert "\r" not in s.getvalue()
+
+
+def test_terminal_without_tqdm_gets_the_one_line_bar(stderr, no_tqdm):
+    s = stderr(True)
+    bar = Progress(800_000, enabled=True, label="check")
+    assert bar.kind == "bar"
+    _overshoot(bar)
+    out = s.getvalue()
+    assert out.startswith("\rcheck [") and out.endswith("\n")
+    last = out.strip().split("\r")[-1]
+    assert "800,000/800,000 evals" in last
+    assert "800,020" not in out
+    assert "ETA -" not in out and "ETA 0.0 s" in last
+
+
+def test_terminal_with_tqdm_uses_tqdm(stderr, monkeypatch):
+    made = []
+
+    class FakeTqdm:
+        def __init__(self, **kw):
+            self.kw, self.n, self.closed = kw, 0, False
+            made.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(progress_mod, "_tqdm_class", lambda: FakeTqdm)
+    stderr(True)
+    bar = Progress(800_000, enabled=True)
+    assert bar.kind == "tqdm"
+    _overshoot(bar)
+    (t,) = made
+    assert t.kw["total"] == 800_000 and t.n == 800_000 and t.closed  # clamped to the total
+
+
+def test_real_tqdm_on_a_terminal(stderr):
+    pytest.importorskip("tqdm")
+    s = stderr(True)
+    bar = Progress(1000, enabled=True)
+    assert bar.kind == "tqdm"
+    bar.update(600)
+    bar.update(600)
+    bar.close()
+    assert "1.00k/1.00k" in s.getvalue()
+
+
+def test_notebook_uses_tqdm_even_without_a_terminal(stderr, monkeypatch):
+    made = []
+    monkeypatch.setattr(progress_mod, "_tqdm_class", lambda: lambda **kw: made.append(kw))
+    monkeypatch.setattr(progress_mod, "_in_notebook", lambda cls: True)
+    stderr(False)
+    assert Progress(10, enabled=True).kind == "tqdm" and made
+
+
+def test_close_twice_and_empty_total(stderr):
+    s = stderr(False)
+    bar = Progress(0, enabled=True)
+    bar.update(0)
+    bar.close()
+    bar.close()
+    assert s.getvalue().count("\n") == 1
