@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,448 +28,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgradcheck._src import numerics
-from jgradcheck._src.check import check_grad
 from jgradcheck._src.merge import merge_reports
-from jgradcheck._src.problem import hashable, precision_scope
-from jgradcheck._src.report import Entry, GradCheckReport
-from jgradcheck._src.tree import is_floating, path_str
+from jgradcheck._src.report import GradCheckReport
+from jgradcheck._src.tree import is_floating
+from jgradcheck._src.vector import (
+    MSG_HVP_SHAPE,
+    MSG_MODES,
+    MSG_NO_FWD,
+    MSG_NO_PRIMALS,
+    MSG_ORDER,
+    jvp_yours,
+    vector_check,
+    vjp_yours,
+)
 
 PyTree = Any
-
-MSG_OPTION = (
-    "{fn}() got an unexpected keyword argument {name!r}. Its options are those of check_grad "
-    "({options}); pass further data to your function with functools.partial."
-)
-MSG_NO_PRIMALS = "{fn} needs at least one primal: {fn}(fn, {other}, *primals)."
-MSG_OUT_DTYPE = "fn's output {path} has dtype {dtype}; only real floating outputs can be checked. {hint}"
-MSG_VJP_RETURN = "vjp_fn(*primals) must return (out, pullback) like jax.vjp; it returned {kind}."
-MSG_PULLBACK_LEN = (
-    "vjp_fn's pullback returned {got} for {want} primal(s) ({names}); like jax.vjp's, it must "
-    "return a tuple with one cotangent per primal, in the primals' order."
-)
-MSG_COTANGENT = (
-    "vjp_fn's pullback returned a cotangent for {name} shaped {got}; the primal is shaped {want}{hint}. "
-    "Each cotangent has its primal's shape."
-)
-MSG_JVP_RETURN = "jvp_fn(primals, tangents) must return (out, tangent_out) like jax.jvp; it returned {kind}."
-MSG_TANGENT = "jvp_fn's tangent output {path} is shaped {got}; fn's output there is shaped {want}."
-MSG_STRUCTURE = "{who} returned an output of structure {got}; fn(*primals) has structure {want}."
-MSG_PRIMAL_OUT = (
-    "{who}'s primal output differs from fn(*primals) at {path} (max |difference| {diff:.3g} where "
-    "fn's values reach {scale:.3g}): it must return fn's own output, as jax.{which} does."
-)
-MSG_MODES = "modes must be a non-empty subset of ('fwd', 'rev'); got {modes!r}."
-MSG_ORDER = "order must be 1 or 2; got {order!r}."
-MSG_NO_FWD = (
-    "forward mode skipped: {fn} has a custom_vjp rule, which JAX cannot differentiate in "
-    "forward mode (only its reverse rule was checked)"
-)
-MSG_HVP_SHAPE = "hvp_fn(params, v, *args) must return H·v shaped like params; {detail}."
-
-# Outputs up to this many are checked one by one (the full Jacobian, entry by entry).
-EXACT_OUTPUTS = 4
-# Default number of random cotangents when there are more outputs: each is one scalar check.
-DEFAULT_COTANGENTS = 2
-# Failing columns whose full Jacobian column is computed to name the output index.
-LOCATE_COLUMNS = 8
-# Yours as a full Jacobian (to locate outputs from a VJP) only up to this many outputs.
-LOCATE_MAX_OUTPUTS = 1 << 16
-# Tangents (or cotangents) per batched call of your function.
-BATCH = 256
-
-
-def _check_options(fn: str, options: dict[str, Any]) -> None:
-    allowed = [
-        k for k, p in inspect.signature(check_grad).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    for name in options:
-        if name not in allowed:
-            raise TypeError(MSG_OPTION.format(fn=fn, name=name, options=", ".join(allowed)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Inputs:
-    """The primals as one params pytree: a single pytree as is, else named by fn's signature."""
-
-    names: tuple[str, ...] | None  # None: a single container primal, used as params directly
-    tupled: bool  # no usable names: params is the tuple of primals
-
-    @staticmethod
-    def of(fn: Callable[..., Any], primals: Sequence[Any]) -> _Inputs:
-        if len(primals) == 1 and not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(primals[0])):
-            return _Inputs(None, False)
-        try:
-            params = inspect.signature(fn).parameters.values()
-            names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        except (TypeError, ValueError):
-            names = []
-        if len(names) >= len(primals) and len(set(names[: len(primals)])) == len(primals):
-            return _Inputs(tuple(names[: len(primals)]), False)
-        return _Inputs(None, True)
-
-    def params(self, primals: Sequence[Any]) -> PyTree:
-        if self.names is not None:
-            return dict(zip(self.names, primals))
-        return tuple(primals) if self.tupled else primals[0]
-
-    def primals(self, params: PyTree) -> tuple[Any, ...]:
-        if self.names is not None:
-            return tuple(params[n] for n in self.names)
-        return tuple(params) if self.tupled else (params,)
-
-    def label(self, k: int) -> str:
-        if self.names is not None:
-            return self.names[k]
-        return f"[{k}]" if self.tupled else "params"
-
-
-def _flat(out: PyTree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(out)
-    return jnp.concatenate([jnp.ravel(x) for x in leaves]) if len(leaves) > 1 else jnp.ravel(leaves[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class _Projected:
-    """The scalar cost ⟨u, f(x)⟩ (u a flat vector over f's outputs); hashable by f."""
-
-    fn: Any
-    inputs: _Inputs
-
-    def __call__(self, params: PyTree, u: jax.Array, *args: Any) -> jax.Array:
-        out = _flat(self.fn(*self.inputs.primals(params), *args))
-        return jnp.dot(out.astype(u.dtype), u)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Outputs:
-    """f's output structure: leaf paths, shapes, dtypes and their offsets in the flat vector."""
-
-    treedef: Any
-    paths: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[Any, ...]
-
-    @staticmethod
-    def of(shapes_tree: PyTree, root: str = "out") -> _Outputs:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(shapes_tree)
-        paths, shapes, dtypes = [], [], []
-        for path, leaf in flat:
-            p = path_str(path)
-            name = root if p == "<root>" else (root + p if p.startswith("[") else f"{root}.{p}")
-            if not jnp.issubdtype(leaf.dtype, jnp.floating):
-                hint = (
-                    "Return jnp.real(y) and jnp.imag(y) as two outputs."
-                    if jnp.issubdtype(leaf.dtype, jnp.complexfloating)
-                    else "Leave integer outputs out of the function you check."
-                )
-                raise TypeError(MSG_OUT_DTYPE.format(path=name, dtype=leaf.dtype, hint=hint))
-            paths.append(name)
-            shapes.append(tuple(leaf.shape))
-            dtypes.append(leaf.dtype)
-        return _Outputs(treedef, tuple(paths), tuple(shapes), tuple(dtypes))
-
-    @property
-    def size(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    def unflatten(self, u: np.ndarray) -> PyTree:
-        parts, start = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes):
-            k = math.prod(shape)
-            parts.append(jnp.asarray(u[start : start + k].reshape(shape), dtype))
-            start += k
-        return jax.tree_util.tree_unflatten(self.treedef, parts)
-
-    def name(self, flat: int) -> str:
-        for path, shape in zip(self.paths, self.shapes):
-            k = math.prod(shape)
-            if flat < k:
-                return f"{path}[{', '.join(str(int(i)) for i in np.unravel_index(flat, shape))}]" if shape else path
-            flat -= k
-        return "?"
-
-
-def _promote(tree: PyTree, x64: bool) -> PyTree:
-    """Floating leaves in float64 under x64 (as the scalar check promotes params)."""
-    if not x64:
-        return tree
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x, np.float64)) if is_floating(x) else x, tree)
-
-
-def _cotangents(m: int, count: int | None, seed: int) -> tuple[np.ndarray, bool]:
-    """The cotangents (rows) and whether they are the exact basis of the outputs.
-
-    Few outputs: each output in turn (the Jacobian entry by entry). Otherwise Gaussian
-    directions: a wrong column is missed only if its error is orthogonal to every one of them
-    (probability zero), unlike Rademacher signs, where two equal errors can cancel.
-    """
-    if count is None and m <= EXACT_OUTPUTS:
-        return np.eye(m), True
-    rng = np.random.default_rng([seed, 0x76A7])
-    return rng.standard_normal((count or DEFAULT_COTANGENTS, m)) / math.sqrt(m), False
-
-
-def _compare_out(who: str, which: str, got: PyTree, want: PyTree) -> None:
-    """Your function's primal output must be fn's (up to rounding)."""
-    if str(jax.tree_util.tree_structure(got)) != str(jax.tree_util.tree_structure(want)):
-        raise ValueError(
-            MSG_STRUCTURE.format(
-                who=who, got=jax.tree_util.tree_structure(got), want=jax.tree_util.tree_structure(want)
-            )
-        )
-    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want)):
-        g64, w64 = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        if g64.shape != w64.shape:
-            raise ValueError(MSG_TANGENT.format(path=path_str(path), got=g64.shape, want=w64.shape))
-        scale = float(np.max(np.abs(w64))) if w64.size else 0.0
-        diff = float(np.max(np.abs(g64 - w64))) if w64.size else 0.0
-        # Rounding of a float32 computation of the same values, with room for reassociation.
-        if not diff <= 1e-4 * max(scale, 1e-30) + 1e-30:
-            raise ValueError(MSG_PRIMAL_OUT.format(who=who, path=path_str(path), diff=diff, scale=scale, which=which))
-
-
-class _Yours:
-    """Your derivative seen through cotangent rows ``U`` (k, m): one params-shaped pytree per row."""
-
-    def __init__(self, projections: list[PyTree], column: Callable[[list[tuple[int, int]]], np.ndarray] | None):
-        self.projections = projections
-        self.column = column  # (primal leaf, flat index) list -> your Jacobian columns (m, q)
-
-
-def _leaf_list(params: PyTree) -> list[tuple[str, Any]]:
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _vjp_yours(vjp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, fn_out: PyTree) -> _Yours:
-    got = vjp_fn(*primals)
-    if not (isinstance(got, (tuple, list)) and len(got) == 2 and callable(got[1])):
-        raise TypeError(MSG_VJP_RETURN.format(kind=type(got).__name__))
-    out, pullback = got
-    _compare_out("vjp_fn", "vjp", out, fn_out)
-    names = ", ".join(inputs.label(k) for k in range(len(primals)))
-
-    def pull(u: np.ndarray) -> PyTree:
-        cts = pullback(outs.unflatten(u))
-        if not isinstance(cts, (tuple, list)) or len(cts) != len(primals):
-            got = f"{len(cts)} cotangents" if isinstance(cts, (tuple, list)) else f"a {type(cts).__name__}"
-            raise ValueError(MSG_PULLBACK_LEN.format(got=got, want=len(primals), names=names))
-        for k, (ct, p) in enumerate(zip(cts, primals)):
-            for (path, c), x in zip(jax.tree_util.tree_flatten_with_path(ct)[0], jax.tree_util.tree_leaves(p)):
-                if np.shape(c) != np.shape(x) and getattr(c, "dtype", None) != jax.dtypes.float0:
-                    where = inputs.label(k) + ("" if not path else path_str(path))
-                    others = [inputs.label(j) for j, q in enumerate(primals) if j != k and np.shape(q) == np.shape(c)]
-                    hint = (
-                        " (transposed?)"
-                        if np.shape(c) == np.shape(x)[::-1]
-                        else f" (it is shaped like {others[0]}: cotangents in the wrong order?)"
-                        if others
-                        else ""
-                    )
-                    raise ValueError(MSG_COTANGENT.format(name=where, got=np.shape(c), want=np.shape(x), hint=hint))
-        return inputs.params(list(cts))
-
-    projections = [pull(u) for u in U]
-
-    floats = [k for k, x in enumerate(jax.tree_util.tree_leaves(inputs.params(list(primals)))) if is_floating(x)]
-
-    def rows_of(u: jax.Array) -> list[jax.Array]:
-        leaves = jax.tree_util.tree_leaves(inputs.params(list(pullback(_unflatten_traced(outs, u)))))
-        return [jnp.ravel(leaves[k]) for k in floats]
-
-    def column(cols: list[tuple[int, int]]) -> np.ndarray:
-        # Your Jacobian's columns, from every output's cotangent, batched.
-        batched = jax.jit(jax.vmap(rows_of))
-        m, parts = outs.size, []
-        for s in range(0, m, BATCH):
-            basis = np.zeros((min(BATCH, m - s), m))
-            basis[np.arange(basis.shape[0]), s + np.arange(basis.shape[0])] = 1.0
-            rows = batched(jnp.asarray(basis, outs.dtypes[0]))
-            parts.append(np.stack([np.asarray(rows[li][:, i], np.float64) for li, i in cols], axis=1))
-        return np.concatenate(parts, axis=0)
-
-    return _Yours(projections, column if outs.size <= LOCATE_MAX_OUTPUTS else None)
-
-
-def _unflatten_traced(outs: _Outputs, u: jax.Array) -> PyTree:
-    parts, start = [], 0
-    for shape, dtype in zip(outs.shapes, outs.dtypes):
-        k = math.prod(shape)
-        parts.append(u[start : start + k].reshape(shape).astype(dtype))
-        start += k
-    return jax.tree_util.tree_unflatten(outs.treedef, parts)
-
-
-def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -> tuple[Any, ...]:
-    """The tangent e_i in float leaf ``leaf`` (params order, flat position i), zeros elsewhere
-    (``float0`` for integer leaves, as jax.jvp wants)."""
-    leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(primals)))
-    out: list[Any] = []
-    fl = 0
-    for x in leaves:
-        if is_floating(x):
-            t = jnp.zeros(np.shape(x), jnp.result_type(x))
-            if fl == leaf:
-                t = t.reshape(-1).at[i].set(1).reshape(np.shape(x))
-            out.append(t)
-            fl += 1
-        else:
-            out.append(np.zeros(np.shape(x), jax.dtypes.float0))
-    return inputs.primals(jax.tree_util.tree_unflatten(treedef, out))
-
-
-def _jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, fn_out: PyTree) -> _Yours:
-    got = jvp_fn(tuple(primals), _basis_tangent(inputs, primals, -1, 0))
-    if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        raise TypeError(MSG_JVP_RETURN.format(kind=type(got).__name__))
-    _compare_out("jvp_fn", "jvp", got[0], fn_out)
-    if jax.tree_util.tree_structure(got[1]) != outs.treedef:
-        raise ValueError(
-            MSG_STRUCTURE.format(
-                who="jvp_fn's tangent output", got=jax.tree_util.tree_structure(got[1]), want=outs.treedef
-            )
-        )
-    for path, t, shape in zip(outs.paths, jax.tree_util.tree_leaves(got[1]), outs.shapes):
-        if tuple(np.shape(t)) != shape:
-            raise ValueError(MSG_TANGENT.format(path=path, got=np.shape(t), want=shape))
-    Uj = jnp.asarray(U)
-    leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(primals)))
-    float_leaves = [x for x in leaves if is_floating(x)]
-
-    def tangent_out(leaf: int, i: Any) -> jax.Array:
-        return _flat(jvp_fn(tuple(primals), _basis_tangent(inputs, primals, leaf, i))[1])
-
-    per_leaf = []
-    for leaf, x in enumerate(float_leaves):
-        proj = jax.jit(jax.vmap(lambda i, leaf=leaf: Uj @ tangent_out(leaf, i).astype(Uj.dtype)))
-        n = int(np.size(x))
-        vals = [np.asarray(proj(jnp.arange(s, min(n, s + BATCH)))) for s in range(0, n, BATCH)]
-        per_leaf.append(np.concatenate(vals, axis=0))  # (n, k)
-    projections = []
-    for r in range(len(U)):
-        it = iter([p[:, r].reshape(np.shape(x)) for p, x in zip(per_leaf, float_leaves)])
-        tree = jax.tree_util.tree_unflatten(treedef, [next(it) if is_floating(x) else x for x in leaves])
-        projections.append(tree)
-
-    def column(cols: list[tuple[int, int]]) -> np.ndarray:
-        return np.stack([np.asarray(tangent_out(li, i), np.float64) for li, i in cols], axis=1)
-
-    return _Yours(projections, column)
-
-
-def _locate(
-    report: GradCheckReport,
-    fn: Callable[..., Any],
-    inputs: _Inputs,
-    primals: Sequence[Any],
-    args: Sequence[Any],
-    outs: _Outputs,
-    yours: _Yours,
-    x64: bool,
-    top_k: int,
-) -> tuple[Entry, ...]:
-    """For failing input entries, the full Jacobian column both ways: which outputs disagree."""
-    failing: list[Entry] = []
-    for e in report.worst:
-        if e.status == "fail" and (e.path, e.index) not in {(f.path, f.index) for f in failing}:
-            failing.append(e)
-    failing = failing[:LOCATE_COLUMNS]
-    if not failing or yours.column is None:
-        return ()
-    params = inputs.params(list(primals))
-    flat_paths = [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
-    float_paths = [(p, x) for p, x in flat_paths if is_floating(x)]
-    cols, where = [], []
-    for e in failing:
-        li = next((k for k, (p, _) in enumerate(float_paths) if p == e.path), None)
-        if li is None:
-            continue
-        shape = np.shape(float_paths[li][1])
-        cols.append((li, int(np.ravel_multi_index(e.index, shape)) if shape else 0))
-        where.append(e)
-    if not cols:
-        return ()
-    with precision_scope(x64):
-        P = _promote(tuple(primals), x64)
-        leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(P)))
-        float_pos = [k for k, x in enumerate(leaves) if is_floating(x)]
-        flat_f = jax.jit(lambda *p: _flat(fn(*p, *args)))
-        numerical = []
-        for li, i in cols:
-            x = np.asarray(leaves[float_pos[li]], np.float64)
-            theta = x.reshape(-1)[i : i + 1]
-            h = float(numerics.base_step(theta, x.dtype, "central")[0])
-            vals = []
-            for sign in (1.0, -1.0):
-                moved = list(leaves)
-                y = x.reshape(-1).copy()
-                y[i] += sign * h
-                moved[float_pos[li]] = jnp.asarray(y.reshape(x.shape), jnp.result_type(leaves[float_pos[li]]))
-                vals.append(
-                    np.asarray(flat_f(*inputs.primals(jax.tree_util.tree_unflatten(treedef, moved))), np.float64)
-                )
-            numerical.append((vals[0] - vals[1]) / (2 * h))
-        mine = yours.column(cols)
-    out: list[Entry] = []
-    for c, e in enumerate(where):
-        num, got = numerical[c], mine[:, c]
-        gap = np.abs(got - num)
-        if not gap.size or not np.max(gap) > 0:
-            continue
-        # The largest disagreements of the column (a few; the worst first).
-        for j in np.argsort(-gap)[:3]:
-            if gap[j] < 0.1 * np.max(gap):
-                break
-            out.append(Entry(e.path, e.index, float(got[j]), float(num[j]), math.nan, "fail", output=outs.name(int(j))))
-    return tuple(out)
-
-
-def _vector_check(
-    kind: str,
-    what: str,
-    fn: Callable[..., Any],
-    build: Callable[..., _Yours],
-    primals: Sequence[Any],
-    args: Sequence[Any],
-    cotangents: int | None,
-    options: dict[str, Any],
-    out_name: str = "out",
-) -> GradCheckReport:
-    """The shared walk of every vector check (see the module docstring)."""
-    _check_options(kind, options)
-    if cotangents is not None and (isinstance(cotangents, bool) or not isinstance(cotangents, int) or cotangents < 1):
-        raise ValueError(f"cotangents must be a positive integer or None; got {cotangents!r}.")
-    x64, seed = bool(options.get("x64", True)), int(options.get("seed", 0))
-    inputs = _Inputs.of(fn, primals)
-    f = hashable(fn)
-    with precision_scope(x64):
-        P = _promote(tuple(primals), x64)
-        fn_out = fn(*P, *args)
-        outs = _Outputs.of(fn_out, out_name)
-        U, exact = _cotangents(outs.size, cotangents, seed)
-        U = U.astype(np.float64 if x64 else np.result_type(*outs.dtypes))
-        yours = build(inputs, P, outs, U, fn_out)
-    cost = _Projected(f, inputs)
-    params = inputs.params(list(primals))
-    reports = [check_grad(cost, y, params, u, *args, **options) for y, u in zip(yours.projections, U)]
-    if exact:
-        # Each check is one output's row of the Jacobian: its entries are Jacobian entries.
-        named = []
-        for j, r in enumerate(reports):
-            worst = tuple(dataclasses.replace(e, output=outs.name(j)) for e in r.worst)
-            named.append(dataclasses.replace(r, worst=worst))
-        merged = merge_reports(named, top_k=int(options.get("top_k", 10)))
-        jac = tuple(e for e in merged.worst if e.status == "fail")
-        how = f"; outputs one by one ({outs.size}: the full Jacobian entry by entry)"
-    else:
-        merged = merge_reports(reports, top_k=int(options.get("top_k", 10)))
-        jac = _locate(merged, f, inputs, primals, args, outs, yours, x64, int(options.get("top_k", 10)))
-        how = f"; {outs.size:,} outputs seen through {len(U)} random cotangents"
-        if not merged.passed and yours.column is None:
-            how += f" (too many outputs to name the output index: {outs.size:,} > {LOCATE_MAX_OUTPUTS:,})"
-    # The custom-rule warnings of the scalar check speak of jax.grad of a cost: not what is checked here.
-    warnings = tuple(w for w in merged.warnings if not w.startswith("cost_fn uses custom_"))
-    return dataclasses.replace(merged, what=what, jacobian=jac, mode=merged.mode + how, warnings=warnings)
 
 
 def check_vjp(
@@ -528,9 +99,9 @@ def check_vjp(
         vjp_fn = functools.partial(jax.vjp, fn)
 
     def build(inputs, P, outs, U, fn_out):
-        return _vjp_yours(vjp_fn, inputs, P, outs, U, fn_out)
+        return vjp_yours(vjp_fn, inputs, P, outs, U, fn_out)
 
-    return _vector_check("check_vjp", "your VJP", fn, build, primals, (), cotangents, options)
+    return vector_check("check_vjp", "your VJP", fn, build, primals, (), cotangents, options)
 
 
 def check_jvp(
@@ -570,9 +141,9 @@ def check_jvp(
         jvp_fn = functools.partial(jax.jvp, fn)
 
     def build(inputs, P, outs, U, fn_out):
-        return _jvp_yours(jvp_fn, inputs, P, outs, U, fn_out)
+        return jvp_yours(jvp_fn, inputs, P, outs, U, fn_out)
 
-    return _vector_check("check_jvp", "your JVP", fn, build, primals, (), cotangents, options)
+    return vector_check("check_jvp", "your JVP", fn, build, primals, (), cotangents, options)
 
 
 def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]) -> Callable[..., Any]:
@@ -736,8 +307,8 @@ def check_hvp(
         raise TypeError(f"hvp_fn must be a function hvp_fn(params, v, *args); got {type(hvp_fn).__name__}.")
 
     def build(inputs, P, outs, U, fn_out):
-        return _jvp_yours(jvp_fn, inputs, P, outs, U, fn_out)
+        return jvp_yours(jvp_fn, inputs, P, outs, U, fn_out)
 
-    return _vector_check(
+    return vector_check(
         "check_hvp", "your Hessian-vector product", gradient, build, (params,), args, cotangents, options, "grad"
     )
