@@ -31,3 +31,16 @@ def test_classic_recipe_example_runs(capsys):
     out = capsys.readouterr().out
     assert "constant factor: yours ≈ 2 × numerical" in out
     assert out.count("PASSED") >= 3
+
+
+def test_every_readme_block_runs_as_shown(capsys):
+    """All Python blocks, in order, in one namespace: what the README shows runs, and prints
+    what its comments say."""
+    namespace: dict = {}
+    for block in _python_blocks():
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "[jgradcheck] Assertion assert_grad_correct failed: layer 1" in out
+    assert "jgradcheck: FAILED - your VJP disagrees with the numerical one in w" in out
+    assert "constant factor: yours ≈ 0.5 × numerical (numerical ≈ 2 × yours)" in out
+    assert out.rstrip().endswith("True")  # the Hessian-vector product passes
