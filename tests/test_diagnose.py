@@ -238,7 +238,9 @@ def _build() -> dict[str, Case]:
     # attention
     g = _grads(_att_cost, _ATT)
     leak = g["B"] + np.where(_CAUSAL, 0.0, noise.standard_normal((4, 4)))
-    cases["attention B: causal mask forgotten"] = _case(_ATT, g, "B", leak, ["forgotten mask", "upper triangle"])
+    cases["attention B: causal mask forgotten"] = _case(
+        _ATT, g, "B", leak, ["forgotten mask", "upper triangle above the diagonal"]
+    )
     cases["attention V: transpose re-reshaped"] = _case(
         _ATT, g, "V", g["V"].T.reshape(4, 3), ["entries permuted", "transpose where a reshape"]
     )
