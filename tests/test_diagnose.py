@@ -73,6 +73,11 @@ def _dense_cost(lam):
     return cost
 
 
+def _wide_cost(p, lam=_LAM):
+    r = jnp.tanh(p["X"] @ p["W"] + p["b"]) - 0.5
+    return 0.5 * jnp.mean(r**2) + lam * jnp.sum(p["W"] ** 2)
+
+
 # --- conv: valid 3×3 correlation of an 8×8 image, tanh, weighted sum -----------------------------------------
 _CONV = {"x": _R.standard_normal((8, 8)), "k": _R.standard_normal((3, 3))}
 _CT = _R.standard_normal((6, 6))
@@ -178,6 +183,26 @@ def _build() -> dict[str, Case]:
     cases["dense W: sum over the wrong axis"] = _case(
         _DENSE, g, "W", np.broadcast_to(g["W"].sum(0), (6, 5)), ["constant along axis 0", "sum of numerical"]
     )
+    wide = {"W": _DENSE["W"], "b": _DENSE["b"], "X": _R.standard_normal((12, 6))}  # batch 12 > widths: full rank
+    gw, gw0 = _grads(_wide_cost, wide), _grads(lambda p: _wide_cost(p, 0.0), wide)
+    cases["dense W: missing or half L2, batch too large to tell"] = _case(
+        wide,
+        gw,
+        "W",
+        gw0["W"] + _LAM * W,
+        ["a missing L2 term (λ/m ≈ 0.05)", "or half the L2 term's gradient", "cannot tell"],
+    )
+    cases["dense W: extra L2 on a bias named by its path"] = _case(
+        _DENSE, g0, "W", g0["W"] + 0.1 * W, ["an extra L2 term (λ/m ≈ 0.1), e.g. on a bias"], path="layers[0].bias"
+    )
+    keep = _R.random((3, 6)) < 0.7
+    drop = {"x": _DX, "W": _DENSE["W"]}
+    gd = _grads(lambda p: jnp.sum(jnp.tanh((p["x"] * keep / 0.7) @ p["W"]) * _DY), drop)
+    d_a = np.asarray(jax.grad(lambda a: jnp.sum(jnp.tanh(a @ _DENSE["W"]) * _DY))(_DX * keep / 0.7))
+    other = np.roll(keep, 1, axis=1)  # the backprop's mask, as if drawn from another key
+    cases["dense x: dropout mask from another key"] = _case(
+        drop, gd, "x", d_a * other / 0.7, ["zero on different entries"]
+    )
     wrong = g["W"].copy()
     wrong[4, 1] += 1.0
     cases["dense W: one entry"] = _case(_DENSE, g, "W", wrong, ["1 isolated entry is wrong"])
@@ -274,6 +299,13 @@ def _negatives() -> dict[str, Case]:
         }
         for what, yours in variants.items():
             out[f"{name}: {what}"] = Case(yours.ravel(), g.ravel(), theta.ravel(), g.shape, name.split()[-1], ())
+    # A bug with no recognizable shape: batchnorm's input gradient without the two centering terms.
+    g = _grads(_bn_cost, _BN)["x"]
+    x = _BN["x"]
+    sd = np.sqrt(x.var(0) + 1e-5)
+    xh = (x - x.mean(0)) / sd
+    d_xh = np.asarray(jax.grad(lambda h: jnp.sum(jnp.tanh(_BN["gamma"] * h + _BN["beta"]) * _BT))(xh))
+    out["bn x: centering terms left out"] = Case((d_xh / sd).ravel(), g.ravel(), x.ravel(), g.shape, "x", ())
     return out
 
 
@@ -291,14 +323,29 @@ def right_words(case: Case, text: str | None) -> bool:
     return text is not None and all(w in text for w in case.words) and not any(w in text for w in case.not_words)
 
 
+def as_checked(case: Case, dtype: str) -> Case:
+    """The case as the checker sees it: yours in ``dtype``, numerical with finite-difference noise.
+
+    Noise of 1e-9 of the leaf's scale on every entry the cost depends on; entries it ignores stay
+    exactly zero, as finite differences leave them.
+    """
+    rng = np.random.default_rng(sum(map(ord, case.path)))
+    scale = float(np.max(np.abs(case.numerical)))
+    noise = 1e-9 * scale * rng.standard_normal(case.numerical.shape) * (case.numerical != 0)
+    yours = case.yours.astype(dtype).astype(np.float64)
+    return dataclasses.replace(case, yours=yours, numerical=case.numerical + noise)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_planted_bug_gets_the_right_words(name):
-    case = CASES[name]
+def test_planted_bug_gets_the_right_words(name, dtype):
+    case = as_checked(CASES[name], dtype)
     text = diagnosis_of(case)
     assert right_words(case, text), f"{name}: {text!r}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", list(NEGATIVES))
-def test_correct_or_noisy_gradient_gets_no_diagnosis(name):
-    case = NEGATIVES[name]
+def test_correct_or_noisy_gradient_gets_no_diagnosis(name, dtype):
+    case = as_checked(NEGATIVES[name], dtype)
     assert diagnosis_of(case) is None, f"{name}: {diagnosis_of(case)!r}"

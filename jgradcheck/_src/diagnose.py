@@ -17,9 +17,10 @@ import numpy as np
 FIT = 0.05
 # A fitted factor this close to 1 is no factor at all; this close to -1 is a sign flip.
 NEAR = 0.02
-# An entry below this fraction of the leaf's largest is zero: far below the finite-difference error
-# (~1e-8 relative in float64) of a nonzero entry, far above the rounding of a masked-out one.
-ZERO = 1e-9
+# An entry below this fraction of the leaf's largest is zero. Where the cost ignores an entry, finite
+# differences give exactly 0 (J(θ+h) and J(θ-h) are the same computation); this allows for float64
+# finite-difference noise (~1e-8 relative) and float32 rounding of yours (~1e-7) on top.
+ZERO = 1e-6
 # A singular value or data-term entry below this fraction of the largest counts as absent when telling
 # two readings of an L2 term apart: above float32 rounding of your gradient (~1e-7), below any real term.
 ABSENT = 1e-5
