@@ -161,7 +161,7 @@ def _build() -> dict[str, Case]:
     cases["dense b: sign"] = _case(_DENSE, g, "b", -g["b"], ["sign flipped"])
     cases["dense W: zero"] = _case(_DENSE, g, "W", 0 * g["W"], ["yours is zero where numerical is not"])
     cases["dense W: half L2"] = _case(
-        _DENSE, g, "W", g0["W"] + _LAM * W, ["half the L2 term's gradient", "2λW"], ["missing L2 term"]
+        _DENSE, g, "W", g0["W"] + _LAM * W, ["half the L2 term's gradient", "2λW"], ["missing L2 term", "cannot tell"]
     )
     cases["dense W: missing L2"] = _case(_DENSE, g, "W", g0["W"], ["a missing L2 term", "λ/m ≈ 0.1"], ["half"])
     cases["dense W: L2 counted twice"] = _case(_DENSE, g, "W", g0["W"] + 4 * _LAM * W, ["counted twice"], ["bias"])
@@ -244,13 +244,17 @@ def _build() -> dict[str, Case]:
     cases["softmax W: missing 1/m"] = _case(_SM, g, "W", 4 * g["W"], ["constant factor: yours ≈ 4 × numerical"])
     cases["softmax W: class index off by one"] = _case(_SM, g, "W", _rolled(g["W"], 1, 1), ["off by one along axis 1"])
     cases["softmax b: zero"] = _case(_SM, g, "b", 0 * g["b"], ["yours is zero where numerical is not"])
-    cases["softmax W: half L2"] = _case(_SM, g, "W", g0["W"] + _LAM * _SM["W"], ["half the L2 term's gradient"])
+    cases["softmax W: half L2"] = _case(
+        _SM, g, "W", g0["W"] + _LAM * _SM["W"], ["half the L2 term's gradient"], ["cannot tell"]
+    )
     cases["softmax W: F order"] = _case(_SM, g, "W", g["W"].ravel(order="F").reshape(5, 6), ["entries permuted"])
 
     # embedding
     g, g0 = _grads(_emb_cost(0.1), _EMB), _grads(_emb_cost(0.0), _EMB)
     E = _EMB["E"]
-    cases["embedding: half L2"] = _case(_EMB, g, "E", g0["E"] + 0.1 * E, ["half the L2 term's gradient"])
+    cases["embedding: half L2"] = _case(
+        _EMB, g, "E", g0["E"] + 0.1 * E, ["half the L2 term's gradient"], ["cannot tell"]
+    )
     cases["embedding: missing L2"] = _case(_EMB, g, "E", g0["E"], ["a missing L2 term (λ/m ≈ 0.2)"], ["half"])
     cases["embedding: rows off by one"] = _case(_EMB, g0, "E", _rolled(g0["E"], 1, 0), ["off by one along axis 0"])
     once = g0["E"].copy()
