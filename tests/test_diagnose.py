@@ -353,3 +353,11 @@ def test_planted_bug_gets_the_right_words(name, dtype):
 def test_correct_or_noisy_gradient_gets_no_diagnosis(name, dtype):
     case = as_checked(NEGATIVES[name], dtype)
     assert diagnosis_of(case) is None, f"{name}: {diagnosis_of(case)!r}"
+
+
+def test_generic_l2_difference_is_not_forced_into_one_reading():
+    """A large generic leaf has near-zero entries by chance: they must not decide missing vs half an L2 term."""
+    rng = np.random.default_rng(5)
+    numerical, theta = rng.standard_normal(300 * 300), rng.standard_normal(300 * 300)
+    text = diagnose.describe_leaf(numerical - 0.1 * theta, numerical, theta, (300, 300), 300 * 300, path="W")
+    assert "a missing L2 term (λ/m ≈ 0.1)" in text and "cannot tell which" in text, text

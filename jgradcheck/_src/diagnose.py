@@ -22,8 +22,12 @@ NEAR = 0.02
 # finite-difference noise (~1e-8 relative) and float32 rounding of yours (~1e-7) on top.
 ZERO = 1e-6
 # A singular value or data-term entry below this fraction of the largest counts as absent when telling
-# two readings of an L2 term apart: above float32 rounding of your gradient (~1e-7), below any real term.
-ABSENT = 1e-5
+# two readings of an L2 term apart: above float32 rounding of yours and float64 finite-difference noise,
+# below any real term.
+ABSENT = 1e-6
+# ... and a reading is simpler only with this share of absent ones (at least 2) where the other has a
+# tenth as many: generic arrays of a million entries have a few near-zero entries by chance.
+EVIDENCE = 1e-4
 # Values matching after sorting to this fraction of the discrepancy: only a permutation gets this close.
 # (Unrelated arrays from one distribution sort to within ~sqrt(log n / n) of their difference.)
 SORTED = 1e-3
@@ -214,8 +218,8 @@ def _looks_like_bias(shape: tuple[int, ...], path: str) -> bool:
     return named or len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
 
 
-def _structure(g: np.ndarray, shape: tuple[int, ...]) -> int:
-    """How far g is from a generic array: its absent entries plus, for a matrix, its missing rank.
+def _structure(g: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int]:
+    """How far g is from a generic array: (missing rank for a matrix, absent entries).
 
     Why: a data term's gradient is often simpler than a weight matrix (rank at most the batch size for
     a dense layer; zero rows for unused embeddings or dead units), so the reading of an L2 mistake that
@@ -223,22 +227,30 @@ def _structure(g: np.ndarray, shape: tuple[int, ...]) -> int:
     """
     scale = float(np.max(np.abs(g))) if g.size else 0.0
     if scale == 0:
-        return g.size
+        return 0, g.size
     absent = int(np.sum(np.abs(g) <= ABSENT * scale))
     m = _grid(g, shape)
-    if m is not None and m.ndim == 2 and min(m.shape) >= 2 and m.size <= MAX_ENTRIES:
-        s = np.linalg.svd(m, compute_uv=False)
-        absent += int(np.sum(s <= ABSENT * s[0]))
-    return absent
+    if m is None or m.ndim != 2 or min(m.shape) < 2 or m.size > MAX_ENTRIES:
+        return 0, absent
+    s = np.linalg.svd(m, compute_uv=False)
+    return int(np.sum(s <= ABSENT * s[0])), absent
 
 
 def _which_reading(
     numerical: np.ndarray, theta: np.ndarray, shape: tuple[int, ...], t1: float, t2: float
 ) -> int | None:
-    """0 or 1: which of numerical = data + t·parameter leaves the simpler data term; None if neither."""
-    s1 = _structure(numerical - t1 * theta, shape)
-    s2 = _structure(numerical - t2 * theta, shape)
-    return None if s1 == s2 else int(s2 > s1)
+    """0 or 1: which of numerical = data + t·parameter leaves the simpler data term; None if neither.
+
+    A missing singular value is strong evidence (a generic matrix almost never has one); absent entries
+    count only in numbers that chance does not produce (``EVIDENCE``), against a tenth as many.
+    """
+    (r1, z1), (r2, z2) = _structure(numerical - t1 * theta, shape), _structure(numerical - t2 * theta, shape)
+    if min(r1, r2) == 0 < max(r1, r2):
+        return int(r2 > r1)
+    need = max(2, int(EVIDENCE * numerical.size))
+    if max(z1, z2) < need or 10 * min(z1, z2) > max(z1, z2):
+        return None
+    return int(z2 > z1)
 
 
 def _l2_term(
@@ -262,23 +274,31 @@ def _l2_term(
     a = abs(lam)
     if lam < 0:
         missing = f"a missing L2 term (λ/m ≈ {a:.3g})"
-        half = f"half the L2 term's gradient (d/dW of λ‖W‖² is 2λW): yours has {a:.3g} × parameter where {2 * a:.3g} × is due"
+        half = (
+            "half the L2 term's gradient (d/dW of λ‖W‖² is 2λW): yours {} "
+            + f"{a:.3g} × parameter where {2 * a:.3g} × is due"
+        )
         pick = _which_reading(numerical, theta, shape, a, 2 * a)
         if pick == 0:
             return head + missing
         if pick == 1:
-            return head + half + " (numerical less that term is a simpler array: lower rank or more zeros)"
-        return head + f"{missing}, or {half}; the arrays alone cannot tell which"
+            return (
+                head + half.format("has") + " (numerical less that term is a simpler array: lower rank or more zeros)"
+            )
+        return head + f"{missing}, or {half.format('would have')}; the arrays alone cannot tell which"
     extra = f"an extra L2 term (λ/m ≈ {a:.3g})"
     if _looks_like_bias(shape, path):
         return head + extra + ", e.g. on a bias"
-    twice = f"the L2 term's gradient counted twice: yours has {2 * a:.3g} × parameter where {a:.3g} × is due"
+    twice = "the L2 term's gradient counted twice: yours {} " + f"{2 * a:.3g} × parameter where {a:.3g} × is due"
     pick = _which_reading(numerical, theta, shape, 0.0, a)
     if pick == 0:
         return head + extra + " that the cost does not have"
     if pick == 1:
-        return head + twice
-    return head + f"{extra} that the cost does not have, or {twice}; the arrays alone cannot tell which"
+        return head + twice.format("has")
+    return (
+        head
+        + f"{extra} that the cost does not have, or {twice.format('would have')}; the arrays alone cannot tell which"
+    )
 
 
 def _constant_along(yours: np.ndarray, numerical: np.ndarray, shape: tuple[int, ...]) -> str | None:
