@@ -110,7 +110,12 @@ def build_report(
             theta = problem.host(i).astype(np.float64)[c.idx]
             sel = compared
             diag = diagnose.describe_leaf(
-                gi[sel], c.numerical[sel], theta[sel], shape if full else (), int(np.sum(c.status[sel] == "fail"))
+                gi[sel],
+                c.numerical[sel],
+                theta[sel],
+                shape if full else (),
+                int(np.sum(c.status[sel] == "fail")),
+                path=path,
             )
             fac = diagnose.fitted_factor(gi[sel], c.numerical[sel])
             if unverifiable.size:
