@@ -167,7 +167,8 @@ def build_report(
             )
         if status == "inconclusive" and unresolved.any():
             notes.append(
-                f"{numerics.plural(int(unresolved.sum()), 'entry', 'entries')} agree only to within "
+                f"{numerics.plural(int(unresolved.sum()), 'entry', 'entries')} "
+                f"{'agrees' if unresolved.sum() == 1 else 'agree'} only to within "
                 f"{numerics.percent(resolution)} of its gradient: {_advice(causes, problem, opts)}"
             )
         if c.how.size:

@@ -476,9 +476,9 @@ class _Cancellable:
         self.progress = progress
         self.stop = threading.Event()
 
-    @property
-    def enabled(self) -> bool:
-        return self.progress.enabled
+    # Always "enabled": the engine then waits for each block before ticking, so a worker
+    # learns of a Ctrl-C after the block it is computing, not after its last dispatched one.
+    enabled = True
 
     def update(self, n: int) -> None:
         if self.stop.is_set():
