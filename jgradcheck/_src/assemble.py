@@ -50,11 +50,17 @@ def _advice(causes: set[str], problem, opts) -> str:
         if "off" in problem.precision:
             tips.append("run with x64=True")
         else:
-            tips.append("J's round-off noise is large against this gradient: a larger batch or a cost in float64 throughout")
+            tips.append(
+                "J's round-off noise is large against this gradient: a larger batch or a cost in float64 throughout"
+            )
     if "truncation" in causes:
         tips.append(
             "the steps did not converge (J steep or not smooth here): "
-            + ("try the default step (eps=None)" if opts.eps is not None else "try another step (eps=...) or method='richardson'")
+            + (
+                "try the default step (eps=None)"
+                if opts.eps is not None
+                else "try another step (eps=...) or method='richardson'"
+            )
         )
     if "nan" in causes:
         tips.append("J is NaN/Inf at every step tried around these entries")
@@ -127,7 +133,9 @@ def build_report(
         judged = np.flatnonzero(c.status == "ok")
         if judged.size == 0:
             judged = np.flatnonzero(compared)
-        resolution = float(np.max(fd[judged])) / scale if judged.size and scale > 0 else (0.0 if judged.size else math.nan)
+        resolution = (
+            float(np.max(fd[judged])) / scale if judged.size and scale > 0 else (0.0 if judged.size else math.nan)
+        )
         causes = {str(x) for x in (c.cause[unresolved] if c.cause.size else [])}
         unverifiable = np.flatnonzero(c.status == "nan")
         if unverifiable.size:

@@ -450,7 +450,7 @@ def check_entries(
             progress,
         )
         rescued = c.status != "fail"
-        for arr, val in (
+        for arr, new in (
             (numerical, c.numerical),
             (tol, c.tol),
             (status, c.status),
@@ -461,7 +461,7 @@ def check_entries(
             (cause, c.cause),
             (step, c.step),
         ):
-            arr[still[rescued]] = val[rescued]
+            arr[still[rescued]] = new[rescued]
     return Coords(idx, numerical, tol, status, left, right, fd_tol, how, cause, step)
 
 

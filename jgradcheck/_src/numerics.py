@@ -127,7 +127,9 @@ def richardson_levels(d: np.ndarray, steps: np.ndarray, noise: float) -> tuple[n
     nxt = np.full_like(est, np.nan)
     nxt[:-1] = np.abs(est[:-1] - est[1:])
     with np.errstate(invalid="ignore"):
-        neighbour = np.where(np.isfinite(prev) & np.isfinite(nxt), np.minimum(prev, nxt), np.where(np.isfinite(prev), prev, nxt))
+        neighbour = np.where(
+            np.isfinite(prev) & np.isfinite(nxt), np.minimum(prev, nxt), np.where(np.isfinite(prev), prev, nxt)
+        )
     trunc = np.maximum(first, neighbour)
     roundoff = noise * (r / steps[1:] + 1 / steps[:-1]) / (r - 1)
     return est, trunc, roundoff
