@@ -107,11 +107,16 @@ def test_bfloat16_parameters_and_gradients():
     def grad(p):
         return {"w": jnp.cos(p["w"].astype(jnp.float32)).astype(p["w"].dtype)}
 
-    assert jgradcheck.check_grad(cost, grad, params).passed
-    report = jgradcheck.check_grad(cost, grad, params, x64=False)
-    assert report.passed and "bfloat16" in report.precision
+    # J is computed in float32 inside the cost, so even the float64 check sees only ~1.6% here:
+    # a correct gradient passes or is inconclusive with its reason (it used to pass blind).
+    for report in (
+        jgradcheck.check_grad(cost, grad, params),
+        jgradcheck.check_grad(cost, grad, params, x64=False),
+    ):
+        assert report.passed or (report.inconclusive and report.leaf("w").note), str(report)
+    assert "bfloat16" in report.precision
     bad = jgradcheck.check_grad(cost, lambda p: {"w": 2 * grad(p)["w"]}, params)
-    assert not bad.passed
+    assert bad.status == "failed"
 
 
 def test_cost_closing_over_a_typed_key():

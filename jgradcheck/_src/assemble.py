@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ def _entries(path: str, shape, c: Coords, g: np.ndarray, which: Sequence[int] | 
                 str(c.status[j]),
                 float(c.left[j]),
                 float(c.right[j]),
+                str(c.how[j]) if c.how.size else "",
             )
         )
     return out
@@ -34,6 +36,35 @@ def _entries(path: str, shape, c: Coords, g: np.ndarray, which: Sequence[int] | 
 
 def leaf_devs(engine: Engine) -> tuple[str, ...]:
     return tuple(f"{d.platform}:{d.id}" for d in engine.devices)
+
+
+def _scale(numerical: np.ndarray) -> float:
+    """A leaf's gradient scale: the root-mean-square of its numerical gradient."""
+    return float(np.sqrt(np.mean(numerical**2))) if numerical.size else 0.0
+
+
+def _advice(causes: set[str], problem, opts) -> str:
+    """What to do about an unresolved leaf, from what limited its error estimate."""
+    tips = []
+    if "noise" in causes:
+        if "off" in problem.precision:
+            tips.append("run with x64=True")
+        else:
+            tips.append(
+                "J's round-off noise is large against this gradient: a larger batch or a cost in float64 throughout"
+            )
+    if "truncation" in causes:
+        tips.append(
+            "the steps did not converge (J steep or not smooth here): "
+            + (
+                "try the default step (eps=None)"
+                if opts.eps is not None
+                else "try another step (eps=...) or method='richardson'"
+            )
+        )
+    if "nan" in causes:
+        tips.append("J is NaN/Inf at every step tried around these entries")
+    return "; ".join(tips)
 
 
 def build_report(
@@ -46,6 +77,13 @@ def build_report(
     ys_parts: list[np.ndarray] = []
     ns_parts: list[np.ndarray] = []
     values: list[LeafValues | None] = []  # every compared entry, for report.plot()
+    # The whole gradient's scale: the fallback for a leaf whose numerical gradient is all zeros.
+    pooled = [
+        r.coords.numerical[np.isfinite(r.coords.numerical) & (r.coords.status != "kink")]
+        for r in per_leaf
+        if r.coords is not None
+    ]
+    global_scale = _scale(np.concatenate(pooled)) if pooled else 0.0
     for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
         res = per_leaf[i]
         shape = tuple(f.shape)
@@ -54,13 +92,14 @@ def build_report(
         if res.coords is None:  # screened and passed: directions only
             ys_parts.append(res.dir_yours)
             ns_parts.append(res.dir_numerical)
+            blind = not res.resolution <= numerics.RESOLUTION_BOUND
             rows.append(
                 LeafReport(
                     path,
                     shape,
                     problem.orig_dtypes[i],
                     res.difference,
-                    passed=True,
+                    passed=not blind,
                     checked=res.n_dirs,
                     how="screened",
                     n_failed=0,
@@ -68,12 +107,19 @@ def build_report(
                     worst=None,
                     resolution=res.resolution,
                     taylor_slope=slope,
+                    status="inconclusive" if blind else "ok",
+                    note=(
+                        f"its random directions were compared to within {numerics.percent(res.resolution)} "
+                        f"only: {_advice({'noise'}, problem, opts)}"
+                    )
+                    if blind
+                    else None,
                 )
             )
             factors.append(None)
             values.append(None)
             continue
-        c = res.coords
+        c = dataclasses.replace(res.coords, status=res.coords.status.copy())
         gi = g[c.idx]
         values.append(
             LeafValues(
@@ -87,12 +133,28 @@ def build_report(
         )
         finite = np.isfinite(c.numerical)
         kink = c.status == "kink"
-        compared = finite & ~kink  # kinks are judged by their slopes, not by this difference
+        compared = finite & ~kink & (c.status != "nan")  # kinks are judged by their slopes
         ys_parts.append(gi[compared])
         ns_parts.append(c.numerical[compared])
-        fails = np.flatnonzero(c.status == "fail")
+        scale = _scale(c.numerical[compared]) or global_scale
+        # Every entry that passed must have been compared finely enough to see a 1% error.
+        fd = c.fd_tol if c.fd_tol.size else c.tol
+        unresolved = (c.status == "ok") & ~(fd <= numerics.RESOLUTION_BOUND * scale)
+        if scale == 0:  # every numerical entry is exactly 0: nothing to be relative to
+            unresolved[:] = False
+        judged = np.flatnonzero(c.status == "ok")
+        if judged.size == 0:
+            judged = np.flatnonzero(compared)
+        resolution = (
+            float(np.max(fd[judged])) / scale if judged.size and scale > 0 else (0.0 if judged.size else math.nan)
+        )
+        causes = {str(x) for x in (c.cause[unresolved] if c.cause.size else [])}
         unverifiable = np.flatnonzero(c.status == "nan")
-        kink_idx = np.flatnonzero(kink)
+        if unverifiable.size:
+            causes.add("nan")
+        c.status[unresolved] = "inconclusive"
+        fails = np.flatnonzero(c.status == "fail")
+        kink_idx = np.flatnonzero(kink | (c.how == "kink nearby") if c.how.size else kink)
         # How far outside its tolerance each entry is: kinks rank last, unverifiable first.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             ratio = np.abs(gi - c.numerical) / np.where(c.tol > 0, c.tol, np.inf)
@@ -102,30 +164,62 @@ def build_report(
         leaf_worst = _entries(path, shape, c, gi, [worst_j])[0] if worst_j is not None else None
         all_entries.append((ratio, path, shape, c, gi))
         kinks += _entries(path, shape, c, gi, kink_idx)
-        passed = fails.size == 0 and unverifiable.size == 0 and res.extra_failures == 0
+        failed = fails.size > 0 or res.extra_failures > 0
+        status = "fail" if failed else ("inconclusive" if unresolved.any() or unverifiable.size else "ok")
+        passed = status == "ok"
         diag = None
         fac = None
-        if not passed:
+        if failed:
             full = c.idx.size == f.size
             theta = problem.host(i).astype(np.float64)[c.idx]
             sel = compared
-            diag = diagnose.describe_leaf(
-                gi[sel],
-                c.numerical[sel],
-                theta[sel],
-                shape if full else (),
-                int(np.sum(c.status[sel] == "fail")),
-                path=path,
-            )
-            fac = diagnose.fitted_factor(gi[sel], c.numerical[sel])
-            if unverifiable.size:
-                note = f"J is NaN/Inf at θ ± h for {unverifiable.size} entries: they could not be checked"
-                diag = (diag + "; " if diag else "") + note
+            n_bad = int(np.sum(c.status[sel] == "fail"))
+            if n_bad:
+                diag = diagnose.describe_leaf(
+                    gi[sel], c.numerical[sel], theta[sel], shape if full else (), n_bad, path=path
+                )
+                fac = diagnose.fitted_factor(gi[sel], c.numerical[sel])
             if res.note:
                 diag = (diag + "; " if diag else "") + res.note
-        factors.append(fac if not passed else None)
-        scale = float(np.sqrt(np.mean(c.numerical[finite] ** 2))) if finite.any() else 0.0
-        resolution = float(np.median(c.tol)) / scale if scale > 0 else math.inf
+        notes = []
+        if unverifiable.size:
+            notes.append(
+                f"J is NaN/Inf at θ ± h and at every smaller step for {numerics.plural(int(unverifiable.size), 'entry', 'entries')}: "
+                "they could not be checked"
+            )
+        if status == "inconclusive" and unresolved.any():
+            notes.append(
+                f"{numerics.plural(int(unresolved.sum()), 'entry', 'entries')} "
+                f"{'agrees' if unresolved.sum() == 1 else 'agree'} only to within "
+                f"{numerics.percent(resolution)} of its gradient: {_advice(causes, problem, opts)}"
+            )
+        if c.how.size:
+            n_small = int(np.sum(c.how == "smaller step"))
+            n_side = int(np.sum(c.how == "one-sided"))
+            n_near = int(np.sum(c.how == "kink nearby"))
+            if n_side:
+                notes.append(
+                    f"{numerics.plural(n_side, 'entry', 'entries')} at a domain edge (J is NaN/Inf on one side of θ ± h): "
+                    "judged with one-sided differences"
+                )
+            if n_small:
+                sel_small = c.how == "smaller step"
+                notes.append(
+                    f"{numerics.plural(n_small, 'entry', 'entries')} judged with smaller steps "
+                    f"(down to {float(np.min(c.step[sel_small])):.2g}: J steep, or NaN/Inf at θ ± h)"
+                )
+            if n_near:
+                notes.append(
+                    f"{numerics.plural(n_near, 'entry', 'entries')} with a kink within reach of the step: "
+                    "judged with steps that stay on one side of it"
+                )
+        user = opts.atol + opts.rtol * np.abs(c.numerical[compared])
+        if scale > 0 and user.size and float(np.max(user)) > numerics.RESOLUTION_BOUND * scale:
+            warnings.append(
+                f"{path}: your atol/rtol allow errors up to {numerics.percent(float(np.max(user)) / scale)} "
+                "of its gradient (your choice: the pass does not see errors below that)."
+            )
+        factors.append(fac if failed else None)
         rows.append(
             LeafReport(
                 path,
@@ -135,22 +229,17 @@ def build_report(
                 passed,
                 int(c.idx.size),
                 res.how,
-                int(fails.size) + int(unverifiable.size) + res.extra_failures,
-                int(kink_idx.size),
+                int(fails.size) + res.extra_failures,
+                int(np.sum(kink)),
                 leaf_worst,
                 resolution,
                 diag,
                 slope,
+                status=status,
+                n_unresolved=int(unresolved.sum()) + int(unverifiable.size),
+                note="; ".join(notes) or None,
             )
         )
-    for row in rows:
-        if row.passed and row.resolution > 1e-2:
-            warnings.append(
-                f"{row.path}: finite differences in {problem.precision} can only see errors above "
-                f"{row.resolution:.0%} of its gradient here (entries near zero or noisy J); "
-                + ("run with x64=True" if "off" in problem.precision else "the pass means no large error")
-                + "."
-            )
     # The classic relative difference over everything compared: entries, and screened leaves' directions.
     ys = np.concatenate(ys_parts) if ys_parts else np.zeros(0)
     ns = np.concatenate(ns_parts) if ns_parts else np.zeros(0)
@@ -165,7 +254,7 @@ def build_report(
     cand.sort(key=lambda t: -t[0])
     worst = tuple(e for _, e in cand[:top_k])
     passed = all(r.passed for r in rows)
-    failing = [f for f, r in zip(factors, rows) if not r.passed]
+    failing = [f for f, r in zip(factors, rows) if r.status == "fail"]
     cross = diagnose.common_factor(failing, problem.batch_sizes) if len(failing) == len(rows) else None
     return GradCheckReport(
         passed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,15 @@ MSG_STEP_LOST = (
 
 @dataclasses.dataclass
 class Coords:
-    """Per-coordinate results for a set of entries of one leaf."""
+    """Per-coordinate results for a set of entries of one leaf.
+
+    ``tol`` is the whole tolerance: ``fd_tol`` (the finite-difference error estimate times the
+    safety factor, which sets how small an error the check can see), plus your gradient's own
+    rounding, plus your atol/rtol. ``how`` says how an entry was judged when the first step
+    would not do: ``"smaller step"``, ``"one-sided"`` (J is NaN/Inf on one side: a domain
+    edge), ``"kink nearby"`` (a kink within reach of the first step; judged with steps that stay
+    on one side of it). ``cause`` is what dominates ``fd_tol``: ``"noise"`` or ``"truncation"``.
+    """
 
     idx: np.ndarray
     numerical: np.ndarray
@@ -40,6 +49,13 @@ class Coords:
     status: np.ndarray  # "ok" | "fail" | "kink" | "nan"
     left: np.ndarray
     right: np.ndarray
+    fd_tol: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    how: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, object))
+    cause: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, object))
+    step: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+    def take(self, sl: Any) -> Coords:
+        return Coords(*(getattr(self, f.name)[sl] for f in dataclasses.fields(self)))
 
 
 def _points(theta: np.ndarray, h: np.ndarray, offsets: Sequence[int], dtype) -> np.ndarray:
@@ -57,6 +73,184 @@ def entry_name(problem: Problem, group: tuple[int, ...], flat: int) -> str:
             return f"{problem.paths[i]}[{index}]"
         flat -= size
     return "?"
+
+
+@dataclasses.dataclass
+class _Search:
+    """What the step search found for a set of suspects (NaN where it found nothing usable)."""
+
+    estimate: np.ndarray
+    error: np.ndarray  # truncation + round-off of ``estimate`` (before the safety factor)
+    cause: np.ndarray
+    step: np.ndarray
+    how: np.ndarray
+    kink_near: np.ndarray  # a kink crossed by the larger steps, not by the one judged with
+    kink_at: np.ndarray  # a kink at θ (within the smallest step that can still see it)
+
+
+def _kink_reach(gaps: np.ndarray, steps: np.ndarray, noise: float, safety: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where along a ladder of steps (largest first) the one-sided slopes straddle a kink.
+
+    ``gaps[k]`` is the forward minus the backward slope at ``steps[k]``. A pair of neighbouring
+    steps is crossed when the gap stays put between them (``numerics.is_kink``). Returns, per
+    entry, the deepest crossed pair (−1 if none) and whether the jump persists down to the
+    smallest step that could still see it (a kink at θ) rather than vanishing (a kink nearby).
+    """
+    n_levels, k = gaps.shape
+    thr = safety * 4 * noise / steps
+    deepest = np.full(k, -1)
+    for m in range(n_levels - 1):
+        crossed = numerics.is_kink(gaps[m + 1], gaps[m], thr[m + 1], float(np.median(steps[m] / steps[m + 1])))
+        deepest[crossed] = m
+    at = deepest >= 0
+    for e in np.flatnonzero(at):
+        jump = abs(gaps[deepest[e] + 1, e])
+        below = np.arange(deepest[e] + 2, n_levels)
+        visible = below[thr[below, e] < 0.5 * jump]
+        # The jump vanished at a step where it would still have been seen: the kink is nearby.
+        if np.any(~(np.abs(gaps[visible, e]) >= 0.5 * jump)):
+            at[e] = False
+    return deepest, at
+
+
+# A slope jump at a kink is of the size of the slopes around it; a one-sided excess many times
+# the derivative is steep curvature (exp(10^6 θ)), not a kink.
+KINK_JUMP_MAX = 10.0
+
+
+def _one_side_jumps(
+    estimate: np.ndarray,
+    d: np.ndarray,
+    fwd: np.ndarray,
+    bwd: np.ndarray,
+    ladder: np.ndarray,
+    best: np.ndarray,
+    up: int,
+    noise: float,
+    safety: float,
+) -> np.ndarray:
+    """Whether the first step's one-sided slopes show a kink on one side only.
+
+    A kink between h/4 and h leaves no flat gap on the ladder (``_kink_reach``), but the side
+    that crosses it departs from the smooth model f'(θ) ± a s + b s² fitted at the converged
+    level (a from the gap between the slopes, b from the central difference), while the other
+    side follows it; curvature moves both sides alike.
+    """
+    rows = np.arange(estimate.size)
+    s = ladder[best + 1, rows]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = (fwd[best + 1, rows] - bwd[best + 1, rows]) / (2 * s)
+        b = (d[best + 1, rows] - estimate) / s**2
+        h = ladder[up]
+        dev_r = fwd[up] - (estimate + a * h + b * h**2)
+        dev_l = bwd[up] - (estimate - a * h + b * h**2)
+        tol = safety * 2 * noise / h + 4 * np.abs(b) * h**2
+        jump = np.maximum(np.abs(dev_r), np.abs(dev_l))
+        quiet = np.minimum(np.abs(dev_r), np.abs(dev_l))
+        other = np.where(np.abs(dev_r) > np.abs(dev_l), bwd[up], fwd[up])
+        sized = jump <= KINK_JUMP_MAX * np.maximum(np.abs(estimate), np.abs(other))
+    return (jump > tol) & (quiet <= tol) & (quiet < jump / 4) & sized
+
+
+def _search(
+    engine: Engine,
+    problem: Problem,
+    group: tuple[int, ...],
+    idx: np.ndarray,
+    theta: np.ndarray,
+    h: np.ndarray,
+    j_h: tuple[np.ndarray, np.ndarray],
+    j_2h: tuple[np.ndarray, np.ndarray],
+    dtype: Any,
+    noise: float,
+    safety: float,
+    progress: Progress,
+) -> _Search:
+    """Adapts the step of suspects until the central difference converges (N&W §8.1; the
+    extrapolation of numdifftools and Ridders' method follow the same idea).
+
+    Evaluates J(θ ± h·4^j), j = 2, 1, −1, ..., −STEP_LEVELS, in one call; Richardson-extrapolates
+    neighbouring levels and keeps the level with the smallest estimated error, among the steps
+    below any kink the larger steps straddle (a kink at θ itself is left to the slope test). Where
+    no central level is finite (θ ± h leaves J's domain on one side), one-sided levels are tried.
+    """
+    k = idx.size
+    up = numerics.STEP_UP_LEVELS
+    ladder = numerics.step_ladder(h)  # (U + L + 1, k): 16h, 4h, h, h/4, ...; row U is h
+    rows_new = [j for j in range(ladder.shape[0]) if j != up]
+    n_new = len(rows_new)
+    pts = np.concatenate([_points(theta, ladder[j], (1, -1), dtype) for j in rows_new])
+    vals = engine.costs(group, np.tile(idx, 2 * n_new), pts, progress).reshape(n_new, 2, k)
+    moved = pts.reshape(n_new, 2, k).astype(np.float64)
+    jp, jm, pp, pm = (np.zeros(ladder.shape) for _ in range(4))
+    jp[rows_new], jm[rows_new], pp[rows_new], pm[rows_new] = vals[:, 0], vals[:, 1], moved[:, 0], moved[:, 1]
+    jp[up], jm[up] = j_h
+    pp[up], pm[up] = (theta + h).astype(dtype), (theta - h).astype(dtype)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = np.where(pp > pm, (jp - jm) / (pp - pm), np.nan)
+        steps = np.where(pp > pm, (pp - pm) / 2, np.nan)
+        j0 = problem.j0
+        fwd = np.where(pp > theta, (jp - j0) / (pp - theta), np.nan)
+        bwd = np.where(pm < theta, (j0 - jm) / (theta - pm), np.nan)
+        # Gaps between one-sided slopes on the ladder ..., 4h, 2h, h, h/4, ...: where a kink is straddled.
+        r2, l2 = (j_2h[0] - j0) / (2 * h), (j0 - j_2h[1]) / (2 * h)
+        gaps = np.concatenate([fwd[:up] - bwd[:up], (r2 - l2)[None], fwd[up:] - bwd[up:]])
+        gap_steps = np.concatenate([ladder[:up], 2 * h[None], ladder[up:]])
+        deepest, at = _kink_reach(gaps, gap_steps, noise, safety)
+        est, trunc, roundoff = numerics.richardson_levels(d, np.where(np.isfinite(steps), steps, ladder), noise)
+    # The first ladder row strictly below the smaller step of the deepest crossed pair.
+    small = deepest + 1
+    first_clean = np.where(deepest < 0, 0, np.where(small < up, small + 1, np.where(small == up, up, small)))
+    error = trunc + roundoff
+    # Level j uses steps h/4^j and h/4^(j+1): keep those strictly below the deepest crossed pair.
+    usable = np.isfinite(error) & (np.arange(error.shape[0])[:, None] >= first_clean[None, :])
+    # A kink counts as within reach when it is straddled by 2h or h (the larger trial steps 4h,
+    # 16h are the search's own: a kink they cross did not touch the first verdict).
+    out = _Search(
+        np.full(k, np.nan),
+        np.full(k, np.nan),
+        np.full(k, "", object),
+        np.full(k, np.nan),
+        np.full(k, "", object),
+        deepest >= up - 1,
+        at,
+    )
+    rows = np.arange(k)
+    best = np.argmin(np.where(usable, error, np.inf), axis=0)
+    found = usable[best, rows] & ~at
+    out.estimate[found] = est[best, rows][found]
+    out.error[found] = error[best, rows][found]
+    out.cause[found] = np.where(trunc[best, rows] > roundoff[best, rows], "truncation", "noise")[found]
+    out.step[found] = ladder[best + 1, rows][found]
+    out.how[found] = np.where(best > up, "smaller step", np.where(best < up, "larger step", ""))[found]
+    out.kink_near |= found & (best > up) & _one_side_jumps(out.estimate, d, fwd, bwd, ladder, best, up, noise, safety)
+    out.how[found & out.kink_near] = "kink nearby"
+    # Domain edges: no finite central level; one side of θ may still be in J's domain.
+    edge = ~found & ~at & ~np.any(np.isfinite(error), axis=0)
+    for side, js, ps in ((1.0, jp, pp), (-1.0, jm, pm)):
+        if not edge.any():
+            break
+        with np.errstate(divide="ignore", invalid="ignore"):
+            s_steps = np.abs(ps - theta)
+            e1, t1, r1 = numerics.one_sided_levels(j0, js, ladder, side, noise)
+            err1 = np.where(np.isfinite(t1) & np.isfinite(e1) & (s_steps[:-1] > 0), t1 + r1, np.inf)
+        b1 = np.argmin(err1, axis=0)
+        ok1 = edge & np.isfinite(err1[b1, rows])
+        out.estimate[ok1] = e1[b1, rows][ok1]
+        out.error[ok1] = err1[b1, rows][ok1]
+        out.cause[ok1] = np.where(t1[b1, rows] > r1[b1, rows], "truncation", "noise")[ok1]
+        out.step[ok1] = ladder[b1, rows][ok1]
+        out.how[ok1] = "one-sided"
+        edge &= ~ok1
+    return out
+
+
+def _coarse(fd_tol: np.ndarray, numerical: np.ndarray, g_scale: np.ndarray) -> np.ndarray:
+    """Entries whose error estimate is too coarse to pass (above half the resolution bound of
+    their own size or of yours' leaf scale): they get the second look and steps that adapt
+    before the leaf is called inconclusive."""
+    with np.errstate(invalid="ignore"):
+        return fd_tol > 0.5 * numerics.RESOLUTION_BOUND * np.maximum(np.abs(numerical), g_scale)
 
 
 def check_entries(
@@ -77,6 +271,11 @@ def check_entries(
     ``g_scale`` are yours, its dtype's eps and its leaf's largest magnitude, per entry.
     ``noise`` is J's noise level, or the box that delivers it: the probe group's first call
     then carries the probe points too.
+
+    Entries that fail at the first step get a second look at 2h (a truncation estimate and the
+    kink test); those whose verdict still rests on a truncation estimate, or whose J was NaN/Inf
+    at θ ± h, get steps that adapt (``_search``): a tolerance is never widened to absorb a step
+    that is too large for the curvature or a kink within its reach.
     """
     base = np.concatenate([problem.host(i) for i in group])
     dtype = base.dtype
@@ -96,7 +295,7 @@ def check_entries(
                 theta=theta[lost[0]],
                 h=h[lost[0]],
                 dtype=dtype,
-                count=lost.size,
+                count=numerics.plural(int(lost.size), "entry", "entries"),
             )
         )
     probe_idx: Any = ()
@@ -117,7 +316,8 @@ def check_entries(
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
     # Central difference at h over the step actually taken (exact for the default steps).
-    d_h = (J[1] - J[-1]) / (P[1] - P[-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d_h = (J[1] - J[-1]) / (P[1] - P[-1])
     h = (P[1] - P[-1]) / 2  # the step taken (a user's eps may not be representable at θ)
     if opts.method == "central":
         numerical = d_h
@@ -125,53 +325,114 @@ def check_entries(
         w = numerics.STENCILS[opts.method][1]
         numerical = sum(wi * J[o] for o, wi in zip(offsets, w)) / h
     roundoff = noise * numerics.roundoff_factor(opts.method) / h
-    floor = numerics.GRAD_ULPS * g_eps * (np.abs(g) + g_scale) + opts.atol + opts.rtol * np.abs(numerical)
-    tol = opts.safety * roundoff + floor
+    floor = numerics.grad_rounding(g, g_eps, g_scale)
+    fd_tol = opts.safety * roundoff
+    tol = fd_tol + floor + opts.atol + opts.rtol * np.abs(numerical)
     err = np.abs(g - numerical)
     status = np.where(err <= tol, "ok", "fail").astype(object)
     status[~np.isfinite(numerical)] = "nan"
     status[np.isfinite(numerical) & ~np.isfinite(g)] = "fail"
     left = np.full(k, np.nan)
     right = np.full(k, np.nan)
+    how = np.full(k, "", object)
+    cause = np.full(k, "noise", object)
+    step = h.copy()
 
-    sus = np.flatnonzero(status == "fail")
+    sus = np.flatnonzero((status == "fail") | (status == "nan") | _coarse(fd_tol, numerical, g_scale))
     if sus.size and opts.refine:
         # Second look at suspects: steps 2h (if not already taken) give a truncation-error
         # estimate |D(h) - D(2h)| / 3, a Richardson-improved estimate, and kink detection.
         if sus.size > opts.max_refine:
-            sus = sus[np.argsort(-(err[sus] / tol[sus]))[: opts.max_refine]]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rank = np.nan_to_num(err[sus] / tol[sus], nan=np.inf)
+            sus = sus[np.argsort(-rank)[: opts.max_refine]]
         if 2 not in J:
             pts2 = _points(theta[sus], h[sus], (2, -2), dtype)
             j2p, j2m = engine.costs(group, np.tile(idx[sus], 2), pts2, progress).reshape(2, sus.size)
         else:
             j2p, j2m = J[2][sus], J[-2][sus]
         hs = h[sus]
-        d_2h = (j2p - j2m) / (4 * hs)
-        trunc = np.abs(d_h[sus] - d_2h) / 3
-        if opts.method == "central":
-            best = (4 * d_h[sus] - d_2h) / 3
-            round2 = noise * numerics.roundoff_factor("central4") / hs
-        elif opts.method == "richardson":
-            d4 = (8 * (J[1][sus] - J[-1][sus]) - (j2p - j2m)) / (12 * hs)
-            best, trunc = numerical[sus], np.abs(numerical[sus] - d4)
-            round2 = roundoff[sus]
-        else:
-            best, round2 = numerical[sus], roundoff[sus]
-        tol2 = opts.safety * (round2 + trunc) + floor[sus]
-        numerical[sus], tol[sus] = best, tol2
-        ok2 = np.abs(g[sus] - best) <= tol2
-        status[sus[ok2 & np.isfinite(g[sus])]] = "ok"
-        # Kinks: one-sided slopes that disagree by a jump that does not shrink with h.
-        j0 = problem.j0
-        r1, l1 = (J[1][sus] - j0) / hs, (j0 - J[-1][sus]) / hs
-        r2, l2 = (j2p - j0) / (2 * hs), (j0 - j2m) / (2 * hs)
-        kink = numerics.is_kink(r1 - l1, r2 - l2, opts.safety * 4 * noise / hs)
-        lo = np.minimum.reduce([l1, r1, l2, r2]) - tol2
-        hi = np.maximum.reduce([l1, r1, l2, r2]) + tol2
-        gs = g[sus]
-        accepted = kink & ~ok2 & (gs >= lo) & (gs <= hi)
-        status[sus[accepted]] = "kink"
-        left[sus[kink]], right[sus[kink]] = l1[kink], r1[kink]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d_2h = (j2p - j2m) / (4 * hs)
+            trunc = np.abs(d_h[sus] - d_2h) / 3
+            if opts.method == "central":
+                best = (4 * d_h[sus] - d_2h) / 3
+                round2 = noise * numerics.roundoff_factor("central4") / hs
+            elif opts.method == "richardson":
+                d4 = (8 * (J[1][sus] - J[-1][sus]) - (j2p - j2m)) / (12 * hs)
+                best, trunc = numerical[sus], np.abs(numerical[sus] - d4)
+                round2 = roundoff[sus]
+            else:
+                best, round2 = numerical[sus], roundoff[sus]
+            user2 = opts.atol + opts.rtol * np.abs(best)
+            fd2 = opts.safety * (round2 + trunc)
+            tol2 = fd2 + floor[sus] + user2
+            gap = np.abs(g[sus] - best)
+            ok2 = (gap <= tol2) & np.isfinite(g[sus]) & np.isfinite(best)
+            # Kinks: one-sided slopes that disagree by a jump that does not shrink with h.
+            j0 = problem.j0
+            r1, l1 = (J[1][sus] - j0) / hs, (j0 - J[-1][sus]) / hs
+            r2, l2 = (j2p - j0) / (2 * hs), (j0 - j2m) / (2 * hs)
+            kink = numerics.is_kink(r1 - l1, r2 - l2, opts.safety * 4 * noise / hs)
+            lo = np.minimum.reduce([l1, r1, l2, r2]) - tol2
+            hi = np.maximum.reduce([l1, r1, l2, r2]) + tol2
+        # A pass that rests on the truncation estimate means the step was too large for the
+        # curvature (or straddled a kink): such entries, failures, kinks and NaNs get steps
+        # that adapt instead of a wider tolerance.
+        rests_on_trunc = gap > opts.safety * round2 + floor[sus] + user2
+        must = ~ok2 | kink | rests_on_trunc | ~np.isfinite(best)
+        adapt = must | _coarse(fd2, best, g_scale[sus])
+        if opts.eps is not None:
+            adapt &= ~ok2 | kink  # a step you chose is kept where it gives a verdict
+        settled = sus[~adapt]
+        numerical[settled], tol[settled], fd_tol[settled] = best[~adapt], tol2[~adapt], fd2[~adapt]
+        cause[settled] = np.where(trunc[~adapt] > round2[~adapt], "truncation", "noise")
+        status[settled] = "ok"
+        a = np.flatnonzero(adapt)
+        if a.size:
+            s = sus[a]
+            found = _search(
+                engine,
+                problem,
+                group,
+                idx[s],
+                theta[s],
+                h[s],
+                (J[1][s], J[-1][s]),
+                (j2p[a], j2m[a]),
+                dtype,
+                noise,
+                opts.safety,
+                progress,
+            )
+            # A verdict that rested on the truncation estimate, a kink or NaN takes the search's
+            # estimate; one that was only coarse takes it where it is finer.
+            ok = np.isfinite(found.estimate) & (must[a] | (opts.safety * found.error < fd2[a]))
+            t = s[ok]
+            numerical[t] = found.estimate[ok]
+            fd_tol[t] = opts.safety * found.error[ok]
+            tol[t] = fd_tol[t] + floor[t] + opts.atol + opts.rtol * np.abs(numerical[t])
+            status[t] = np.where(np.abs(g[t] - numerical[t]) <= tol[t], "ok", "fail")
+            status[t[~np.isfinite(g[t])]] = "fail"
+            how[t], cause[t], step[t] = found.how[ok], found.cause[ok], found.step[ok]
+            # Entries with no usable step: a kink at θ is judged by its one-sided slopes; the
+            # rest keep the 2h look (a failure that stands) or cannot be checked (NaN).
+            # Only coarse, and no finer for the search: the finer of the first two looks stands.
+            keep1 = ~ok & ~must[a] & (fd_tol[s] <= fd2[a])
+            rest = ~ok & ~keep1
+            at = rest & (found.kink_at | kink[a]) & must[a]
+            for sel, val in ((rest, None), (at, "kink")):
+                u = s[sel]
+                numerical[u], tol[u], fd_tol[u] = best[a][sel], tol2[a][sel], fd2[a][sel]
+                if val is None:
+                    fin = np.isfinite(best[a][sel])
+                    status[u] = np.where(fin, np.where(ok2[a][sel], "ok", "fail"), "nan")
+                    cause[u] = np.where(trunc[a][sel] > round2[a][sel], "truncation", "noise")
+                else:
+                    inside = (g[u] >= lo[a][sel]) & (g[u] <= hi[a][sel])
+                    status[u] = np.where(ok2[a][sel], "ok", np.where(inside, "kink", "fail"))
+            near = (found.kink_near & ok) | kink[a]
+            left[s[near]], right[s[near]] = l1[a][near], r1[a][near]
     still = np.flatnonzero(status == "fail")
     if still.size and opts.refine and opts.method != "central" and opts.eps is None:
         # Higher-order stencils reach out to 2h or 4h with larger h and can straddle a kink
@@ -189,9 +450,51 @@ def check_entries(
             progress,
         )
         rescued = c.status != "fail"
-        for arr, val in ((numerical, c.numerical), (tol, c.tol), (status, c.status), (left, c.left), (right, c.right)):
-            arr[still[rescued]] = val[rescued]
-    return Coords(idx, numerical, tol, status, left, right)
+        for arr, new in (
+            (numerical, c.numerical),
+            (tol, c.tol),
+            (status, c.status),
+            (left, c.left),
+            (right, c.right),
+            (fd_tol, c.fd_tol),
+            (how, c.how),
+            (cause, c.cause),
+            (step, c.step),
+        ):
+            arr[still[rescued]] = new[rescued]
+    return Coords(idx, numerical, tol, status, left, right, fd_tol, how, cause, step)
+
+
+class Cancelled(Exception):
+    """Raised in a worker at its next block once the check was interrupted (Ctrl-C)."""
+
+
+class _Cancellable:
+    """The progress bar the workers tick after each block: also where they learn to stop."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.stop = threading.Event()
+
+    # Always "enabled": the engine then waits for each block before ticking, so a worker
+    # learns of a Ctrl-C after the block it is computing, not after its last dispatched one.
+    enabled = True
+
+    def update(self, n: int) -> None:
+        if self.stop.is_set():
+            raise Cancelled
+        self.progress.update(n)
+
+
+# How often the main thread wakes while waiting on the workers, to let Ctrl-C through.
+WAIT_SLICE_S = 0.1
+
+
+def _wait_all(futures: list[concurrent.futures.Future]) -> None:
+    """Waits in short slices: a KeyboardInterrupt arrives between them, not after the last group."""
+    pending = set(futures)
+    while pending:
+        _, pending = concurrent.futures.wait(pending, timeout=WAIT_SLICE_S)
 
 
 def check_leaves(
@@ -208,6 +511,8 @@ def check_leaves(
 
     Groups run in threads: each one's first call compiles its program, and XLA compiles (and
     the device computes) while other threads trace, so a cold check overlaps its compilations.
+    A KeyboardInterrupt (Ctrl-C) in the main thread cancels the groups not started, stops the
+    running ones at their next block, waits for them, and propagates.
     """
     out: dict[int, Coords] = {}
     groups = [tuple(i for i in full if i in selection) for full in problem.groups]
@@ -218,6 +523,7 @@ def check_leaves(
             noise = noise.deliver(engine.costs(noise.group, *probe, progress))
         else:  # the group carrying the probe goes first: the others wait for it to judge
             groups.sort(key=lambda grp: grp != noise.group)
+    ticks = _Cancellable(progress)
 
     def run(group: tuple[int, ...]) -> None:
         sizes = [int(problem.floats[i].size) for i in group]
@@ -226,11 +532,17 @@ def check_leaves(
         g = np.concatenate([grads[i][selection[i]] for i in group])
         eps = np.concatenate([np.full(selection[i].size, g_eps[i]) for i in group])
         scale = np.concatenate([np.full(selection[i].size, leaf_scale(grads[i])) for i in group])
-        c = check_entries(engine, problem, group, idx, g, eps, scale, noise, opts, progress)
+        try:
+            c = check_entries(engine, problem, group, idx, g, eps, scale, noise, opts, ticks)  # type: ignore[arg-type]
+        except BaseException:
+            if isinstance(noise, NoiseBox) and noise.group == group:
+                noise.fail()  # the groups waiting on this one's probe must not wait forever
+            raise
         start = 0
         for i, o in zip(group, offs):
-            sl = slice(start, start + selection[i].size)
-            out[i] = Coords(c.idx[sl] - o, c.numerical[sl], c.tol[sl], c.status[sl], c.left[sl], c.right[sl])
+            part = c.take(slice(start, start + selection[i].size))
+            part.idx = part.idx - o
+            out[i] = part
             start += selection[i].size
 
     if len(groups) > 1:
@@ -241,9 +553,18 @@ def check_leaves(
             with jax.enable_x64(x64_now), jax.default_matmul_precision("highest"):
                 run(group)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1)) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1))
+        try:
             futures = [pool.submit(run_scoped, grp) for grp in groups]
-            errors = [f.exception() for f in futures]
+            _wait_all(futures)
+        except BaseException:
+            ticks.stop.set()
+            if isinstance(noise, NoiseBox):
+                noise.fail()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        errors = [f.exception() for f in futures]
         # The probe's own error (e.g. a NaN cost) rather than the waiting groups' ProbeFailed.
         for error in sorted((e for e in errors if e is not None), key=lambda e: isinstance(e, ProbeFailed)):
             raise error

@@ -18,10 +18,15 @@ def _ratio(e: Entry) -> float:
     return e.abs_error / e.error_estimate
 
 
+# A leaf seen by several checks shows its worst row: a failure, then an inconclusive one, then ok.
+_RANK = {"fail": 2, "inconclusive": 1, "ok": 0}
+
+
 def _worse(a: LeafReport, b: LeafReport) -> LeafReport:
-    """The row to show for a leaf seen by two checks: a failure first, then the larger difference."""
-    if a.passed != b.passed:
-        return b if a.passed else a
+    """The row to show for a leaf seen by two checks: the worse status, then the larger difference."""
+    ra, rb = _RANK.get(a.status, 2), _RANK.get(b.status, 2)
+    if ra != rb:
+        return a if ra > rb else b
     return b if (b.difference > a.difference or math.isnan(b.difference)) else a
 
 

@@ -54,7 +54,7 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
                     dir_numerical=ns,
                 )
                 continue
-            note = f"failed {fails}/{n_dirs} random directions"
+            note = f"failed {fails} of {numerics.plural(n_dirs, 'random direction')}"
             if size <= screen.LOCATE_FULL_MAX:
                 to_locate[i] = np.arange(size)
             else:
@@ -63,10 +63,11 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
                     size, min(size, screen.LOCATE_SAMPLE), replace=False
                 )
                 to_locate[i] = np.unique(np.concatenate([found, sample]).astype(np.int64))
+                runs = numerics.plural(tests, "test")
                 note += (
-                    f"; bisection ({tests} tests) narrowed it to {found.size} entries"
+                    f"; bisection ({runs}) narrowed it to {numerics.plural(int(found.size), 'entry', 'entries')}"
                     if found.size
-                    else f"; bisection ({tests} tests): the error is spread over the leaf"
+                    else f"; bisection ({runs}): the error is spread over the leaf"
                 )
             notes[i] = (note, fails)
         coords = check_leaves(engine, problem, to_locate, grads, g_eps, noise, opts, bar)

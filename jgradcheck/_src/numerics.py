@@ -37,8 +37,22 @@ ORDER = {"central": 2, "central4": 4, "richardson": 6}
 DEFAULT_SAFETY = 10.0
 
 # The user's own gradient has rounding error too: a few hundred ulps of its dtype relative to
-# the entry and to the leaf's largest entry (backprop sums many terms; cancellation hides here).
+# the entry and to the leaf's largest entry (backprop sums many terms; cancellation hides here),
+# but never more than GRAD_REL_CAP of either (see ``grad_rounding``).
 GRAD_ULPS = 256.0
+GRAD_REL_CAP = 1e-3
+# Whatever the cap, an entry may be off by its own final rounding and one more operation.
+GRAD_ENTRY_ULPS = 2.0
+
+# A pass must be able to see errors this large relative to the leaf's gradient: a check whose
+# finite-difference error estimate exceeds 1% of the gradient's scale is inconclusive, not passed.
+RESOLUTION_BOUND = 1e-2
+
+# Steps that adapt: a suspect whose error estimate does not converge at h is re-evaluated at
+# h/4, h/16, ... (STEP_LEVELS levels, 2 evaluations each) and judged at the level whose
+# estimated error (truncation + round-off) is smallest.
+STEP_SHRINK = 4.0
+STEP_LEVELS = 10
 
 # Seeds' scale for the relative difference: ~1e-7 great, ~1e-5 double-check, >= 1e-3 bug.
 GRADE_GREAT = 1e-6
@@ -62,6 +76,80 @@ def base_step(theta: np.ndarray, dtype, method: str) -> np.ndarray:
     c = machine_eps(dtype) ** (1.0 / (ORDER[method] + 1))
     raw = c * np.maximum(1.0, np.abs(theta))
     return np.exp2(np.round(np.log2(raw)))
+
+
+def grad_rounding(g: np.ndarray, g_eps: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Your gradient's own rounding error, per entry, from its dtype and magnitude.
+
+    Why: a gradient stored in a dtype with machine epsilon ε is off by up to ε/2 of each entry
+    (its final rounding), and backprop's sums may lose a few hundred ulps to cancellation, relative
+    to the leaf's largest entry. Those ulps are capped at 0.1% of the entry and of the leaf's scale:
+    256 ulps are 3e-5 in float32 but 200% in bfloat16 (ε = 2^-7), which would pass any bug. The
+    entry's own two ulps are never capped (1.6% in bfloat16, so a 5% error is still seen).
+    """
+    g_eps = np.asarray(g_eps, np.float64)
+    rel = np.minimum(GRAD_ULPS * g_eps, GRAD_REL_CAP)
+    entry = np.maximum(GRAD_ENTRY_ULPS * g_eps, rel)
+    return entry * np.abs(g) + rel * np.asarray(scale, np.float64)
+
+
+# ... and at 4h and 16h: where J's noise is far above the machine epsilon of the check's dtype
+# (a cost computed in float32 inside a float64 check), the best step is larger than ∛eps.
+STEP_UP_LEVELS = 2
+
+
+def step_ladder(h: np.ndarray, levels: int = STEP_LEVELS, up: int = STEP_UP_LEVELS) -> np.ndarray:
+    """Steps 16h, 4h, h, h/4, h/16, ... (shape (up + levels + 1, k); row ``up`` is h).
+
+    Why 4: one level per factor 4 reaches a curvature 10^6 times sharper in 10 levels, and
+    Richardson's (16 D(h/4) − D(h)) / 15 cancels the h² term between neighbours. Powers of
+    two keep θ ± step exact.
+    """
+    return np.asarray(h, np.float64)[None, :] * STEP_SHRINK ** (up - np.arange(up + levels + 1))[:, None]
+
+
+def richardson_levels(d: np.ndarray, steps: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Richardson estimates over a ladder of central differences, with their error estimates.
+
+    ``d[j]`` is the central difference at ``steps[j]`` (ratio STEP_SHRINK between levels).
+    Returns (estimate, truncation, round-off), each (levels, k): level j combines d[j], d[j+1].
+
+    Why: (16 D(h/4) − D(h)) / 15 is 4th order; its truncation error is bounded by the change
+    from level j to j+1 (|D_j − D_{j+1}| / 15, the h² term removed) and by the change to the
+    closer of the neighbouring extrapolations (which catches levels outside the asymptotic
+    range: steep curvature, a kink crossed; two of three levels must agree). Round-off: noise / step through the weights 16/15 and 1/15.
+    """
+    r = STEP_SHRINK**2
+    est = (r * d[1:] - d[:-1]) / (r - 1)
+    first = np.abs(d[:-1] - d[1:]) / (r - 1)
+    prev = np.full_like(est, np.nan)
+    prev[1:] = np.abs(est[1:] - est[:-1])
+    nxt = np.full_like(est, np.nan)
+    nxt[:-1] = np.abs(est[:-1] - est[1:])
+    with np.errstate(invalid="ignore"):
+        neighbour = np.where(
+            np.isfinite(prev) & np.isfinite(nxt), np.minimum(prev, nxt), np.where(np.isfinite(prev), prev, nxt)
+        )
+    trunc = np.maximum(first, neighbour)
+    roundoff = noise * (r / steps[1:] + 1 / steps[:-1]) / (r - 1)
+    return est, trunc, roundoff
+
+
+def one_sided_levels(
+    j0: float, js: np.ndarray, steps: np.ndarray, side: float, noise: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-sided second-order estimates where only one side of θ is in J's domain.
+
+    ``js[j]`` is J(θ + side · steps[j]). A parabola through θ, θ ± a/4 and θ ± a gives
+    f' ≈ (16 (J(a/4) − J0) − (J(a) − J0)) / (3a) (error O(a²)); its truncation is bounded by
+    the change to the next level, its round-off by 32 noise / 3a.
+    """
+    a = side * steps[:-1]
+    est = (STEP_SHRINK**2 * (js[1:] - j0) - (js[:-1] - j0)) / ((STEP_SHRINK - 1) * a)
+    trunc = np.full_like(est, np.nan)
+    trunc[:-1] = np.abs(est[:-1] - est[1:])
+    roundoff = noise * 2 * STEP_SHRINK**2 / ((STEP_SHRINK - 1) * steps[:-1])
+    return est, trunc, roundoff
 
 
 def roundoff_factor(method: str) -> float:
@@ -91,6 +179,37 @@ def ecnoise(values: np.ndarray) -> float:
     return float(np.median(sigmas))
 
 
+def looks_like_noise(values: np.ndarray) -> bool:
+    """Whether a probe line's difference table is dominated by noise (Moré & Wild's test, simplified).
+
+    Why: ECnoise only measures noise when the smooth part of J has vanished from the k-th
+    differences; a steep J (exp(10^6 θ)) or a spacing too coarse leaves them all of one sign and
+    shrinking with the order, and reading that as noise would loosen every tolerance. Too fine a
+    spacing (inputs rounded inside J) leaves most values equal. Noise changes the sign of the third
+    differences and gives estimates that agree across orders (within a factor of 10 here: 9 points
+    leave each estimate a few samples).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        return False
+    if np.count_nonzero(np.diff(v)) < (v.size - 1) / 2:
+        return False
+    d3 = np.diff(v, 3)
+    if not (np.any(d3 > 0) and np.any(d3 < 0)):
+        return False
+    sigmas, d = [], v
+    for k in range(1, 7):
+        d = np.diff(d)
+        if k >= 3:
+            sigmas.append(math.sqrt(math.factorial(k) ** 2 / math.factorial(2 * k) * float(np.mean(d**2))))
+    return max(sigmas) <= 10 * min(sigmas)
+
+
+# The noise probe also runs its lines at spacings 2^-10 and 2^-20 times the designed one: the
+# first whose lines look like noise is used (a J steep at the scale of the designed spacing).
+NOISE_SPACING_FACTORS = (1.0, 2.0**-10, 2.0**-20)
+
+
 def noise_spacing(dtype) -> float:
     """Spacing for the noise probe: eps**0.4 (6e-7 in float64, 2e-3 in float32).
 
@@ -113,15 +232,28 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return num / den
 
 
-def is_kink(gap_h: np.ndarray, gap_2h: np.ndarray, noise: np.ndarray) -> np.ndarray:
+def is_kink(gap_h: np.ndarray, gap_2h: np.ndarray, noise: np.ndarray, ratio: float = 2.0) -> np.ndarray:
     """Whether one-sided slopes disagree like a kink rather than like curvature.
 
-    Why: for a smooth J the forward and backward slopes differ by h f'' (so the gap doubles
-    from h to 2h); across a kink (ReLU at 0, max ties, abs, clip) they differ by the jump in
-    slope, whatever the step (the gap stays put; a kink within h of θ gives a ratio in
-    [1, 1.75)). The gap must also exceed its noise.
+    Why: for a smooth J the forward and backward slopes differ by h f'' (so the gap grows with
+    the step: doubles from h to 2h); across a kink (ReLU at 0, max ties, abs, clip) they differ
+    by the jump in slope, whatever the step (the gap stays put; a kink within h of θ gives a
+    ratio in [1, 1.75) for steps h and 2h). ``ratio`` is the ratio of the two steps; the gap must
+    grow by less than 7/8 of it, and exceed its noise.
     """
     same_sign = np.sign(gap_h) == np.sign(gap_2h)
     big = np.abs(gap_h) > noise
-    flat = np.abs(gap_2h) < 1.75 * np.abs(gap_h)
+    flat = np.abs(gap_2h) < 0.875 * ratio * np.abs(gap_h)
     return same_sign & big & flat
+
+
+def percent(x: float) -> str:
+    """A resolution as a percentage a person reads ("12%", "0.3%"); never "inf%"."""
+    if not math.isfinite(x):
+        return "any size"
+    return f"{x:.0%}" if x >= 0.1 else f"{x:.1%}" if x >= 0.001 else f"{x:.1e}"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 entry``, ``2 entries``: counts in user-facing text agree with their noun."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"

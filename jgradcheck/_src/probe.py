@@ -28,10 +28,13 @@ def probe_line(engine: Engine, problem: Problem, seed: int, check_determinism: b
     rng = np.random.default_rng(seed)
     scale = np.maximum(1.0, np.abs(theta)) / math.sqrt(theta.size)
     dirs = np.stack([rng.choice([-1.0, 1.0], size=theta.size) * scale for _ in range(2)])
-    line = numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
-    ts = np.concatenate([[0.0, 0.0], line, line])
-    which = np.concatenate([[0, 0], np.zeros(9), np.ones(9)]).astype(np.int32)
-    return noise_from(engine.line_costs(group, dirs, ts, which), problem, check_determinism)
+    ts, which = [np.zeros(2)], [np.zeros(2)]
+    for f in numerics.NOISE_SPACING_FACTORS:
+        line = f * numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
+        ts += [line, line]
+        which += [np.zeros(9), np.ones(9)]
+    values = engine.line_costs(group, dirs, np.concatenate(ts), np.concatenate(which).astype(np.int32))
+    return noise_from(values, problem, check_determinism)
 
 
 def probe_group(problem: Problem) -> tuple[int, ...]:
@@ -45,21 +48,24 @@ def probe_entries(problem: Problem, group: tuple[int, ...], seed: int) -> tuple[
     theta = np.concatenate([problem.host(i) for i in group])
     rng = np.random.default_rng(seed)
     js = rng.choice(theta.size, size=2, replace=theta.size < 2)
-    steps = numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
-    idx = np.concatenate([[js[0], js[0]], np.repeat(js, 9)]).astype(np.int64)
     base = theta[js].astype(np.float64)
-    moved = np.concatenate([base[k] + steps * max(1.0, abs(base[k])) for k in range(2)])
-    vals = np.concatenate([theta[[js[0], js[0]]].astype(np.float64), moved]).astype(theta.dtype)
-    return idx, vals
+    idx, moved = [np.array([js[0], js[0]])], [base[[0, 0]]]
+    for f in numerics.NOISE_SPACING_FACTORS:
+        steps = f * numerics.noise_spacing(problem.dtype) * np.arange(1, 10, dtype=np.float64)
+        idx += [np.repeat(js, 9)]
+        moved += [base[k] + steps * max(1.0, abs(base[k])) for k in range(2)]
+    return np.concatenate(idx).astype(np.int64), np.concatenate(moved).astype(theta.dtype)
 
 
 def noise_from(v: np.ndarray, problem: Problem, check_determinism: bool) -> float:
-    """J(θ) and its noise level from probe values [J(θ), J(θ), line 1 (9), line 2 (9)].
+    """J(θ) and its noise level from probe values [J(θ), J(θ), then two lines of 9 per spacing].
 
     Sets ``problem.j0``. The noise is ECnoise (Moré & Wild) on each one-sided line (t = s..9s:
     a kink at θ itself, ReLU or |w| at 0, lies at the end of the line rather than inside it,
     where it would pass for noise and hide real bugs); the smaller estimate wins (in case one
-    line crosses a kink); never below eps |J|.
+    line crosses a kink), at the coarsest spacing whose lines look like noise
+    (``numerics.looks_like_noise``; NOISE_SPACING_FACTORS), or over all spacings if none does
+    (then the estimate errs large: a coarse check, never a blind pass); never below eps |J|.
 
     Raises:
       ValueError: J(θ) is NaN/Inf, or differs between two evaluations (runtime randomness).
@@ -74,7 +80,13 @@ def noise_from(v: np.ndarray, problem: Problem, check_determinism: bool) -> floa
     floor = numerics.machine_eps(problem.dtype) * max(
         float(np.max(np.abs(v[np.isfinite(v)]))), np.finfo(np.float64).tiny
     )
-    estimates = [numerics.ecnoise(v[2:11]), numerics.ecnoise(v[11:20])]
+    lines = [v[s : s + 9] for s in range(2, len(v) - 8, 9)]
+    per_spacing = [lines[i : i + 2] for i in range(0, len(lines), 2)]
+    for pair in per_spacing:
+        valid = [numerics.ecnoise(x) for x in pair if numerics.looks_like_noise(x)]
+        if valid:
+            return max(floor, min(valid))
+    estimates = [numerics.ecnoise(x) for x in per_spacing[0]]
     finite = [e for e in estimates if math.isfinite(e)]
     return max(floor, min(finite)) if finite else floor
 
@@ -97,6 +109,10 @@ class NoiseBox:
             return self._value
         finally:
             self._ready.set()
+
+    def fail(self) -> None:
+        """The group carrying the probe stopped before delivering it (an error, Ctrl-C)."""
+        self._ready.set()
 
     def get(self) -> float:
         self._ready.wait()

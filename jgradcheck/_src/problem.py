@@ -41,6 +41,18 @@ MSG_NONDETERMINISTIC = (
     "Pass a fixed PRNG key as an argument (and use the same mask in your gradient), or set "
     "keep_prob = 1.0 while checking."
 )
+MSG_NONDETERMINISTIC_TRACE = (
+    "cost_fn is not deterministic: tracing it twice at the same params gave different programs "
+    "or constants (a NumPy or Python random draw, the time, or a counter read while J is built). "
+    "Finite differences need the same J every time: draw randomness from a fixed PRNG key passed "
+    "as an argument (and use the same mask in your gradient), or set keep_prob = 1.0 while checking."
+)
+MSG_UNTRACEABLE = (
+    "cost_fn must be a JAX-traceable function of params: J(params, *args) is evaluated with "
+    "jax.jit and jax.vmap, where params are tracers, not concrete numbers. It converted a traced "
+    "value to a Python or NumPy value ({kind}): use jnp operations throughout (no float(), "
+    "int(), .item(), np.asarray() or Python if/while on values of params). JAX said:\n{error}"
+)
 MSG_MISSING = (
     "the gradient is missing leaves that params has: {missing}. Your gradient must return one "
     "array per floating parameter leaf, in a pytree shaped like params."
@@ -117,7 +129,20 @@ def _trace(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
     def f(fl, ar, af, aa):
         return cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa))
 
-    return jax.make_jaxpr(f)(*inputs)
+    try:
+        return jax.make_jaxpr(f)(*inputs)
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerIntegerConversionError,
+        jax.errors.TracerBoolConversionError,
+    ) as err:
+        raise TypeError(MSG_UNTRACEABLE.format(kind=type(err).__name__, error=_first_lines(str(err)))) from err
+
+
+def _first_lines(text: str, n: int = 2) -> str:
+    """The head of JAX's message: what was converted, and where (its full text stays chained)."""
+    return "\n".join(text.strip().splitlines()[:n])
 
 
 def _same_trace(a: Any, b: Any) -> bool:
@@ -163,7 +188,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
     if check_determinism and not all(
         _same_trace(trace, _trace(cost_fn, layout, args_layout, inputs)) for _ in range(2)
     ):
-        raise ValueError(MSG_NONDETERMINISTIC.format(a="(trace 1)", b="(trace 2: different constants)"))
+        raise ValueError(MSG_NONDETERMINISTIC_TRACE)
     kinds = sorted(set(orig))
     if x64:
         precision = "float64" + (

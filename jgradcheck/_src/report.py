@@ -49,9 +49,13 @@ class Entry:
         factor, plus your gradient's own rounding); the entry fails when |yours − numerical|
         exceeds it.
       status: ``"fail"``, ``"kink"`` (non-differentiable point; yours lies between the one-sided
-        slopes ``left`` and ``right``) or ``"ok"``.
-      left: backward one-sided slope (kinks only).
-      right: forward one-sided slope (kinks only).
+        slopes ``left`` and ``right``), ``"inconclusive"`` (within a tolerance too coarse to
+        see a 1% error), ``"nan"`` (J is NaN/Inf at every step tried) or ``"ok"``.
+      left: backward one-sided slope (kinks, at θ or within reach of the step).
+      right: forward one-sided slope (kinks, at θ or within reach of the step).
+      how: how the entry was judged when the first step would not do: ``"smaller step"``,
+        ``"one-sided"`` (a domain edge), ``"kink nearby"`` (a kink within reach of the first
+        step: judged with steps that stay on one side of it), or ``""``.
       output: for a Jacobian entry (vector checks), the output it is the derivative of, e.g.
         ``out[2, 1]``; ``yours`` and ``numerical`` are then ∂output/∂input.
     """
@@ -64,6 +68,7 @@ class Entry:
     status: str
     left: float = math.nan
     right: float = math.nan
+    how: str = ""
     output: str | None = None
 
     @property
@@ -81,6 +86,10 @@ class Entry:
             return s + f"  kink: one-sided slopes {self.left:.4e} (left) and {self.right:.4e} (right)"
         if self.error_estimate > 0 and math.isfinite(self.abs_error):
             s += f"  ({self.abs_error / self.error_estimate:.1e} x tolerance)"
+        if self.how == "kink nearby":
+            s += f"  kink within reach of the step: slopes {self.left:.4e} (left) and {self.right:.4e} (right) there"
+        elif self.how:
+            s += f"  ({self.how})"
         return s
 
 
@@ -93,17 +102,24 @@ class LeafReport:
       shape: the leaf's shape.
       dtype: the leaf's dtype as you passed it.
       difference: the classic relative difference over this leaf's checked entries.
-      passed: no checked entry failed.
+      passed: ``status == "ok"``.
       checked: how many entries were compared entry by entry.
       how: ``"entries"`` (every entry), ``"sampled"`` (a random subset), or ``"screened"`` (random
         directions only: its entries were not compared one by one).
       n_failed: failing entries (or failing directions when screened).
       n_kinks: entries on a kink, accepted.
       worst: the entry (or direction) furthest outside its tolerance; None if nothing checked.
-      resolution: the smallest relative error this check can see in this leaf (median error
-        estimate over the leaf's gradient scale); above 1e-2 a 1% bug could go unnoticed.
+      resolution: the smallest relative error this check can see in this leaf (the largest
+        finite-difference error estimate of a passing entry over the leaf's gradient scale);
+        above 1e-2 the leaf is inconclusive.
       diagnosis: what the discrepancy looks like, in plain words (failing leaves only).
       taylor_slope: fitted slope of the Taylor remainder, if requested (≈2 correct, ≈1 wrong).
+      status: ``"ok"``, ``"fail"`` (an entry disagrees beyond its error estimate) or
+        ``"inconclusive"`` (no entry failed, but some could not be resolved to 1% of the
+        gradient: low precision, noise, steps that do not converge, NaN/Inf; see ``note``).
+      n_unresolved: entries that passed too coarsely to count, or could not be evaluated.
+      note: how entries were judged when the first step would not do, and for an inconclusive
+        leaf, the resolution reached and what to do.
     """
 
     path: str
@@ -119,6 +135,9 @@ class LeafReport:
     resolution: float
     diagnosis: str | None = None
     taylor_slope: float | None = None
+    status: str = "ok"
+    n_unresolved: int = 0
+    note: str | None = None
 
     @property
     def size(self) -> int:
@@ -152,7 +171,9 @@ class GradCheckReport:
 
     Attributes:
       passed: every checked entry of your gradient agrees with the numerical one within its
-        estimated finite-difference error (kinks accepted when yours lies between the slopes).
+        estimated finite-difference error, and that error is small enough to see a 1% mistake
+        (kinks accepted when yours lies between the slopes). False when a leaf failed, and
+        also when one is inconclusive (see ``status``).
       difference: the classic ‖numerical − yours‖₂ / (‖numerical‖₂ + ‖yours‖₂) over checked θ.
       grade: the classic graded verdict on ``difference``.
       leaves: one row per floating leaf, in tree order.
@@ -195,7 +216,25 @@ class GradCheckReport:
 
     @property
     def failed_leaves(self) -> tuple[LeafReport, ...]:
-        return tuple(leaf for leaf in self.leaves if not leaf.passed)
+        """Leaves where yours disagrees with the numerical gradient (not the inconclusive ones)."""
+        return tuple(leaf for leaf in self.leaves if leaf.status == "fail")
+
+    @property
+    def inconclusive_leaves(self) -> tuple[LeafReport, ...]:
+        """Leaves the check could not resolve finely enough to pass (see each ``note``)."""
+        return tuple(leaf for leaf in self.leaves if leaf.status == "inconclusive")
+
+    @property
+    def status(self) -> str:
+        """``"passed"``, ``"failed"`` (some leaf disagrees) or ``"inconclusive"`` (none
+        disagrees, but some leaf could not be resolved: ``passed`` is False)."""
+        if self.passed:
+            return "passed"
+        return "failed" if self.failed_leaves else "inconclusive"
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.status == "inconclusive"
 
     def leaf(self, path: str) -> LeafReport:
         """The row for ``path`` (e.g. ``"W2"``)."""
@@ -232,12 +271,17 @@ class GradCheckReport:
         )
 
     def summary(self) -> str:
+        unresolved = ", ".join(leaf.path for leaf in self.inconclusive_leaves)
         if self.passed:
-            head = f"jgradcheck: PASSED - {self.what} matches the numerical one"
-        else:
-            bad = ", ".join(leaf.path for leaf in self.failed_leaves) or "-"
+            return f"jgradcheck: PASSED - {self.what} matches the numerical one"
+        if self.failed_leaves:
+            bad = ", ".join(leaf.path for leaf in self.failed_leaves)
             head = f"jgradcheck: FAILED - {self.what} disagrees with the numerical one in {bad}"
-        return head
+            return head + (f" (and {unresolved} could not be resolved)" if unresolved else "")
+        return (
+            f"jgradcheck: INCONCLUSIVE - finite differences in {self.precision} could not resolve "
+            f"{unresolved} finely enough to see a 1% error: this is not a pass"
+        )
 
     def __str__(self) -> str:
         lines = [self.summary()]
@@ -255,6 +299,9 @@ class GradCheckReport:
         )
         lines.append("")
         lines.extend(_leaf_table(self.leaves))
+        notes = [leaf for leaf in self.leaves if leaf.note]
+        if notes:
+            lines += [""] + [f"  {leaf.path}: {leaf.note}" for leaf in notes]
         if self.diagnosis:
             lines += ["", f"  diagnosis: {self.diagnosis}"]
         failing = [e for e in self.worst if e.status == "fail"]
@@ -267,7 +314,8 @@ class GradCheckReport:
         if self.kinks:
             lines += [
                 "",
-                f"  kinks (non-differentiable points, accepted where yours lies between the slopes): {len(self.kinks)}",
+                f"  kinks (non-differentiable points at θ, accepted where yours lies between the slopes, "
+                f"or within reach of the step, judged with steps on one side): {len(self.kinks)}",
             ]
             lines += [f"    {e}" for e in self.kinks[:5]]
         if self.warnings:
@@ -294,9 +342,11 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
     )
     rows = []
     for leaf in leaves:
-        status = "ok" if leaf.passed else "FAIL"
+        status = {"ok": "ok", "fail": "FAIL"}.get(leaf.status, leaf.status)
         if leaf.n_failed:
             status += f" ({leaf.n_failed})"
+        elif leaf.status == "inconclusive" and leaf.n_unresolved:
+            status += f" ({leaf.n_unresolved})"
         if leaf.n_kinks:
             status += f" +{leaf.n_kinks} kink"
         w = leaf.worst

@@ -1,0 +1,254 @@
+"""Never a pass that could not see, never a crash inside (issue 8).
+
+Each test is a reproducer of the issue: a wrong gradient that used to pass (low precision,
+steep costs, kinks within the step), a correct one that used to fail (domain edges), a check
+that could not be interrupted, an error that did not teach.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgradcheck
+
+_W = jnp.arange(1.0, 5.0)
+
+
+def _f(w):
+    return jnp.sum(w**2)
+
+
+# --- your gradient's own rounding: judged per entry, from its dtype and magnitude ------------------
+
+_LOW = [jnp.bfloat16, jnp.float16]
+_BUGS = {"sign": -2.0, "doubled": 4.0, "5%": 2.1}
+
+
+@pytest.mark.parametrize("dtype", _LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("bug", list(_BUGS))
+@pytest.mark.parametrize("x64", [True, False], ids=["float64", "float32"])
+def test_low_precision_gradient_with_a_bug_fails(dtype, bug, x64):
+    """bf16 ε is 2^-7: 256 ulps of the leaf's largest entry used to allow 200% errors."""
+    c = _BUGS[bug]
+    report = jgradcheck.check_grad(_f, lambda w: (c * w).astype(dtype), _W, x64=x64)
+    assert report.status == "failed", str(report)
+
+
+@pytest.mark.parametrize("dtype", _LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("x64", [True, False], ids=["float64", "float32"])
+def test_low_precision_gradient_that_is_right_passes(dtype, x64):
+    report = jgradcheck.check_grad(_f, lambda w: (2 * w).astype(dtype), _W, x64=x64)
+    assert report.passed, str(report)
+
+
+# --- low-precision parameters with x64=False ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", _LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("bug", ["sign", "doubled"])
+def test_low_precision_parameters_never_pass_a_bug(dtype, bug):
+    c = _BUGS[bug]
+    report = jgradcheck.check_grad(_f, lambda w: c * w, _W.astype(dtype), x64=False)
+    assert not report.passed, str(report)
+    assert report.status == "failed"
+
+
+@pytest.mark.parametrize("dtype", _LOW, ids=["bfloat16", "float16"])
+def test_low_precision_parameters_right_gradient_is_inconclusive_with_a_reason(dtype):
+    report = jgradcheck.check_grad(_f, lambda w: 2 * w, _W.astype(dtype), x64=False)
+    assert report.passed or report.inconclusive, str(report)
+    if report.inconclusive:
+        text = str(report)
+        assert "INCONCLUSIVE" in text and "x64=True" in text
+        assert report.leaf("<root>").status == "inconclusive"
+        assert "inconclusive" in text.splitlines()[5]  # the leaf row, not "FAIL"
+        assert "FAIL" not in text
+
+
+def test_inconclusive_assertion_says_so():
+    with pytest.raises(AssertionError, match="INCONCLUSIVE"):
+        jgradcheck.assert_grad_correct(_f, lambda w: 2 * w, _W.astype(jnp.bfloat16), x64=False)
+
+
+# --- steep costs: steps that adapt ------------------------------------------------------------------
+
+
+def _steep(b):
+    return jnp.sum(jnp.exp(b * 1e6))
+
+
+def _steep_grad(b):
+    return 1e6 * jnp.exp(b * 1e6)
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_steep_cost_right_gradient_passes_with_a_small_difference(x64):
+    with jax.enable_x64(x64):
+        b = jnp.array([1e-6, -1e-6])
+    report = jgradcheck.check_grad(_steep, _steep_grad, b)
+    assert report.passed, str(report)
+    assert report.difference < 1e-6
+    assert report.leaf("<root>").resolution < 1e-2
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_steep_cost_wrong_gradient_fails(x64):
+    with jax.enable_x64(x64):
+        b = jnp.array([1e-6, -1e-6])
+    report = jgradcheck.check_grad(_steep, lambda b: -_steep_grad(b), b)
+    assert report.status == "failed", str(report)
+
+
+def test_an_enormous_truncation_estimate_is_inconclusive_not_a_pass():
+    """A step you chose, far too large for the curvature: no pass can rest on it."""
+    report = jgradcheck.check_grad(_steep, lambda b: 1.01 * _steep_grad(b), jnp.array([1e-6, -1e-6]), eps=1e-5)
+    assert not report.passed, str(report)
+
+
+# --- domain edges -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cost, grad",
+    [
+        (lambda x: jnp.sum(jnp.log(x)), lambda x: 1 / x),
+        (lambda x: jnp.sum(jnp.sqrt(x)), lambda x: 0.5 / jnp.sqrt(x)),
+    ],
+    ids=["log", "sqrt"],
+)
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_domain_edge_right_gradient_passes_and_is_reported(cost, grad, x64):
+    with jax.enable_x64(x64):
+        x = jnp.array([1e-7, 0.5])
+    report = jgradcheck.check_grad(cost, grad, x)
+    assert report.passed, str(report)
+    assert report.difference < 1e-6
+    text = str(report)
+    assert "smaller step" in text or "one-sided" in text
+    assert "0 isolated" not in text
+    wrong = jgradcheck.check_grad(cost, lambda x: 1.05 * grad(x), x)
+    assert wrong.status == "failed"
+
+
+def test_one_sided_differences_where_only_one_side_is_in_the_domain():
+    # J is defined for w >= 0 only, and w[0] = 0 sits on the edge: no central step fits.
+    def cost(p):
+        return jnp.sum(jnp.where(p >= 0, p**2 + 3 * p, jnp.nan))
+
+    report = jgradcheck.check_grad(cost, lambda p: 2 * p + 3, jnp.array([0.0, 0.7]))
+    assert report.passed, str(report)
+    assert "one-sided" in str(report)
+    assert jgradcheck.check_grad(cost, lambda p: 2 * p + 3.2, jnp.array([0.0, 0.7])).status == "failed"
+
+
+# --- kinks within reach of the step -----------------------------------------------------------------
+
+_RNG = np.random.default_rng(0)
+_X = _RNG.standard_normal((3, 1))
+_W1 = _RNG.standard_normal((4, 3))
+_B1 = _RNG.standard_normal((4, 1))
+_B1[0, 0] = 3e-6 - (_W1[0] @ _X)[0]  # unit 0's pre-activation: 3e-6, below the step
+_W2 = _RNG.standard_normal((1, 4))
+
+
+def _mlp(p, x):
+    a = jax.nn.relu(p["W1"] @ x + p["b1"])
+    return jnp.sum(jnp.tanh(p["W2"] @ a))
+
+
+def _mlp_params():
+    with jax.enable_x64(True):
+        return {k: jnp.asarray(v) for k, v in (("W1", _W1), ("b1", _B1), ("W2", _W2))}, jnp.asarray(_X)
+
+
+def _planted(p, x):
+    # 5% off exactly on the entries whose stencil straddles the kink (b1[0, 0], W1[0, 2]).
+    g = jax.grad(_mlp)(p, x)
+    return {**g, "W1": g["W1"].at[0, 2].multiply(1.05), "b1": g["b1"].at[0, 0].multiply(1.05)}
+
+
+def test_kink_within_reach_is_listed_and_the_right_gradient_passes():
+    p, x = _mlp_params()
+    report = jgradcheck.check_grad(_mlp, jax.grad(_mlp), p, x)
+    assert report.passed, str(report)
+    assert {(e.path, e.index) for e in report.kinks} == {("b1", (0, 0)), ("W1", (0, 2))}
+    assert all(e.how == "kink nearby" for e in report.kinks)
+    assert "kink within reach" in str(report)
+
+
+def test_five_percent_error_on_entries_straddling_a_kink_fails():
+    p, x = _mlp_params()
+    report = jgradcheck.check_grad(_mlp, _planted, p, x)
+    assert report.status == "failed", str(report)
+    assert {e.name for e in report.worst if e.status == "fail"} == {"b1[0, 0]", "W1[0, 2]"}
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind():
+    rng = np.random.default_rng(1)
+    m = jnp.asarray(rng.standard_normal((200, 8)), jnp.float32)
+    params = {"big": jnp.asarray(rng.standard_normal((200, 200)) * 0.1, jnp.float32), "b": jnp.ones(3)}
+
+    def cost(p):
+        return jnp.sum(jnp.tanh(p["big"] @ m) ** 2) + jnp.sum(p["b"] ** 2)
+
+    x64_before = jax.config.read("jax_enable_x64")
+    precision_before = jax.config.jax_default_matmul_precision
+    threads_before = threading.active_count()
+    fire_at = 1.5
+    timer = threading.Timer(fire_at, _thread.interrupt_main)
+    start = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            jgradcheck.check_grad(cost, jax.grad(cost), params, mode="full", strategy="vmap", progress=False)
+    finally:
+        timer.cancel()
+    stopped = time.perf_counter() - start
+    assert stopped < fire_at + 4.0, stopped
+    assert jax.config.read("jax_enable_x64") == x64_before
+    assert jax.config.jax_default_matmul_precision == precision_before
+    deadline = time.perf_counter() + 5.0
+    while threading.active_count() > threads_before and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= threads_before
+
+
+# --- errors that teach ------------------------------------------------------------------------------
+
+
+def test_untraceable_cost_says_j_must_be_traceable():
+    with pytest.raises(TypeError, match="JAX-traceable function of params") as info:
+        jgradcheck.check_grad(lambda w: float(_f(w)), lambda w: 2 * w, _W)
+    assert "float" in str(info.value)
+    assert isinstance(info.value.__cause__, jax.errors.ConcretizationTypeError)
+
+
+def test_nondeterministic_trace_message_has_no_placeholders():
+    def cost(w):
+        return jnp.sum(w**2) + np.random.default_rng().standard_normal()
+
+    with pytest.raises(ValueError, match="not deterministic") as info:
+        jgradcheck.check_grad(cost, lambda w: 2 * w, _W)
+    assert "trace 1" not in str(info.value)
+
+
+def test_no_inf_percent_and_no_1_entries():
+    # A leaf whose numerical gradient is exactly zero, another inconclusive, one failing: the
+    # texts a report can hold.
+    def cost(p):
+        return jnp.sum(p["w"] ** 2) + 0.0 * jnp.sum(p["z"])
+
+    params = {"w": jnp.arange(1.0, 5.0).astype(jnp.bfloat16), "z": jnp.ones(2, jnp.bfloat16)}
+    report = jgradcheck.check_grad(cost, lambda p: {"w": 2 * p["w"], "z": jnp.zeros(2)}, params, x64=False)
+    text = str(report)
+    assert "inf%" not in text and "1 entries" not in text and "0 isolated" not in text
