@@ -114,7 +114,9 @@ def _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs):
         trunc = abs(n_h - n_2h) / 3
         (sup, dp), (_, dm) = dl[0], dl[1]
         floor = (
-            numerics.GRAD_ULPS * g_eps * float(np.abs(g[sup]) @ np.abs(d[sup])) + opts.atol + opts.rtol * abs(numerical)
+            float(numerics.grad_rounding(np.abs(g[sup]) @ np.abs(d[sup]), g_eps, 0.0))
+            + opts.atol
+            + opts.rtol * abs(numerical)
         )
         ys.append(float(g[sup] @ (dp - dm)) / (2 * h))
         ns.append(numerical)
