@@ -14,7 +14,6 @@ import numpy as np
 from jgradcheck._src import numerics, screen
 from jgradcheck._src.assemble import build_report
 from jgradcheck._src.engine import Engine, Progress
-from jgradcheck._src.estimate import check_leaves
 from jgradcheck._src.jaxpr_scan import invisible_to_fd, walk_eqns
 from jgradcheck._src.modes import run_mode
 from jgradcheck._src.options import (
@@ -37,6 +36,7 @@ from jgradcheck._src.problem import (
     user_gradient,
 )
 from jgradcheck._src.report import GradCheckReport
+from jgradcheck._src.schedule import check_leaves
 from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, join_grad, rewrite
 
 PyTree = Any

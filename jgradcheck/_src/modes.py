@@ -8,8 +8,8 @@ import numpy as np
 
 from jgradcheck._src import numerics, screen
 from jgradcheck._src.engine import Progress
-from jgradcheck._src.estimate import check_leaves
 from jgradcheck._src.options import show_progress
+from jgradcheck._src.schedule import check_leaves
 
 
 def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_dirs, seed, progress, n):
