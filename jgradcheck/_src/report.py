@@ -306,7 +306,14 @@ class GradCheckReport:
             lines += ["", f"  diagnosis: {self.diagnosis}"]
         failing = [e for e in self.worst if e.status == "fail"]
         if failing and not all(e.output is not None for e in failing):
-            lines += ["", "  worst entries (yours = your gradient, numerical = finite differences):"]
+            if self.what == "your gradient":
+                head = "  worst entries (yours = your gradient, numerical = finite differences):"
+            else:  # vector checks: input entries of uᵀJ for the cotangents u (see report.mode)
+                head = (
+                    f"  worst input entries of uᵀJ for the cotangents u (yours = {self.what}, "
+                    "numerical = finite differences of ⟨u, f⟩):"
+                )
+            lines += ["", head]
             lines += [f"    {e}" for e in failing]
         if self.jacobian:
             lines += ["", "  disagreeing Jacobian entries (d output / d input; yours vs numerical finite differences):"]
