@@ -11,8 +11,9 @@ Models (float64): a transformer encoder block, a GRU written with ``lax.scan``, 
 * ``torch.autograd.gradcheck`` (slow mode) on the same function and weights when torch imports:
   run in full when 2n ≤ ``--torch-full``, else its 2n forward evaluations are timed on
   ``--loop-calls`` calls and extrapolated (slow mode is those evaluations plus one backward);
-* the FLOP floor: 2n × XLA's ``cost_analysis`` FLOPs of one J at the float64 GEMM rate
-  measured in this process;
+* the FLOP floor: 2n × the FLOPs of one J at the float64 GEMM rate measured in this process:
+  XLA's ``cost_analysis``, or the matmul/convolution FLOPs counted from the jaxpr when larger
+  (XLA counts a ``scan`` body once, not once per step);
 * peak RSS of the process after the two checks (before the loop and torch run).
 
 Usage:
@@ -303,6 +304,31 @@ def gemm_rate():
     return reps * 2 * 256 * 256 * 4096 / (time.perf_counter() - t)
 
 
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul and convolution FLOPs of one J from its jaxpr, loop bodies times their trip count.
+
+    XLA's ``cost_analysis`` counts a ``scan`` body once; this count multiplies it by ``length``.
+    """
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            k = np.prod([eqn.invars[0].aval.shape[d] for d in lc]) if lc else 1
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_ch = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / out_ch
+        for v in eqn.params.values():
+            subs = v if isinstance(v, tuple) else (v,)
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += jaxpr_flops(inner) * (eqn.params.get("length", 1) if name == "scan" else 1)
+    return total
+
+
 def loop_time(cost, params, args, calls):
     theta, unravel = ravel_pytree(params)
     f = jax.jit(lambda th: cost(unravel(th), *args))
@@ -340,7 +366,8 @@ def run_one(name, calls, torch_full):
         flops = f.lower(th).compile().cost_analysis()
         flops = flops[0] if isinstance(flops, list) else flops
         rate = gemm_rate()
-        floor = 2 * n * float(flops["flops"]) / rate
+        counted = jaxpr_flops(jax.make_jaxpr(f)(th).jaxpr)
+        floor = 2 * n * max(float(flops["flops"]), counted) / rate
     t_torch, torch_note = run_torch(name, params, args, calls, torch_full, j0)
     return {
         "model": name,

@@ -121,3 +121,107 @@ def test_unknown_strategy_is_rejected():
     cost, params, args = CASES["control"]
     with pytest.raises(ValueError, match="strategy must be"):
         jgradcheck.check_grad(cost, jax.grad(cost), params, *args, strategy="fast")
+
+
+# Effects and host callbacks (see the docstring of jgradcheck/_src/delta.py): output-less ones
+# are dropped from the 2n perturbed evaluations, the others are called once per perturbation.
+
+CALLS = []
+
+
+def _printing(p, x):
+    jax.debug.print("w0 = {a}", a=p["w"][0])
+    jax.debug.print("w0 = {a}", a=p["w"][0], ordered=True)
+    jax.debug.callback(lambda a: CALLS.append(1), p["w"])
+
+    def step(c, xi):
+        jax.debug.print("c = {c}", c=c)
+        return c * 0.9 + jnp.sin(xi * p["w"][1]), None
+
+    c, _ = jax.lax.scan(step, p["w"][0], x)
+    return jnp.sum(jnp.tanh(p["w"] * x)) + c
+
+
+def _pure_cb(p, x):  # a host function written for float32, declared with its input's dtype
+    y = jax.pure_callback(lambda a: np.sin(a).astype(np.float32), jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    z = jax.pure_callback(lambda a: np.cos(a), jax.ShapeDtypeStruct(p["w"].shape, p["w"].dtype), p["w"])
+    return jnp.sum(jnp.tanh(p["w"] * x) * y) + jnp.sum(z * x)
+
+
+def _io_cb(ordered):
+    def cost(p, x):
+        from jax.experimental import io_callback
+
+        z = io_callback(lambda a: np.cos(a), jax.ShapeDtypeStruct(p["w"].shape, p["w"].dtype), p["w"], ordered=ordered)
+        io_callback(lambda a: CALLS.append(1), None, p["w"], ordered=ordered)
+        return jnp.sum(jnp.tanh(p["w"] * x)) + jnp.sum(z * x)
+
+    return cost
+
+
+EFFECTS = {"printing": _printing, "pure_callback": _pure_cb, "io_ordered": _io_cb(True), "io_unordered": _io_cb(False)}
+
+
+def _reference(cost, p, x):
+    """The derivative, from a JAX-only copy of the cost (callbacks replaced by their JAX twins)."""
+
+    def twin(p, x):
+        out = jnp.sum(jnp.tanh(p["w"] * x))
+        if cost is _printing:
+
+            def step(c, xi):
+                return c * 0.9 + jnp.sin(xi * p["w"][1]), None
+
+            return out + jax.lax.scan(step, p["w"][0], x)[0]
+        if cost is _pure_cb:
+            return jnp.sum(jnp.tanh(p["w"] * x) * jnp.sin(x)) + jnp.sum(jnp.cos(p["w"]) * x)
+        return out + jnp.sum(jnp.cos(p["w"]) * x)
+
+    with jax.enable_x64(True):
+        return np.asarray(jax.grad(twin)({"w": jnp.asarray(p["w"], jnp.float64)}, jnp.asarray(x, jnp.float64))["w"])
+
+
+@pytest.mark.parametrize("strategy", ["delta", "vmap"])
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("name", sorted(EFFECTS))
+def test_effects_and_callbacks(name, x64, strategy):
+    cost = EFFECTS[name]
+    p = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32)}
+    x = jnp.linspace(0.5, 1.5, 5, dtype=jnp.float32)
+    CALLS.clear()
+    got = jgradcheck.numerical_grad(cost, p, x, strategy=strategy, x64=x64)["w"]
+    assert not CALLS  # output-less callbacks never run in the perturbed evaluations
+    # float32: finite differences of a float32 J are good to about sqrt(eps) relative.
+    tol = 1e-7 if x64 else 3e-2
+    np.testing.assert_allclose(got, _reference(cost, p, x), atol=tol, rtol=tol)
+
+
+def test_check_grad_with_callbacks_finds_a_planted_bug():
+    p = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    x = jnp.linspace(0.5, 1.5, 5)
+    good = {"w": jnp.asarray(_reference(_io_cb(True), p, x))}
+    assert jgradcheck.check_grad(_io_cb(True), good, p, x).passed
+    bad = {"w": good["w"].at[3].add(0.01)}
+    report = jgradcheck.check_grad(_io_cb(True), bad, p, x)
+    assert not report.passed and report.worst[0].name == "w[3]"
+
+
+def test_same_cost_as_a_new_closure_does_not_compile_again():
+    from jgradcheck._src import engine
+
+    x = jnp.linspace(-1.0, 1.0, 6)
+    data = jnp.arange(6.0)  # a closed-over array: a constant of the jaxpr, passed at run time
+
+    def make(d):
+        return lambda p, x: jnp.sum(jnp.sin(p["w"] * x) * d) + jnp.sum(p["b"] ** 2)
+
+    p = {"w": jnp.linspace(0.1, 0.6, 6), "b": jnp.ones(3)}
+
+    def grad_of(d):
+        return lambda p, x: {"w": jnp.cos(p["w"] * x) * x * d, "b": 2 * p["b"]}
+
+    programs = (engine._group_delta_block, engine._group_line_block)
+    assert jgradcheck.check_grad(make(data), grad_of(data), p, x).passed
+    before = [f._cache_size() for f in programs]
+    assert jgradcheck.check_grad(make(data + 1.0), grad_of(data + 1.0), p, x).passed
+    assert [f._cache_size() for f in programs] == before

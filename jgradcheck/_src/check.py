@@ -900,6 +900,7 @@ def _engine(problem: _Problem, devices: Sequence[Any] | None, chunk_size: int | 
         chunk_size,
         _eval_bytes(problem),
         strategy,
+        trace=problem.trace,
     )
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jgradcheck._src.delta import perturbed_cost
+from jgradcheck._src.delta import callbacks, clean, eval_delta, perturbed_cost
 from jgradcheck._src.tree import Layout
 
 # Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar.
@@ -37,101 +37,90 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 MAX_CHUNK = 512
 
 
-def _group_vector(floats, group: tuple[int, ...]) -> jax.Array:
+class Program:
+    """The cost as a traced program over its flat inputs, hashable by its printed text.
+
+    Compiled programs are keyed by this, not by the cost function: re-checking the same cost
+    written as a new closure or lambda traces to the same text and reuses the compiled code.
+    The jaxpr's constants (arrays the cost closes over) are dynamic arguments, so a closure
+    over new values of the same shapes reuses it too. Host callbacks are part of the key by
+    identity: the text shows their addresses masked.
+    """
+
+    def __init__(self, closed: Any):
+        self.key = (str(closed.jaxpr), callbacks(closed.jaxpr))
+        self._hash = hash(self.key)
+        ready = clean(closed)
+        self.jaxpr, self.consts = ready.jaxpr, list(ready.consts)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Program) and other.key == self.key
+
+    def __call__(self, consts, flat):
+        ((out, _),) = eval_delta(self.jaxpr, consts, flat, [None] * len(flat))
+        return out
+
+
+def _group_vector(flat, group: tuple[int, ...]) -> jax.Array:
     """The group's leaves raveled and concatenated."""
-    return jnp.concatenate([floats[g].reshape(-1) for g in group]) if len(group) > 1 else floats[group[0]].reshape(-1)
+    return jnp.concatenate([flat[g].reshape(-1) for g in group]) if len(group) > 1 else flat[group[0]].reshape(-1)
 
 
-def _with_group(floats, group: tuple[int, ...], vec: jax.Array) -> list[Any]:
-    """``floats`` with the group's leaves replaced by the pieces of ``vec``."""
-    shapes = [floats[g].shape for g in group]
+def _with_group(flat, group: tuple[int, ...], vec: jax.Array) -> list[Any]:
+    """``flat`` with the group's leaves replaced by the pieces of ``vec``."""
+    shapes = [flat[g].shape for g in group]
     parts = jnp.split(vec, np.cumsum([math.prod(s) for s in shapes])[:-1].tolist()) if len(group) > 1 else [vec]
-    out = list(floats)
+    out = list(flat)
     for g, part, shape in zip(group, parts, shapes):
         out[g] = part.reshape(shape)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
-def _group_block(
-    cost_fn,
-    layout: Layout,
-    args_layout: Layout,
-    group: tuple[int, ...],
-    floats,
-    arrays,
-    arg_floats,
-    arg_arrays,
-    idx,
-    vals,
-):
+@functools.partial(jax.jit, static_argnames=("program", "group"))
+def _group_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals):
     """J with entry ``idx[k]`` of the group's concatenated leaves set to ``vals[k]``, for all k.
 
-    Only the group's leaves are batched; every other leaf stays unbatched.
+    ``flat`` is every input leaf (the float parameters first); only the group's leaves are
+    batched, every other leaf stays unbatched.
     """
-    base = _group_vector(floats, group)
+    base = _group_vector(flat, group)
 
     def one(i, v):
-        perturbed = _with_group(floats, group, base.at[i].set(v))
-        return cost_fn(layout.merge(perturbed, arrays), *args_layout.merge(arg_floats, arg_arrays))
+        return program(consts, _with_group(flat, group, base.at[i].set(v)))
 
     batched = jax.vmap(one)
     return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
-def _group_delta_block(
-    cost_fn,
-    layout: Layout,
-    args_layout: Layout,
-    group: tuple[int, ...],
-    floats,
-    arrays,
-    arg_floats,
-    arg_arrays,
-    idx,
-    vals,
-):
+@functools.partial(jax.jit, static_argnames=("program", "group"))
+def _group_delta_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals):
     """As ``_group_block``, through the delta interpreter (``delta.py``): what a single-entry
     perturbation does not change is computed once, and products with the perturbed leaf
     shrink to a row of the other operand."""
-    inputs = (list(floats), list(arrays), list(arg_floats), list(arg_arrays))
-    closed = jax.make_jaxpr(lambda fl, ar, af, aa: cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa)))(*inputs)
-    flat = jax.tree_util.tree_leaves(inputs)
-    sizes = [math.prod(floats[g].shape) for g in group]
-    bases = [floats[g] for g in group]
+    sizes = [math.prod(flat[g].shape) for g in group]
+    bases = [flat[g] for g in group]
 
     def one(i, v):
-        return perturbed_cost(closed.jaxpr, closed.consts, flat, list(group), sizes, i, v, bases)
+        return perturbed_cost(program.jaxpr, consts, flat, list(group), sizes, i, v, bases)
 
     batched = jax.vmap(one)
     return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
 
 
-@functools.partial(jax.jit, static_argnames=("cost_fn", "layout", "args_layout", "group"))
-def _group_line_block(
-    cost_fn,
-    layout: Layout,
-    args_layout: Layout,
-    group: tuple[int, ...],
-    floats,
-    arrays,
-    arg_floats,
-    arg_arrays,
-    dirs,
-    ts,
-    which,
-):
+@functools.partial(jax.jit, static_argnames=("program", "group"))
+def _group_line_block(program: Program, group: tuple[int, ...], consts, flat, dirs, ts, which):
     """J(θ + t_k d_{which_k}) with directions ``dirs`` (num_dirs, group size) over the group's
     concatenated leaves: the noise probe, screening, bisection and the Taylor test.
 
     Only the group's leaves are batched, as in ``_group_block``.
     """
-    base = _group_vector(floats, group)
+    base = _group_vector(flat, group)
 
     def one(t, k):
-        moved = _with_group(floats, group, (base + t * dirs[k]).astype(base.dtype))
-        return cost_fn(layout.merge(moved, arrays), *args_layout.merge(arg_floats, arg_arrays))
+        return program(consts, _with_group(flat, group, (base + t * dirs[k]).astype(base.dtype)))
 
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
 
@@ -215,6 +204,7 @@ class Engine:
         chunk_size: int | None,
         eval_bytes: int,
         strategy: str = "delta",
+        trace: Any = None,
     ):
         self.cost_fn, self.layout, self.args_layout = cost_fn, layout, args_layout
         self.devices = list(devices)
@@ -226,6 +216,14 @@ class Engine:
         self.arrays = [rep(x) for x in arrays]
         self.arg_floats = [rep(x) for x in arg_floats]
         self.arg_arrays = [rep(x) for x in arg_arrays]
+        inputs = (self.floats, self.arrays, self.arg_floats, self.arg_arrays)
+        if trace is None:
+            trace = jax.make_jaxpr(lambda fl, ar, af, aa: cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa)))(
+                *inputs
+            )
+        self.program = Program(trace)
+        self.consts = [rep(c) for c in self.program.consts]
+        self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
         self._lock = threading.Lock()
 
@@ -276,14 +274,10 @@ class Engine:
         for b in range(n_blocks):
             block = _group_delta_block if self.strategy == "delta" else _group_block
             out = block(
-                self.cost_fn,
-                self.layout,
-                self.args_layout,
+                self.program,
                 tuple(group),
-                self.floats,
-                self.arrays,
-                self.arg_floats,
-                self.arg_arrays,
+                self.consts,
+                self.flat,
                 self._sharded(idx[b]),
                 self._sharded(vals[b]),
             )
@@ -315,14 +309,10 @@ class Engine:
         ts = np.concatenate([np.asarray(ts, np.float64), np.zeros(pad)]).astype(dtype)
         which = np.concatenate([np.asarray(which, np.int32), np.zeros(pad, np.int32)])
         out = _group_line_block(
-            self.cost_fn,
-            self.layout,
-            self.args_layout,
+            self.program,
             tuple(group),
-            self.floats,
-            self.arrays,
-            self.arg_floats,
-            self.arg_arrays,
+            self.consts,
+            self.flat,
             self._replicated(dirs),
             self._sharded(ts.reshape(n_chunks, chunk)),
             self._sharded(which.reshape(n_chunks, chunk)),
