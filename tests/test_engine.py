@@ -225,3 +225,80 @@ def test_same_cost_as_a_new_closure_does_not_compile_again():
     before = [f._cache_size() for f in programs]
     assert jgradcheck.check_grad(make(data + 1.0), grad_of(data + 1.0), p, x).passed
     assert [f._cache_size() for f in programs] == before
+
+
+# Rules that keep the change small, each against re-evaluating the whole cost: the perturbed
+# costs J(θ + v e_i) of both strategies must agree to the rounding of J itself.
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _cnn(p, x):  # one-hot kernel entries, a slab (one channel) into the second conv, pooling
+    h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["k1"], (1, 1), "SAME", dimension_numbers=_NHWC) + p["b1"])
+    h = jnp.tanh(jax.lax.conv_general_dilated(h, p["k2"], (2, 1), "VALID", dimension_numbers=_NHWC) + p["b2"])
+    b, hh, ww, c = h.shape
+    h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+    return jnp.sum(h.reshape(b, -1) @ p["w"])
+
+
+def _conv_nchw_input(p, k):  # the image is the parameter: a one-hot input entry
+    y = jax.lax.conv_general_dilated(p["img"], k, (1, 1), ((1, 0), (0, 2)), rhs_dilation=(1, 2))
+    return jnp.sum(jnp.sin(y))
+
+
+def _gru(p, xs):  # scan whose body multiplies by the loop's weights (constants of the body)
+    def step(h, x):
+        z = jax.nn.sigmoid(x @ p["wz"] + h @ p["uz"] + p["bz"])
+        c = jnp.tanh(x @ p["wh"] + (z * h) @ p["uh"])
+        h = (1 - z) * h + z * c
+        return h, jnp.sum(h**2)
+
+    h, ys = jax.lax.scan(step, jnp.zeros((xs.shape[1], p["uz"].shape[0]), xs.dtype) + p["h0"], xs)
+    return jnp.sum(h) + jnp.mean(ys)
+
+
+def _rules_cases():
+    r = np.random.default_rng(1)
+
+    def a(*shape, s=0.5):
+        return jnp.asarray(r.standard_normal(shape) * s, jnp.float32)
+
+    return {
+        "cnn": (_cnn, {"k1": a(3, 3, 2, 4), "b1": a(4), "k2": a(3, 2, 4, 3), "b2": a(3), "w": a(18, 2)}, (a(2, 9, 7, 2),)),
+        "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
+        "gru": (
+            _gru,
+            {"wz": a(3, 4), "uz": a(4, 4), "bz": a(4), "wh": a(3, 4), "uh": a(4, 4), "h0": a(4)},
+            (a(5, 2, 3),),
+        ),
+    }
+
+
+RULES = _rules_cases()
+
+
+def _perturbed_costs(cost, params, args, strategy, x64):
+    from jgradcheck._src.check import _engine, _prepare, _scope
+    from jgradcheck._src.engine import Progress
+
+    with _scope(x64):
+        problem = _prepare(cost, params, args, x64, check_determinism=False)
+        engine = _engine(problem, None, None, strategy)
+        out = []
+        for group in problem.groups:
+            base = np.concatenate([np.asarray(problem.floats[g]).ravel() for g in group])
+            idx = np.concatenate([np.arange(base.size)] * 2)
+            vals = np.concatenate([base + 0.37, base - 0.21])
+            out.append(engine.costs(group, idx, vals, Progress(idx.size, False)))
+        return np.concatenate(out)
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rules_match_whole_cost_reevaluation(name, x64):
+    cost, params, args = RULES[name]
+    fast = _perturbed_costs(cost, params, args, "delta", x64)
+    ref = _perturbed_costs(cost, params, args, "vmap", x64)
+    eps = np.finfo(np.float64 if x64 else np.float32).eps
+    # J(θ) + ΔJ against J(θ + v e_i): the same sums in another order, a few ulps of the terms.
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=32 * eps * max(1.0, float(np.max(np.abs(ref)))))

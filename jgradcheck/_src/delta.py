@@ -34,6 +34,7 @@ Effects and host callbacks (``clean``, applied before either strategy evaluates 
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from typing import Any, NamedTuple
@@ -323,14 +324,58 @@ def eval_delta(jaxpr, consts, args, deltas):
         env[v] = (c, None)
     for v, a, d in zip(jaxpr.invars, args, deltas):
         env[v] = (a, d)
+    log = _DENSE_LOG.get()
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         bases = [b for b, _ in ins]
         ds = [d for _, d in ins]
         outs = _eval_eqn(eqn, bases, ds)
+        if log is not None and eqn.primitive.name not in _CALLS and any(_is_dense(d) for _, d in outs):
+            log.append((eqn.primitive.name, work(eqn)))
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+# While set (by ``dense_work``), eval_delta records each equation whose change came out dense.
+_DENSE_LOG: contextvars.ContextVar[list[tuple[str, float]] | None] = contextvars.ContextVar("dense", default=None)
+
+
+def _is_dense(d) -> bool:
+    return d is not None and not isinstance(d, (OneHot, Slab)) and jnp.ndim(d) > 0
+
+
+def work(eqn) -> float:
+    """Rough arithmetic cost of one equation: multiply-adds for products and convolutions,
+    loop bodies times their trip count, one per output entry otherwise."""
+    name = eqn.primitive.name
+    out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+    if name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        return float(out * math.prod(eqn.invars[0].aval.shape[d] for d in lc))
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        return float(out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]])
+    subs = list(_subjaxprs(eqn.params))
+    if subs:
+        inner = max(sum(work(e) for e in getattr(s, "jaxpr", s).eqns) for s in subs)
+        return float(inner * eqn.params.get("length", 1))
+    return float(out)
+
+
+def dense_work(closed, flat, leaf: int) -> tuple[float, list[tuple[str, float]]]:
+    """Work of one perturbed evaluation of ``leaf`` where its change does not stay small, and
+    the equations that made it dense; found by tracing the delta interpreter (nothing runs)."""
+    log: list[tuple[str, float]] = []
+    token = _DENSE_LOG.set(log)
+    try:
+        sizes = [math.prod(jnp.shape(flat[leaf]))]
+        jax.make_jaxpr(
+            lambda i, v: perturbed_cost(closed.jaxpr, closed.consts, flat, [leaf], sizes, i, v, [flat[leaf]])
+        )(np.int32(0), jnp.zeros((), jnp.result_type(flat[leaf])))
+    finally:
+        _DENSE_LOG.reset(token)
+    return sum(w for _, w in log), log
 
 
 def _eval_eqn(eqn, bases, ds):
@@ -340,6 +385,8 @@ def _eval_eqn(eqn, bases, ds):
         return []
     if all(d is None for d in ds):
         return [(b, None) for b in _bind(eqn, *bases)]
+    if name == "scan" and not eqn.params.get("_split_transpose", False):
+        return _scan_rule(eqn, bases, ds)
     if name in _CALLS and _CALLS[name] in eqn.params:
         sub = eqn.params[_CALLS[name]]
         inner, consts = (sub.jaxpr, sub.consts) if isinstance(sub, jex.ClosedJaxpr) else (sub, ())
@@ -384,6 +431,8 @@ def _eval_eqn(eqn, bases, ds):
         if name == "transpose":
             perm = eqn.params["permutation"]
             return [(out_base[0], _reindex(oh, shape_i, tuple(out_aval.shape), perm))]
+        if name == "conv_general_dilated" and _plain_conv(eqn):
+            return [(out_base[0], _conv_onehot(eqn, bases, oh, i))]
     if len(live) == 1 and isinstance(ds[live[0]], Slab):
         got = _slab_rule(eqn, name, bases, ds, live[0], out_base)
         if got is not None:
@@ -483,11 +532,107 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
         if sl.axis in axes:
             return [(out_base[0], vals.astype(out_aval.dtype))]
         return [(out_base[0], Slab(sl.axis - sum(a < sl.axis for a in axes), sl.index, vals))]
+    if name == "reshape" and len(bases) == 1:
+        axis = _kept_axis(shape_i, tuple(out_aval.shape), sl.axis)
+        if axis is not None:
+            rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
+            return [(out_base[0], Slab(axis, sl.index, sl.values.reshape(rest)))]
+    if name == "conv_general_dilated" and _plain_conv(eqn):
+        lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+        if i == 0 and sl.axis == lhs_spec[1]:  # one input channel: its kernel slice, all outputs
+            values = jnp.expand_dims(sl.values, sl.axis)
+            kernel = jax.lax.dynamic_slice_in_dim(bases[1], sl.index, 1, rhs_spec[1])
+            return [(out_base[0], _bind(eqn, values.astype(bases[0].dtype), kernel)[0])]
     if name == "transpose":
         perm = list(eqn.params["permutation"])
         inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
         return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
     return None
+
+
+def _kept_axis(old, new, axis):
+    """The axis of ``new`` that is ``old``'s ``axis`` unchanged by a reshape, or None: the
+    entries before it and after it must regroup among themselves."""
+    before, after = math.prod(old[:axis]), math.prod(old[axis + 1 :])
+    acc = 1
+    for k, d in enumerate(new):
+        if acc == before and d == old[axis] and math.prod(new[k + 1 :]) == after:
+            return k
+        acc *= d
+    return None
+
+
+def _plain_conv(eqn) -> bool:
+    """A convolution without feature or batch groups (each output channel reads every input
+    channel through its own kernel slice), the case the one-hot and slab rules cover."""
+    return eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+
+
+def _conv_onehot(eqn, bases, oh: OneHot, side: int):
+    """Δ of a convolution when one kernel entry (side 1) or one input entry (side 0) moves.
+
+    A kernel entry (spatial k, in-channel c, out-channel o) changes output channel o only, by
+    δ times input channel c seen through a kernel that is one at k: a single-channel
+    convolution instead of the full one. An input entry changes the outputs whose window
+    covers it, through every kernel: the convolution of a one-hot image.
+    """
+    lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    lhs, rhs = bases
+    dtype = eqn.outvars[0].aval.dtype
+    if side == 0:
+        d = _dense(lhs, oh)
+        return _bind(eqn, d, rhs)[0].astype(dtype)
+    p = jnp.unravel_index(oh.index, jnp.shape(rhs))
+    channel = jax.lax.dynamic_slice_in_dim(lhs, p[rhs_spec[1]], 1, lhs_spec[1])
+    shape = list(jnp.shape(rhs))
+    shape[rhs_spec[0]] = shape[rhs_spec[1]] = 1
+    at = list(p)
+    at[rhs_spec[0]] = at[rhs_spec[1]] = 0
+    kernel = jnp.zeros(shape, jnp.result_type(rhs)).at[tuple(at)].set(jnp.asarray(oh.delta, jnp.result_type(rhs)))
+    one = _bind(eqn, channel, kernel)[0]
+    return Slab(out_spec[1], p[rhs_spec[0]], jnp.squeeze(one, out_spec[1]).astype(dtype))
+
+
+def _scan_rule(eqn, bases, ds):
+    """A scan whose body is interpreted with deltas: the loop's constants (its weights) stay
+    shared and unbatched, and the change travels through the carry as a dense delta.
+
+    Why: re-evaluating the scan at base + Δ batches every weight the perturbation touches, so
+    each step becomes many small batched products; carrying the change instead turns the step
+    into products of one (perturbations × batch) matrix with the shared weights.
+    """
+    prm = eqn.params
+    body, n_c, n_carry = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
+    consts_b, carry_b, xs_b = bases[:n_c], bases[n_c : n_c + n_carry], bases[n_c + n_carry :]
+    consts_d, carry_d, xs_d = ds[:n_c], ds[n_c : n_c + n_carry], ds[n_c + n_carry :]
+    inexact = [jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars]
+
+    def dense(b, d, f):  # a fixed (strong) type per carry, as scan requires
+        return jnp.asarray(_dense(b, d), dtype=jnp.result_type(b)) if f else None
+
+    # A delta in any input may reach every inexact carry: carry those densely.
+    carry_d = [dense(b, d, f) for b, d, f in zip(carry_b, carry_d, inexact[:n_carry])]
+    xs_d = [None if d is None else _dense(b, d) for b, d in zip(xs_b, xs_d)]
+
+    def step(carry, x):
+        cb, cd = carry
+        xb, xd = x
+        outs = eval_delta(body.jaxpr, list(body.consts), [*consts_b, *cb, *xb], [*consts_d, *cd, *xd])
+        new_cb = [b for b, _ in outs[:n_carry]]
+        new_cd = [dense(b, d, f) for (b, d), f in zip(outs[:n_carry], inexact[:n_carry])]
+        ys = outs[n_carry:]
+        yd = [dense(b, d, f) for (b, d), f in zip(ys, inexact[n_carry:])]
+        return (new_cb, new_cd), ([b for b, _ in ys], yd)
+
+    (cb, cd), (yb, yd) = jax.lax.scan(
+        step,
+        (list(carry_b), carry_d),
+        (list(xs_b), xs_d),
+        length=prm["length"],
+        reverse=prm["reverse"],
+        unroll=prm["unroll"],
+    )
+    return list(zip(cb, cd)) + list(zip(yb, yd))
 
 
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):

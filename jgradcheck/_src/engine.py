@@ -141,9 +141,9 @@ def _next_pow2(k: int) -> int:
 def choose_chunk(leaf_bytes: int, eval_bytes: int, budget: int, n_devices: int) -> int:
     """Perturbations per vmap step: as many as fit ``budget`` bytes per device.
 
-    Why: each batched evaluation holds its own copy of the perturbed leaf plus the cost's
-    temporaries (``eval_bytes``, measured from the compiled cost); the chunk is what keeps the
-    peak at budget rather than growing with n.
+    Why: each batched evaluation holds the cost's temporaries (``eval_bytes``, an upper bound
+    from the traced cost) plus, when it copies the perturbed leaves, ``leaf_bytes``; the chunk
+    is what keeps the peak at budget rather than growing with n.
     """
     per_eval = max(1, leaf_bytes + eval_bytes)
     chunk = int(max(1, min(MAX_CHUNK, budget // per_eval)))
@@ -243,6 +243,11 @@ class Engine:
             return int(math.ceil(self.chunk_size / n_dev) * n_dev)
         return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev)
 
+    def _copy_bytes(self, group_bytes: int) -> int:
+        """Bytes of the perturbed leaves each evaluation copies: the vmap strategy sets one entry
+        of a copy of the group; the delta strategy never copies it (the change is one entry)."""
+        return group_bytes if self.strategy == "vmap" else 0
+
     def _blocks(self, count: int, chunk: int) -> tuple[int, int, int]:
         """(chunk, chunks per block, blocks), rounded to powers of two so that calls with
         similar counts (e.g. re-checks of a few failing entries) reuse the compiled block."""
@@ -262,7 +267,7 @@ class Engine:
         dtype = np.dtype(leaves[0].dtype)
         group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
         n_dev = len(self.devices)
-        chunk, per_block, n_blocks = self._blocks(count, self.chunk_for(group_bytes))
+        chunk, per_block, n_blocks = self._blocks(count, self.chunk_for(self._copy_bytes(group_bytes)))
         chunk = int(math.ceil(chunk / n_dev) * n_dev)
         padded = per_block * chunk * n_blocks
         first = np.asarray(leaves[0]).reshape(-1)[:1].astype(dtype)
