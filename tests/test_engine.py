@@ -264,7 +264,11 @@ def _rules_cases():
         return jnp.asarray(r.standard_normal(shape) * s, jnp.float32)
 
     return {
-        "cnn": (_cnn, {"k1": a(3, 3, 2, 4), "b1": a(4), "k2": a(3, 2, 4, 3), "b2": a(3), "w": a(18, 2)}, (a(2, 9, 7, 2),)),
+        "cnn": (
+            _cnn,
+            {"k1": a(3, 3, 2, 4), "b1": a(4), "k2": a(3, 2, 4, 3), "b2": a(3), "w": a(18, 2)},
+            (a(2, 9, 7, 2),),
+        ),
         "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
         "gru": (
             _gru,
@@ -284,12 +288,17 @@ def _perturbed_costs(cost, params, args, strategy, x64):
     with _scope(x64):
         problem = _prepare(cost, params, args, x64, check_determinism=False)
         engine = _engine(problem, None, None, strategy)
+        leaves = range(len(problem.floats))
+        # The delta rules on each leaf alone (in a group every leaf carries a change, and most
+        # rules need a single one); the reference re-evaluates all leaves in one program.
+        groups = [(i,) for i in leaves] if strategy == "delta" else [tuple(leaves)]
         out = []
-        for group in problem.groups:
+        for group in groups:
             base = np.concatenate([np.asarray(problem.floats[g]).ravel() for g in group])
-            idx = np.concatenate([np.arange(base.size)] * 2)
-            vals = np.concatenate([base + 0.37, base - 0.21])
-            out.append(engine.costs(group, idx, vals, Progress(idx.size, False)))
+            idx = np.arange(base.size)
+            out.append(
+                np.stack([engine.costs(group, idx, base + v, Progress(idx.size, False)) for v in (0.37, -0.21)], axis=1)
+            )
         return np.concatenate(out)
 
 
