@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src import diagnose, numerics, screen
-from jgradcheck._src.engine import Engine, Progress
+from jgradcheck._src.engine import Engine, Progress, plan_groups
 from jgradcheck._src.jaxpr_scan import invisible_to_fd, walk_eqns
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
 from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
@@ -546,23 +546,14 @@ def _check_entries(
     return _Coords(idx, numerical, tol, status, left, right)
 
 
-# Leaves up to this many entries are perturbed together in one compiled program (biases, small
-# last layers): one compilation instead of one per leaf, and no more FLOPs, because the layers
-# after the first of them are batched either way.
+# Leaves up to this many entries may share a compiled program (biases, small last layers): one
+# compilation instead of one per leaf. Which ones share is the engine's plan (``plan_groups``).
 SMALL_LEAF = 4096
 
 
 def _groups(problem: _Problem, leaves: Sequence[int]) -> list[tuple[int, ...]]:
-    """Big leaves alone (their followers stay unbatched: large GEMMs); small ones together."""
-    small: dict[str, list[int]] = {}
-    out: list[tuple[int, ...]] = []
-    for i in leaves:
-        f = problem.floats[i]
-        if f.size <= SMALL_LEAF:
-            small.setdefault(str(f.dtype), []).append(i)
-        else:
-            out.append((i,))
-    return out + [tuple(v) for v in small.values()]
+    """Big leaves alone (their followers stay unbatched: large GEMMs); small ones by the engine's plan."""
+    return plan_groups(problem.trace, jax.tree_util.tree_leaves(problem.inputs), list(leaves), SMALL_LEAF)
 
 
 def check_leaves(

@@ -331,18 +331,30 @@ def eval_delta(jaxpr, consts, args, deltas):
         ds = [d for _, d in ins]
         outs = _eval_eqn(eqn, bases, ds)
         if log is not None and eqn.primitive.name not in _CALLS and any(_is_dense(d) for _, d in outs):
-            log.append((eqn.primitive.name, work(eqn)))
+            log.append((eqn, work(eqn) / _slab_saving(eqn, bases, ds)))
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
 
 # While set (by ``dense_work``), eval_delta records each equation whose change came out dense.
-_DENSE_LOG: contextvars.ContextVar[list[tuple[str, float]] | None] = contextvars.ContextVar("dense", default=None)
+_DENSE_LOG: contextvars.ContextVar[list[tuple[Any, float]] | None] = contextvars.ContextVar("dense", default=None)
 
 
 def _is_dense(d) -> bool:
     return d is not None and not isinstance(d, (OneHot, Slab)) and jnp.ndim(d) > 0
+
+
+def _slab_saving(eqn, bases, ds) -> float:
+    """How much less than ``work(eqn)`` a product fed one slab costs: the slab's axis, when
+    contracted, shrinks to one entry."""
+    live = [i for i, d in enumerate(ds) if d is not None]
+    if len(live) != 1 or not isinstance(ds[live[0]], Slab):
+        return 1.0
+    return float(jnp.shape(bases[live[0]])[ds[live[0]].axis]) if eqn.primitive.name in _PRODUCTS else 1.0
+
+
+_PRODUCTS = {"dot_general", "conv_general_dilated"}
 
 
 def work(eqn) -> float:
@@ -363,10 +375,11 @@ def work(eqn) -> float:
     return float(out)
 
 
-def dense_work(closed, flat, leaf: int) -> tuple[float, list[tuple[str, float]]]:
+def dense_work(closed, flat, leaf: int) -> tuple[float, list[tuple[Any, float]]]:
     """Work of one perturbed evaluation of ``leaf`` where its change does not stay small, and
-    the equations that made it dense; found by tracing the delta interpreter (nothing runs)."""
-    log: list[tuple[str, float]] = []
+    the equations where it is dense, in order; found by tracing the delta interpreter (nothing
+    is compiled or run)."""
+    log: list[tuple[Any, float]] = []
     token = _DENSE_LOG.set(log)
     try:
         sizes = [math.prod(jnp.shape(flat[leaf]))]
@@ -433,6 +446,12 @@ def _eval_eqn(eqn, bases, ds):
             return [(out_base[0], _reindex(oh, shape_i, tuple(out_aval.shape), perm))]
         if name == "conv_general_dilated" and _plain_conv(eqn):
             return [(out_base[0], _conv_onehot(eqn, bases, oh, i))]
+        wide = [k for k, d in enumerate(shape_i) if d != 1]
+        if name == "broadcast_in_dim" and len(wide) == 1:
+            axis = eqn.params["broadcast_dimensions"][wide[0]]  # a bias: one entry moves a whole slab
+            rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
+            if out_aval.shape[axis] == shape_i[wide[0]]:
+                return [(out_base[0], Slab(axis, oh.index, jnp.full(rest, oh.delta, out_aval.dtype)))]
     if len(live) == 1 and isinstance(ds[live[0]], Slab):
         got = _slab_rule(eqn, name, bases, ds, live[0], out_base)
         if got is not None:
@@ -454,6 +473,8 @@ def _eval_eqn(eqn, bases, ds):
         k = live[0]
         d = _dense(bases[k], ds[k])
         return [(out_base[0], d * bases[1 - k])]
+    if name == "dot_general" and len(live) == 2:
+        return [(out_base[0], _bilinear(eqn, bases, ds))]
     if name == "dot_general" and len(live) == 1:
         args = list(bases)
         args[live[0]] = _dense(bases[live[0]], ds[live[0]])
@@ -490,9 +511,12 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
     sl: Slab = ds[i]
     out_aval = eqn.outvars[0].aval
     shape_i = tuple(jnp.shape(bases[i]))
-    if name in ("add", "sub") and tuple(out_aval.shape) == shape_i:
+    out_shape = tuple(out_aval.shape)
+    if name in ("add", "sub") and len(out_shape) == len(shape_i) and shape_i[sl.axis] == out_shape[sl.axis]:
+        # The slab operand may be broadcast along its other (size-1) axes: a bias.
         values = -sl.values if (name == "sub" and i == 1) else sl.values
-        return [(out_base[0], Slab(sl.axis, sl.index, values))]
+        rest = tuple(d for k, d in enumerate(out_shape) if k != sl.axis)
+        return [(out_base[0], Slab(sl.axis, sl.index, jnp.broadcast_to(values, rest).astype(out_aval.dtype)))]
     if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == shape_i:
         if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == shape_i for b in bases):
             at = [b if jnp.ndim(b) == 0 else _take(b, sl.axis, sl.index) for b in bases]
@@ -548,6 +572,20 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
         inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
         return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
     return None
+
+
+def _bilinear(eqn, bases, ds):
+    """Δ(A·B) = ΔA·B + A·ΔB + ΔA·ΔB, each term by the single-change rules: the shared operand
+    stays unbatched (a weight in a scan body next to a changed carry)."""
+    a, b = bases
+    da, db = ds
+    terms = [
+        _eval_eqn(eqn, [a, b], [da, None])[0][1],
+        _eval_eqn(eqn, [a, b], [None, db])[0][1],
+        _eval_eqn(eqn, [_dense(a, da), b], [None, db])[0][1],
+    ]
+    shape, dtype = eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype
+    return sum(jnp.broadcast_to(_dense(jnp.zeros(shape, dtype), t), shape) for t in terms)
 
 
 def _kept_axis(old, new, axis):
@@ -624,7 +662,16 @@ def _scan_rule(eqn, bases, ds):
         yd = [dense(b, d, f) for (b, d), f in zip(ys, inexact[n_carry:])]
         return (new_cb, new_cd), ([b for b, _ in ys], yd)
 
-    (cb, cd), (yb, yd) = jax.lax.scan(
+    token = _DENSE_LOG.set(None)  # the scan's work is logged as a whole, by eval_delta
+    try:
+        (cb, cd), (yb, yd) = _scan(step, carry_b, carry_d, xs_b, xs_d, prm)
+    finally:
+        _DENSE_LOG.reset(token)
+    return list(zip(cb, cd)) + list(zip(yb, yd))
+
+
+def _scan(step, carry_b, carry_d, xs_b, xs_d, prm):
+    return jax.lax.scan(
         step,
         (list(carry_b), carry_d),
         (list(xs_b), xs_d),
@@ -632,7 +679,6 @@ def _scan_rule(eqn, bases, ds):
         reverse=prm["reverse"],
         unroll=prm["unroll"],
     )
-    return list(zip(cb, cd)) + list(zip(yb, yd))
 
 
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):

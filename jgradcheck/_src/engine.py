@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jgradcheck._src.delta import callbacks, clean, eval_delta, perturbed_cost
+from jgradcheck._src.delta import callbacks, clean, dense_work, eval_delta, perturbed_cost, work
 from jgradcheck._src.tree import Layout
 
 # Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar.
@@ -123,6 +123,66 @@ def _group_line_block(program: Program, group: tuple[int, ...], consts, flat, di
         return program(consts, _with_group(flat, group, (base + t * dirs[k]).astype(base.dtype)))
 
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
+
+
+# A leaf "stays sparse" when its perturbed evaluations do less than this fraction of J's work
+# where the change is dense.
+SPARSE_FRACTION = 1 / 64
+# Orders of magnitude for the grouping cost model: work units (multiply-adds) per second of
+# batched small operations on one CPU core, and seconds to compile one perturbation program.
+WORK_RATE = 1e9
+COMPILE_SECONDS = 0.5
+
+
+def plan_groups(trace: Any, flat: Sequence[Any], leaves: Sequence[int], small: int) -> list[tuple[int, ...]]:
+    """Which float leaves share a compiled program.
+
+    Large leaves (more than ``small`` entries) get their own. In a shared program every leaf
+    carries a change in every evaluation, so one leaf whose change turns dense (a first
+    convolution kernel, an embedding, a layer norm before attention) makes every entry of the
+    group pay for that dense re-evaluation. So the delta interpreter is traced (not compiled)
+    with each small leaf perturbed alone, which gives its dense work w (multiply-adds) and the
+    equation where its change first turns dense:
+
+    * leaves whose change stays sparse (w under ``SPARSE_FRACTION`` of J's work) share one
+      program, as do leaves whose change turns dense at the same equation (the gates of a
+      scan, a weight and its bias): from there on they cost the same;
+    * these groups merge, cheapest first, while the work merging adds, 2·(S_a·W_b + S_b·W_a)
+      for S entries and W summed dense work per group, costs less time than compiling one
+      more program.
+    """
+    total = sum(work(e) for e in trace.jaxpr.eqns) or 1.0
+    patterns: dict[tuple[str, Any], list[int]] = {}
+    cost: dict[int, float] = {}
+    out: list[tuple[int, ...]] = []
+    for i in leaves:
+        leaf = flat[i]
+        if math.prod(jnp.shape(leaf)) > small:
+            out.append((i,))
+            continue
+        try:
+            w, log = dense_work(trace, list(flat), i)
+        except Exception:  # noqa: BLE001 - a primitive the interpreter cannot trace: no preference
+            w, log = 0.0, []
+        cost[i] = w
+        key = None if w < SPARSE_FRACTION * total else id(log[0][0])
+        patterns.setdefault((str(jnp.result_type(leaf)), key), []).append(i)
+
+    def size(g):
+        return sum(math.prod(jnp.shape(flat[i])) for i in g)
+
+    merged: dict[str, list[list[int]]] = {}
+    for (dtype, _), members in sorted(patterns.items(), key=lambda kv: sum(cost[i] for i in kv[1])):
+        bins = merged.setdefault(dtype, [])
+        w_b, s_b = sum(cost[i] for i in members), size(members)
+        for g in bins:
+            added = 2 * (size(g) * w_b + s_b * sum(cost[i] for i in g)) / WORK_RATE
+            if added < COMPILE_SECONDS:
+                g.extend(members)
+                break
+        else:
+            bins.append(list(members))
+    return out + [tuple(sorted(g)) for bins in merged.values() for g in bins]
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
