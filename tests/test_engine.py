@@ -86,8 +86,16 @@ def _cases():
 CASES = _cases()
 
 
+@pytest.fixture
+def interpreter_only(monkeypatch):
+    """Every group through the delta interpreter (no switch to re-evaluation for dense ones)."""
+    from jgradcheck._src import engine
+
+    monkeypatch.setattr(engine, "DENSE_REEVAL", float("inf"))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_delta_matches_full_reevaluation(name):
+def test_delta_matches_full_reevaluation(name, interpreter_only):
     cost, params, args = CASES[name]
     fast = jgradcheck.numerical_grad(cost, params, *args, strategy="delta")
     ref = jgradcheck.numerical_grad(cost, params, *args, strategy="vmap")
@@ -304,10 +312,24 @@ def _perturbed_costs(cost, params, args, strategy, x64):
 
 @pytest.mark.parametrize("x64", [True, False])
 @pytest.mark.parametrize("name", sorted(RULES))
-def test_rules_match_whole_cost_reevaluation(name, x64):
+def test_rules_match_whole_cost_reevaluation(name, x64, interpreter_only):
     cost, params, args = RULES[name]
     fast = _perturbed_costs(cost, params, args, "delta", x64)
     ref = _perturbed_costs(cost, params, args, "vmap", x64)
     eps = np.finfo(np.float64 if x64 else np.float32).eps
     # J(θ) + ΔJ against J(θ + v e_i): the same sums in another order, a few ulps of the terms.
     np.testing.assert_allclose(fast, ref, rtol=0, atol=32 * eps * max(1.0, float(np.max(np.abs(ref)))))
+
+
+def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():
+    from jgradcheck._src.check import _engine, _prepare, _scope
+
+    def cost(p, x):  # w0 scales everything: its change is dense throughout; w1's stays one entry
+        return jnp.sum(jnp.sin(x * p["w0"]) ** 2) + jnp.sum(p["w1"] ** 2)
+
+    p = {"w0": jnp.ones((1, 1)) * 0.1, "w1": jnp.ones((5,))}
+    with _scope(True):
+        problem = _prepare(cost, p, (jnp.ones((6, 30)),), True, check_determinism=False)
+        engine = _engine(problem, None, None, "delta")
+        assert engine.strategy_for((0,)) == "vmap"
+        assert engine.strategy_for((1,)) == "delta"

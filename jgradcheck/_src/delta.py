@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -375,17 +376,20 @@ def work(eqn) -> float:
     return float(out)
 
 
-def dense_work(closed, flat, leaf: int) -> tuple[float, list[tuple[Any, float]]]:
-    """Work of one perturbed evaluation of ``leaf`` where its change does not stay small, and
-    the equations where it is dense, in order; found by tracing the delta interpreter (nothing
-    is compiled or run)."""
+def dense_work(closed, flat, leaves: Sequence[int]) -> tuple[float, list[tuple[Any, float]]]:
+    """Work of one perturbed evaluation of the group ``leaves`` (every leaf carrying a change,
+    as in the engine) where the change does not stay small, and the equations where it is
+    dense, in order; found by tracing the delta interpreter (nothing is compiled or run)."""
     log: list[tuple[Any, float]] = []
     token = _DENSE_LOG.set(log)
+    leaves = list(leaves)
     try:
-        sizes = [math.prod(jnp.shape(flat[leaf]))]
+        sizes = [math.prod(jnp.shape(flat[g])) for g in leaves]
         jax.make_jaxpr(
-            lambda i, v: perturbed_cost(closed.jaxpr, closed.consts, flat, [leaf], sizes, i, v, [flat[leaf]])
-        )(np.int32(0), jnp.zeros((), jnp.result_type(flat[leaf])))
+            lambda i, v: perturbed_cost(
+                closed.jaxpr, closed.consts, flat, leaves, sizes, i, v, [flat[g] for g in leaves]
+            )
+        )(np.int32(0), jnp.zeros((), jnp.result_type(flat[leaves[0]])))
     finally:
         _DENSE_LOG.reset(token)
     return sum(w for _, w in log), log
