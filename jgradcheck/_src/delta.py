@@ -12,6 +12,15 @@ cheap where the algebra allows:
 * a sum of a one-hot is δ; reshapes, transposes and casts move the index;
 * linear operations (add, sub, neg, products with one dense delta, reductions, broadcasts,
   reshapes, selects) apply to the delta alone;
+* a convolution with a one-hot kernel entry changes one output channel (a single-channel
+  convolution of the input channel it reads); one changed input channel (a slab) needs only
+  that channel's kernel slice;
+* a broadcast bias entry is a slab (one channel, one column), kept through bias adds,
+  elementwise operations, reshapes that keep its axis, products and sums;
+* a product with changes on both sides is ΔA·B + A·ΔB + ΔA·ΔB by the rules above, so the
+  unchanged operands stay shared;
+* a ``scan`` body is interpreted with the same rules, its constants (the loop's weights)
+  shared and unbatched and the change carried densely through the carry;
 * anything else is evaluated on base + delta and the delta is what changed: f(x + Δ) − f(x).
 
 Call-like primitives (jit, custom_jvp/custom_vjp calls: finite differences ignore their
@@ -628,7 +637,7 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
     channel = jax.lax.dynamic_slice_in_dim(lhs, p[rhs_spec[1]], 1, lhs_spec[1])
     shape = list(jnp.shape(rhs))
     shape[rhs_spec[0]] = shape[rhs_spec[1]] = 1
-    at = list(p)
+    at: list[Any] = list(p)
     at[rhs_spec[0]] = at[rhs_spec[1]] = 0
     kernel = jnp.zeros(shape, jnp.result_type(rhs)).at[tuple(at)].set(jnp.asarray(oh.delta, jnp.result_type(rhs)))
     one = _bind(eqn, channel, kernel)[0]

@@ -1,14 +1,18 @@
 """The perturbation engine: J at many single-coordinate perturbations, batched with vmap.
 
-One group of leaves at a time (a large leaf alone, small leaves together): only the group is
-batched and every other leaf stays unbatched, so XLA turns the layers that follow into large
-matrix products instead of batched small ones. By default each perturbation goes through the
-delta interpreter (``delta.py``), which computes only what the perturbation changes; the
-``"vmap"`` strategy re-evaluates the whole cost (measured against each other in
-``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under ``jax.lax.map``,
-so memory stays bounded by one chunk (never an n x n matrix), and in blocks of fixed shape, so
-a progress bar can tick and re-checking at new values of the same shapes reuses the compiled
-code. With several devices the chunk axis is sharded over a 1-D mesh.
+One group of leaves at a time (``plan_groups``: a large leaf alone, small leaves together when
+that adds less work than a compilation saves): only the group is batched and every other leaf
+stays unbatched, so XLA turns the layers that follow into large matrix products instead of
+batched small ones. By default each perturbation goes through the delta interpreter
+(``delta.py``), which computes only what the perturbation changes; a group whose change is
+dense through nearly all of J outside loops re-evaluates the whole cost instead, as the
+``"vmap"`` strategy does everywhere (``Engine.chosen`` records which ran; measured against each
+other in ``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under
+``jax.lax.map``, so memory stays bounded by one chunk (never an n x n matrix), and in blocks of
+fixed shape, so a progress bar can tick and re-checking at new values of the same shapes reuses
+the compiled code. Compiled programs are keyed by the traced cost's text (``Program``), so the
+same cost written as a new closure or lambda reuses them too. With several devices the chunk
+axis is sharded over a 1-D mesh.
 """
 
 from __future__ import annotations
