@@ -140,6 +140,8 @@ WORK_RATE = 1e9
 # per equation): the whole cost is re-evaluated instead. Measured on a transformer block:
 # embedding, positions and the first layer norm ran 1.4-1.7x faster re-evaluated.
 DENSE_REEVAL = 0.9
+# Tests set this to send every group through the delta interpreter.
+INTERPRET_ALWAYS = False
 COMPILE_SECONDS = 0.5
 
 
@@ -161,8 +163,29 @@ def plan_groups(trace: Any, flat: Sequence[Any], leaves: Sequence[int], small: i
       entries, costs less time than compiling one more program (``WORK_RATE``,
       ``COMPILE_SECONDS``); otherwise they start a group.
     """
+    key = (str(trace.jaxpr), callbacks(trace.jaxpr), tuple(leaves), small)
+    if key not in _PLANS:
+        if len(_PLANS) >= 64:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = _plan_groups(trace, list(flat), leaves, small)
+    return _PLANS[key]
+
+
+# Plans by program text: re-checking the same cost (new values, a new closure) plans once.
+_PLANS: dict[Any, list[tuple[int, ...]]] = {}
+
+
+def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int) -> list[tuple[int, ...]]:
     total = sum(work(e) for e in trace.jaxpr.eqns) or 1.0
-    flat = list(flat)
+    sizes = {i: math.prod(jnp.shape(flat[i])) for i in leaves}
+    few = [i for i in leaves if sizes[i] <= small]
+    if 2 * sum(sizes[i] for i in few) * total / WORK_RATE < COMPILE_SECONDS:
+        # Even re-evaluating everything densely costs less than one more compilation.
+        out = [(i,) for i in leaves if sizes[i] > small]
+        by_dtype: dict[str, list[int]] = {}
+        for i in few:
+            by_dtype.setdefault(str(jnp.result_type(flat[i])), []).append(i)
+        return out + [tuple(v) for v in by_dtype.values()]
 
     def measure(g: Sequence[int]) -> float:
         try:
@@ -202,6 +225,10 @@ def plan_groups(trace: Any, flat: Sequence[Any], leaves: Sequence[int], small: i
         else:
             bins.append((dtype, key, [i], w_b))
     return out + [tuple(sorted(g)) for _, _, g, _ in bins]
+
+
+# Strategy per (program, group, threshold), remembered as ``_PLANS`` is.
+_CHOSEN: dict[Any, str] = {}
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -326,18 +353,29 @@ class Engine:
 
     def strategy_for(self, group: tuple[int, ...]) -> str:
         """``"vmap"`` for a group whose change is dense through ``DENSE_REEVAL`` of J's work
-        outside loops (the interpreter would only add its bookkeeping), else the engine's."""
-        if self.strategy != "delta":
+        outside loops (the interpreter would only add its bookkeeping) or whose evaluations
+        cost less than a compilation, else the engine's."""
+        if self.strategy != "delta" or INTERPRET_ALWAYS:
             return self.strategy
+        total = sum(work(e) for e in self.trace.jaxpr.eqns) or 1.0
+        entries = sum(int(self.floats[g].size) for g in group)
+        if 2 * entries * total / WORK_RATE < COMPILE_SECONDS:
+            # Even dense, these evaluations cost less than compiling: the vmap program is J under
+            # vmap and compiles about as fast as J (the interpreter's program takes 2-3x longer).
+            return "vmap"
         with self._lock:
+            if group not in self.chosen and (self.program, group, DENSE_REEVAL) in _CHOSEN:
+                self.chosen[group] = _CHOSEN[(self.program, group, DENSE_REEVAL)]
             if group not in self.chosen:
-                total = sum(work(e) for e in self.trace.jaxpr.eqns) or 1.0
                 try:
                     w, log = dense_work(self.trace, self.flat, group)
                 except Exception:  # noqa: BLE001 - the interpreter's own error comes when it runs
                     w, log = 0.0, []
                 loops = any(e.primitive.name in ("scan", "while") for e, _ in log)
                 self.chosen[group] = "vmap" if w >= DENSE_REEVAL * total and not loops else "delta"
+                if len(_CHOSEN) >= 256:
+                    _CHOSEN.pop(next(iter(_CHOSEN)))
+                _CHOSEN[(self.program, group, DENSE_REEVAL)] = self.chosen[group]
             return self.chosen[group]
 
     def _blocks(self, count: int, chunk: int) -> tuple[int, int, int]:
