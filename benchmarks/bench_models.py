@@ -251,7 +251,7 @@ def run_torch(name, params, args, calls, full_limit, j_jax):
         import torch
     except ImportError:
         return None, "torch not importable"
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)  # spinning OpenMP threads collapse on a shared, loaded machine
     f = torch_cost(name)
     keys = list(params)
     tp = [torch.tensor(np.asarray(params[k]), dtype=torch.float64, requires_grad=True) for k in keys]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src import diagnose, numerics, screen
-from jgradcheck._src.engine import Engine, Progress, plan_groups
+from jgradcheck._src.engine import Engine, Progress
 from jgradcheck._src.jaxpr_scan import invisible_to_fd, walk_eqns
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
 from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
@@ -553,6 +553,8 @@ SMALL_LEAF = 4096
 
 def _groups(problem: _Problem, leaves: Sequence[int]) -> list[tuple[int, ...]]:
     """Big leaves alone (their followers stay unbatched: large GEMMs); small ones by the engine's plan."""
+    from jgradcheck._src.engine import plan_groups
+
     return plan_groups(problem.trace, jax.tree_util.tree_leaves(problem.inputs), list(leaves), SMALL_LEAF)
 
 
