@@ -86,8 +86,16 @@ def _cases():
 CASES = _cases()
 
 
+@pytest.fixture
+def interpreter_only(monkeypatch):
+    """Every group through the delta interpreter (no switch to re-evaluation for dense ones)."""
+    from jgradcheck._src import engine
+
+    monkeypatch.setattr(engine, "INTERPRET_ALWAYS", True)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_delta_matches_full_reevaluation(name):
+def test_delta_matches_full_reevaluation(name, interpreter_only):
     cost, params, args = CASES[name]
     fast = jgradcheck.numerical_grad(cost, params, *args, strategy="delta")
     ref = jgradcheck.numerical_grad(cost, params, *args, strategy="vmap")
@@ -121,3 +129,213 @@ def test_unknown_strategy_is_rejected():
     cost, params, args = CASES["control"]
     with pytest.raises(ValueError, match="strategy must be"):
         jgradcheck.check_grad(cost, jax.grad(cost), params, *args, strategy="fast")
+
+
+# Effects and host callbacks (see the docstring of jgradcheck/_src/delta.py): output-less ones
+# are dropped from the 2n perturbed evaluations, the others are called once per perturbation.
+
+CALLS = []
+
+
+def _printing(p, x):
+    jax.debug.print("w0 = {a}", a=p["w"][0])
+    jax.debug.print("w0 = {a}", a=p["w"][0], ordered=True)
+    jax.debug.callback(lambda a: CALLS.append(1), p["w"])
+
+    def step(c, xi):
+        jax.debug.print("c = {c}", c=c)
+        return c * 0.9 + jnp.sin(xi * p["w"][1]), None
+
+    c, _ = jax.lax.scan(step, p["w"][0], x)
+    return jnp.sum(jnp.tanh(p["w"] * x)) + c
+
+
+def _pure_cb(p, x):  # a host function written for float32, declared with its input's dtype
+    y = jax.pure_callback(lambda a: np.sin(a).astype(np.float32), jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+    z = jax.pure_callback(lambda a: np.cos(a), jax.ShapeDtypeStruct(p["w"].shape, p["w"].dtype), p["w"])
+    return jnp.sum(jnp.tanh(p["w"] * x) * y) + jnp.sum(z * x)
+
+
+def _io_cb(ordered):
+    def cost(p, x):
+        from jax.experimental import io_callback
+
+        z = io_callback(lambda a: np.cos(a), jax.ShapeDtypeStruct(p["w"].shape, p["w"].dtype), p["w"], ordered=ordered)
+        io_callback(lambda a: CALLS.append(1), None, p["w"], ordered=ordered)
+        return jnp.sum(jnp.tanh(p["w"] * x)) + jnp.sum(z * x)
+
+    return cost
+
+
+EFFECTS = {"printing": _printing, "pure_callback": _pure_cb, "io_ordered": _io_cb(True), "io_unordered": _io_cb(False)}
+
+
+def _reference(cost, p, x):
+    """The derivative, from a JAX-only copy of the cost (callbacks replaced by their JAX twins)."""
+
+    def twin(p, x):
+        out = jnp.sum(jnp.tanh(p["w"] * x))
+        if cost is _printing:
+
+            def step(c, xi):
+                return c * 0.9 + jnp.sin(xi * p["w"][1]), None
+
+            return out + jax.lax.scan(step, p["w"][0], x)[0]
+        if cost is _pure_cb:
+            return jnp.sum(jnp.tanh(p["w"] * x) * jnp.sin(x)) + jnp.sum(jnp.cos(p["w"]) * x)
+        return out + jnp.sum(jnp.cos(p["w"]) * x)
+
+    with jax.enable_x64(True):
+        return np.asarray(jax.grad(twin)({"w": jnp.asarray(p["w"], jnp.float64)}, jnp.asarray(x, jnp.float64))["w"])
+
+
+@pytest.mark.parametrize("strategy", ["delta", "vmap"])
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("name", sorted(EFFECTS))
+def test_effects_and_callbacks(name, x64, strategy, interpreter_only):
+    cost = EFFECTS[name]
+    p = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32)}
+    x = jnp.linspace(0.5, 1.5, 5, dtype=jnp.float32)
+    CALLS.clear()
+    got = jgradcheck.numerical_grad(cost, p, x, strategy=strategy, x64=x64)["w"]
+    assert not CALLS  # output-less callbacks never run in the perturbed evaluations
+    # float32: finite differences of a float32 J are good to about sqrt(eps) relative.
+    tol = 1e-7 if x64 else 3e-2
+    np.testing.assert_allclose(got, _reference(cost, p, x), atol=tol, rtol=tol)
+
+
+def test_check_grad_with_callbacks_finds_a_planted_bug():
+    p = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    x = jnp.linspace(0.5, 1.5, 5)
+    good = {"w": jnp.asarray(_reference(_io_cb(True), p, x))}
+    assert jgradcheck.check_grad(_io_cb(True), good, p, x).passed
+    bad = {"w": good["w"].at[3].add(0.01)}
+    report = jgradcheck.check_grad(_io_cb(True), bad, p, x)
+    assert not report.passed and report.worst[0].name == "w[3]"
+
+
+def test_same_cost_as_a_new_closure_does_not_compile_again():
+    from jgradcheck._src import engine
+
+    x = jnp.linspace(-1.0, 1.0, 6)
+    data = jnp.arange(6.0)  # a closed-over array: a constant of the jaxpr, passed at run time
+
+    def make(d):
+        return lambda p, x: jnp.sum(jnp.sin(p["w"] * x) * d) + jnp.sum(p["b"] ** 2)
+
+    p = {"w": jnp.linspace(0.1, 0.6, 6), "b": jnp.ones(3)}
+
+    def grad_of(d):
+        return lambda p, x: {"w": jnp.cos(p["w"] * x) * x * d, "b": 2 * p["b"]}
+
+    programs = (engine._group_delta_block, engine._group_line_block)
+    assert jgradcheck.check_grad(make(data), grad_of(data), p, x).passed
+    before = [f._cache_size() for f in programs]
+    assert jgradcheck.check_grad(make(data + 1.0), grad_of(data + 1.0), p, x).passed
+    assert [f._cache_size() for f in programs] == before
+
+
+# Rules that keep the change small, each against re-evaluating the whole cost: the perturbed
+# costs J(θ + v e_i) of both strategies must agree to the rounding of J itself.
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _cnn(p, x):  # one-hot kernel entries, a slab (one channel) into the second conv, pooling
+    h = jax.nn.relu(jax.lax.conv_general_dilated(x, p["k1"], (1, 1), "SAME", dimension_numbers=_NHWC) + p["b1"])
+    h = jnp.tanh(jax.lax.conv_general_dilated(h, p["k2"], (2, 1), "VALID", dimension_numbers=_NHWC) + p["b2"])
+    b, hh, ww, c = h.shape
+    h = h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+    return jnp.sum(h.reshape(b, -1) @ p["w"])
+
+
+def _conv_nchw_input(p, k):  # the image is the parameter: a one-hot input entry
+    y = jax.lax.conv_general_dilated(p["img"], k, (1, 1), ((1, 0), (0, 2)), rhs_dilation=(1, 2))
+    return jnp.sum(jnp.sin(y))
+
+
+def _gru(p, xs):  # scan whose body multiplies by the loop's weights (constants of the body)
+    def step(h, x):
+        z = jax.nn.sigmoid(x @ p["wz"] + h @ p["uz"] + p["bz"])
+        c = jnp.tanh(x @ p["wh"] + (z * h) @ p["uh"])
+        h = (1 - z) * h + z * c
+        return h, jnp.sum(h**2)
+
+    h, ys = jax.lax.scan(step, jnp.zeros((xs.shape[1], p["uz"].shape[0]), xs.dtype) + p["h0"], xs)
+    return jnp.sum(h) + jnp.mean(ys)
+
+
+def _rules_cases():
+    r = np.random.default_rng(1)
+
+    def a(*shape, s=0.5):
+        return jnp.asarray(r.standard_normal(shape) * s, jnp.float32)
+
+    return {
+        "cnn": (
+            _cnn,
+            {"k1": a(3, 3, 2, 4), "b1": a(4), "k2": a(3, 2, 4, 3), "b2": a(3), "w": a(18, 2)},
+            (a(2, 9, 7, 2),),
+        ),
+        "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
+        "gru": (
+            _gru,
+            {"wz": a(3, 4), "uz": a(4, 4), "bz": a(4), "wh": a(3, 4), "uh": a(4, 4), "h0": a(4)},
+            (a(5, 2, 3),),
+        ),
+    }
+
+
+RULES = _rules_cases()
+
+
+def _perturbed_costs(cost, params, args, strategy, x64):
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.problem import precision_scope, prepare
+    from jgradcheck._src.progress import Progress
+
+    with precision_scope(x64):
+        problem = prepare(cost, params, args, x64, check_determinism=False)
+        engine = make_engine(problem, None, None, strategy)
+        leaves = range(len(problem.floats))
+        # The delta rules on each leaf alone (in a group every leaf carries a change, and most
+        # rules need a single one); the reference re-evaluates all leaves in one program.
+        groups = [(i,) for i in leaves] if strategy == "delta" else [tuple(leaves)]
+        out = []
+        for group in groups:
+            base = np.concatenate([np.asarray(problem.floats[g]).ravel() for g in group])
+            idx = np.arange(base.size)
+            out.append(
+                np.stack([engine.costs(group, idx, base + v, Progress(idx.size, False)) for v in (0.37, -0.21)], axis=1)
+            )
+        return np.concatenate(out)
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_rules_match_whole_cost_reevaluation(name, x64, interpreter_only):
+    cost, params, args = RULES[name]
+    fast = _perturbed_costs(cost, params, args, "delta", x64)
+    ref = _perturbed_costs(cost, params, args, "vmap", x64)
+    eps = np.finfo(np.float64 if x64 else np.float32).eps
+    # J(θ) + ΔJ against J(θ + v e_i): the same sums in another order, a few ulps of the terms.
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=32 * eps * max(1.0, float(np.max(np.abs(ref)))))
+
+
+def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():
+    from jgradcheck._src.check import make_engine as _engine
+    from jgradcheck._src.problem import precision_scope as _scope
+    from jgradcheck._src.problem import prepare as _prepare
+
+    def cost(p, x):  # w0 scales everything: its change is dense throughout; w1's stays one entry
+        return jnp.sum(jnp.sin(x * p["w0"]) ** 2) + jnp.sum(p["w1"] ** 2)
+
+    p = {"w0": jnp.ones((1, 1)) * 0.1, "w1": jnp.ones((5,))}
+    with _scope(True):
+        problem = _prepare(cost, p, (jnp.ones((6, 30)),), True, check_determinism=False)
+        engine = _engine(problem, None, None, "delta")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("jgradcheck._src.engine.COMPILE_SECONDS", 0.0)  # not the small-check shortcut
+            assert engine.strategy_for((0,)) == "vmap"
+            assert engine.strategy_for((1,)) == "delta"
+        assert engine.strategy_for((1,)) == "vmap"  # tiny: compiling the interpreter would cost more

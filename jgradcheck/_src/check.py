@@ -240,6 +240,7 @@ def make_engine(problem: Problem, devices: Sequence[Any] | None, chunk_size: int
         chunk_size,
         eval_bytes(problem),
         strategy,
+        trace=problem.trace,
     )
 
 

@@ -12,16 +12,41 @@ cheap where the algebra allows:
 * a sum of a one-hot is δ; reshapes, transposes and casts move the index;
 * linear operations (add, sub, neg, products with one dense delta, reductions, broadcasts,
   reshapes, selects) apply to the delta alone;
+* a convolution with a one-hot kernel entry changes one output channel (a single-channel
+  convolution of the input channel it reads); one changed input channel (a slab) needs only
+  that channel's kernel slice;
+* a broadcast bias entry is a slab (one channel, one column), kept through bias adds,
+  elementwise operations, reshapes that keep its axis, products and sums;
+* a product with changes on both sides is ΔA·B + A·ΔB + ΔA·ΔB by the rules above, so the
+  unchanged operands stay shared;
+* a ``scan`` body is interpreted with the same rules, its constants (the loop's weights)
+  shared and unbatched and the change carried densely through the carry;
 * anything else is evaluated on base + delta and the delta is what changed: f(x + Δ) − f(x).
 
 Call-like primitives (jit, custom_jvp/custom_vjp calls: finite differences ignore their
 rules anyway, checkpoint) are inlined. The result is J(θ) + ΔJ: the same number as a direct
 evaluation up to rounding of the same order, so the finite-difference analysis is unchanged.
+
+Effects and host callbacks (``clean``, applied before either strategy evaluates the cost):
+
+* equations with no outputs (``jax.debug.print``, ``jax.debug.callback``, an ``io_callback``
+  that returns nothing) are dropped from the 2n perturbed evaluations, inside loop and cond
+  bodies too: they would run once per chunk of perturbations, in no meaningful order. They
+  still run where your own code evaluates the cost (your gradient, called once by the check);
+* ``io_callback`` with results is evaluated as a pure function of its inputs, one call per
+  perturbation (``vmap_method="sequential"``), and its ordering is dropped: batched
+  perturbations have no order to keep;
+* ``pure_callback`` results are cast to the declared dtypes (a callback written for float32
+  returns float32 arrays after the check promoted its inputs to float64), and a callback that
+  declared no ``vmap_method`` is called once per perturbation.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -143,6 +168,100 @@ _CALLS = {
 }
 
 
+@functools.cache
+def _pure_callback_p():
+    """The ``pure_callback`` primitive, found through the public API."""
+    closed = jax.make_jaxpr(lambda x: jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct((), np.float32), x))(
+        np.float32(0)
+    )
+    return closed.jaxpr.eqns[0].primitive
+
+
+class _CastResults:
+    """A host callback whose results are cast to the dtypes it declared.
+
+    Why: under the check's float64 promotion a callback written for float32 still returns
+    float32 arrays, and JAX rejects results that differ from the declared dtype.
+    """
+
+    def __init__(self, callback, avals):
+        self.callback, self.avals = callback, tuple(avals)
+
+    def __call__(self, *args):
+        out = self.callback(*args)
+        return tuple(np.asarray(o, dtype=a.dtype) for o, a in zip(out, self.avals))
+
+
+def _clean_sub(value):
+    if isinstance(value, jex.ClosedJaxpr):
+        new = clean(value)
+        return new, new is not value
+    if isinstance(value, jex.Jaxpr):
+        new = clean(jex.ClosedJaxpr(value, ())).jaxpr
+        return new, new is not value
+    if isinstance(value, tuple) and value and all(isinstance(v, jex.ClosedJaxpr) for v in value):
+        got = [_clean_sub(v) for v in value]
+        return tuple(g for g, _ in got), any(c for _, c in got)
+    return value, False
+
+
+def clean(closed):
+    """``closed`` ready for batched perturbed evaluation (see the module docstring): equations
+    without outputs dropped, ``io_callback`` as a pure callback, callback results cast."""
+    eqns = []
+    changed = False
+    for eqn in closed.jaxpr.eqns:
+        name = eqn.primitive.name
+        if not eqn.outvars:
+            changed = True
+            continue
+        params = dict(eqn.params)
+        sub_changed = False
+        for k, v in params.items():
+            params[k], c = _clean_sub(v)
+            sub_changed |= c
+        if name in ("pure_callback", "io_callback"):
+            avals = params["result_avals"]
+            new = {
+                "callback": _CastResults(params["callback"], avals),
+                "result_avals": avals,
+                "sharding": params.get("sharding"),
+                "vmap_method": params.get("vmap_method") or "sequential",
+            }
+            eqn = eqn.replace(primitive=_pure_callback_p(), params=new, effects=frozenset())
+            changed = True
+        elif sub_changed:
+            effects = frozenset().union(*(getattr(v, "effects", frozenset()) for v in _subjaxprs(params)))
+            eqn = eqn.replace(params=params, effects=effects if eqn.effects else frozenset())
+            changed = True
+        eqns.append(eqn)
+    if not changed:
+        return closed
+    effects = frozenset().union(*(e.effects for e in eqns))
+    j = closed.jaxpr
+    return jex.ClosedJaxpr(jex.Jaxpr(j.constvars, j.invars, j.outvars, eqns, effects, j.debug_info), closed.consts)
+
+
+def _subjaxprs(params):
+    for v in params.values():
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, (jex.ClosedJaxpr, jex.Jaxpr)):
+                yield x
+
+
+def callbacks(jaxpr) -> tuple[Any, ...]:
+    """The host functions a jaxpr calls: its printed text shows their addresses masked, so two
+    programs with the same text may call different functions."""
+    out: list[Any] = []
+    for eqn in jaxpr.eqns:
+        cb = eqn.params.get("callback")
+        if cb is not None:
+            out.append(getattr(cb, "callback_func", cb))
+        for sub in _subjaxprs(eqn.params):
+            out.extend(callbacks(getattr(sub, "jaxpr", sub)))
+    return tuple(out)
+
+
 def _bind(eqn, *args):
     # As jax.core.eval_jaxpr does: higher-order primitives take their sub-functions apart.
     got = eqn.primitive.get_bind_params(eqn.params)
@@ -215,21 +334,85 @@ def eval_delta(jaxpr, consts, args, deltas):
         env[v] = (c, None)
     for v, a, d in zip(jaxpr.invars, args, deltas):
         env[v] = (a, d)
+    log = _DENSE_LOG.get()
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         bases = [b for b, _ in ins]
         ds = [d for _, d in ins]
         outs = _eval_eqn(eqn, bases, ds)
+        if log is not None and eqn.primitive.name not in _CALLS and any(_is_dense(d) for _, d in outs):
+            log.append((eqn, work(eqn) / _slab_saving(eqn, bases, ds)))
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
 
+# While set (by ``dense_work``), eval_delta records each equation whose change came out dense.
+_DENSE_LOG: contextvars.ContextVar[list[tuple[Any, float]] | None] = contextvars.ContextVar("dense", default=None)
+
+
+def _is_dense(d) -> bool:
+    return d is not None and not isinstance(d, (OneHot, Slab)) and jnp.ndim(d) > 0
+
+
+def _slab_saving(eqn, bases, ds) -> float:
+    """How much less than ``work(eqn)`` a product fed one slab costs: the slab's axis, when
+    contracted, shrinks to one entry."""
+    live = [i for i, d in enumerate(ds) if d is not None]
+    if len(live) != 1 or not isinstance(ds[live[0]], Slab):
+        return 1.0
+    return float(jnp.shape(bases[live[0]])[ds[live[0]].axis]) if eqn.primitive.name in _PRODUCTS else 1.0
+
+
+_PRODUCTS = {"dot_general", "conv_general_dilated"}
+
+
+def work(eqn) -> float:
+    """Rough arithmetic cost of one equation: multiply-adds for products and convolutions,
+    loop bodies times their trip count, one per output entry otherwise."""
+    name = eqn.primitive.name
+    out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+    if name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        return float(out * math.prod(eqn.invars[0].aval.shape[d] for d in lc))
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        return float(out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]])
+    subs = list(_subjaxprs(eqn.params))
+    if subs:
+        inner = max(sum(work(e) for e in getattr(s, "jaxpr", s).eqns) for s in subs)
+        return float(inner * eqn.params.get("length", 1))
+    return float(out)
+
+
+def dense_work(closed, flat, leaves: Sequence[int]) -> tuple[float, list[tuple[Any, float]]]:
+    """Work of one perturbed evaluation of the group ``leaves`` (every leaf carrying a change,
+    as in the engine) where the change does not stay small, and the equations where it is
+    dense, in order; found by tracing the delta interpreter (nothing is compiled or run)."""
+    log: list[tuple[Any, float]] = []
+    token = _DENSE_LOG.set(log)
+    leaves = list(leaves)
+    try:
+        sizes = [math.prod(jnp.shape(flat[g])) for g in leaves]
+        jax.make_jaxpr(
+            lambda i, v: perturbed_cost(
+                closed.jaxpr, closed.consts, flat, leaves, sizes, i, v, [flat[g] for g in leaves]
+            )
+        )(np.int32(0), jnp.zeros((), jnp.result_type(flat[leaves[0]])))
+    finally:
+        _DENSE_LOG.reset(token)
+    return sum(w for _, w in log), log
+
+
 def _eval_eqn(eqn, bases, ds):
     name = eqn.primitive.name
     out_base = None
+    if not eqn.outvars:  # jax.debug.print and other output-less callbacks: see the docstring
+        return []
     if all(d is None for d in ds):
         return [(b, None) for b in _bind(eqn, *bases)]
+    if name == "scan" and not eqn.params.get("_split_transpose", False):
+        return _scan_rule(eqn, bases, ds)
     if name in _CALLS and _CALLS[name] in eqn.params:
         sub = eqn.params[_CALLS[name]]
         inner, consts = (sub.jaxpr, sub.consts) if isinstance(sub, jex.ClosedJaxpr) else (sub, ())
@@ -274,6 +457,14 @@ def _eval_eqn(eqn, bases, ds):
         if name == "transpose":
             perm = eqn.params["permutation"]
             return [(out_base[0], _reindex(oh, shape_i, tuple(out_aval.shape), perm))]
+        if name == "conv_general_dilated" and _plain_conv(eqn):
+            return [(out_base[0], _conv_onehot(eqn, bases, oh, i))]
+        wide = [k for k, d in enumerate(shape_i) if d != 1]
+        if name == "broadcast_in_dim" and len(wide) == 1:
+            axis = eqn.params["broadcast_dimensions"][wide[0]]  # a bias: one entry moves a whole slab
+            rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
+            if out_aval.shape[axis] == shape_i[wide[0]]:
+                return [(out_base[0], Slab(axis, oh.index, jnp.full(rest, oh.delta, out_aval.dtype)))]
     if len(live) == 1 and isinstance(ds[live[0]], Slab):
         got = _slab_rule(eqn, name, bases, ds, live[0], out_base)
         if got is not None:
@@ -295,6 +486,8 @@ def _eval_eqn(eqn, bases, ds):
         k = live[0]
         d = _dense(bases[k], ds[k])
         return [(out_base[0], d * bases[1 - k])]
+    if name == "dot_general" and len(live) == 2:
+        return [(out_base[0], _bilinear(eqn, bases, ds))]
     if name == "dot_general" and len(live) == 1:
         args = list(bases)
         args[live[0]] = _dense(bases[live[0]], ds[live[0]])
@@ -331,9 +524,12 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
     sl: Slab = ds[i]
     out_aval = eqn.outvars[0].aval
     shape_i = tuple(jnp.shape(bases[i]))
-    if name in ("add", "sub") and tuple(out_aval.shape) == shape_i:
+    out_shape = tuple(out_aval.shape)
+    if name in ("add", "sub") and len(out_shape) == len(shape_i) and shape_i[sl.axis] == out_shape[sl.axis]:
+        # The slab operand may be broadcast along its other (size-1) axes: a bias.
         values = -sl.values if (name == "sub" and i == 1) else sl.values
-        return [(out_base[0], Slab(sl.axis, sl.index, values))]
+        rest = tuple(d for k, d in enumerate(out_shape) if k != sl.axis)
+        return [(out_base[0], Slab(sl.axis, sl.index, jnp.broadcast_to(values, rest).astype(out_aval.dtype)))]
     if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == shape_i:
         if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == shape_i for b in bases):
             at = [b if jnp.ndim(b) == 0 else _take(b, sl.axis, sl.index) for b in bases]
@@ -373,11 +569,129 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
         if sl.axis in axes:
             return [(out_base[0], vals.astype(out_aval.dtype))]
         return [(out_base[0], Slab(sl.axis - sum(a < sl.axis for a in axes), sl.index, vals))]
+    if name == "reshape" and len(bases) == 1:
+        axis = _kept_axis(shape_i, tuple(out_aval.shape), sl.axis)
+        if axis is not None:
+            rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
+            return [(out_base[0], Slab(axis, sl.index, sl.values.reshape(rest)))]
+    if name == "conv_general_dilated" and _plain_conv(eqn):
+        lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+        if i == 0 and sl.axis == lhs_spec[1]:  # one input channel: its kernel slice, all outputs
+            values = jnp.expand_dims(sl.values, sl.axis)
+            kernel = jax.lax.dynamic_slice_in_dim(bases[1], sl.index, 1, rhs_spec[1])
+            return [(out_base[0], _bind(eqn, values.astype(bases[0].dtype), kernel)[0])]
     if name == "transpose":
         perm = list(eqn.params["permutation"])
         inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
         return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
     return None
+
+
+def _bilinear(eqn, bases, ds):
+    """Δ(A·B) = ΔA·B + A·ΔB + ΔA·ΔB, each term by the single-change rules: the shared operand
+    stays unbatched (a weight in a scan body next to a changed carry)."""
+    a, b = bases
+    da, db = ds
+    terms = [
+        _eval_eqn(eqn, [a, b], [da, None])[0][1],
+        _eval_eqn(eqn, [a, b], [None, db])[0][1],
+        _eval_eqn(eqn, [_dense(a, da), b], [None, db])[0][1],
+    ]
+    shape, dtype = eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype
+    return sum(jnp.broadcast_to(_dense(jnp.zeros(shape, dtype), t), shape) for t in terms)
+
+
+def _kept_axis(old, new, axis):
+    """The axis of ``new`` that is ``old``'s ``axis`` unchanged by a reshape, or None: the
+    entries before it and after it must regroup among themselves."""
+    before, after = math.prod(old[:axis]), math.prod(old[axis + 1 :])
+    acc = 1
+    for k, d in enumerate(new):
+        if acc == before and d == old[axis] and math.prod(new[k + 1 :]) == after:
+            return k
+        acc *= d
+    return None
+
+
+def _plain_conv(eqn) -> bool:
+    """A convolution without feature or batch groups (each output channel reads every input
+    channel through its own kernel slice), the case the one-hot and slab rules cover."""
+    return eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+
+
+def _conv_onehot(eqn, bases, oh: OneHot, side: int):
+    """Δ of a convolution when one kernel entry (side 1) or one input entry (side 0) moves.
+
+    A kernel entry (spatial k, in-channel c, out-channel o) changes output channel o only, by
+    δ times input channel c seen through a kernel that is one at k: a single-channel
+    convolution instead of the full one. An input entry changes the outputs whose window
+    covers it, through every kernel: the convolution of a one-hot image.
+    """
+    lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    lhs, rhs = bases
+    dtype = eqn.outvars[0].aval.dtype
+    if side == 0:
+        d = _dense(lhs, oh)
+        return _bind(eqn, d, rhs)[0].astype(dtype)
+    p = jnp.unravel_index(oh.index, jnp.shape(rhs))
+    channel = jax.lax.dynamic_slice_in_dim(lhs, p[rhs_spec[1]], 1, lhs_spec[1])
+    shape = list(jnp.shape(rhs))
+    shape[rhs_spec[0]] = shape[rhs_spec[1]] = 1
+    at: list[Any] = list(p)
+    at[rhs_spec[0]] = at[rhs_spec[1]] = 0
+    kernel = jnp.zeros(shape, jnp.result_type(rhs)).at[tuple(at)].set(jnp.asarray(oh.delta, jnp.result_type(rhs)))
+    one = _bind(eqn, channel, kernel)[0]
+    return Slab(out_spec[1], p[rhs_spec[0]], jnp.squeeze(one, out_spec[1]).astype(dtype))
+
+
+def _scan_rule(eqn, bases, ds):
+    """A scan whose body is interpreted with deltas: the loop's constants (its weights) stay
+    shared and unbatched, and the change travels through the carry as a dense delta.
+
+    Why: re-evaluating the scan at base + Δ batches every weight the perturbation touches, so
+    each step becomes many small batched products; carrying the change instead turns the step
+    into products of one (perturbations × batch) matrix with the shared weights.
+    """
+    prm = eqn.params
+    body, n_c, n_carry = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
+    consts_b, carry_b, xs_b = bases[:n_c], bases[n_c : n_c + n_carry], bases[n_c + n_carry :]
+    consts_d, carry_d, xs_d = ds[:n_c], ds[n_c : n_c + n_carry], ds[n_c + n_carry :]
+    inexact = [jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars]
+
+    def dense(b, d, f):  # a fixed (strong) type per carry, as scan requires
+        return jnp.asarray(_dense(b, d), dtype=jnp.result_type(b)) if f else None
+
+    # A delta in any input may reach every inexact carry: carry those densely.
+    carry_d = [dense(b, d, f) for b, d, f in zip(carry_b, carry_d, inexact[:n_carry])]
+    xs_d = [None if d is None else _dense(b, d) for b, d in zip(xs_b, xs_d)]
+
+    def step(carry, x):
+        cb, cd = carry
+        xb, xd = x
+        outs = eval_delta(body.jaxpr, list(body.consts), [*consts_b, *cb, *xb], [*consts_d, *cd, *xd])
+        new_cb = [b for b, _ in outs[:n_carry]]
+        new_cd = [dense(b, d, f) for (b, d), f in zip(outs[:n_carry], inexact[:n_carry])]
+        ys = outs[n_carry:]
+        yd = [dense(b, d, f) for (b, d), f in zip(ys, inexact[n_carry:])]
+        return (new_cb, new_cd), ([b for b, _ in ys], yd)
+
+    token = _DENSE_LOG.set(None)  # the scan's work is logged as a whole, by eval_delta
+    try:
+        (cb, cd), (yb, yd) = _scan(step, carry_b, carry_d, xs_b, xs_d, prm)
+    finally:
+        _DENSE_LOG.reset(token)
+    return list(zip(cb, cd)) + list(zip(yb, yd))
+
+
+def _scan(step, carry_b, carry_d, xs_b, xs_d, prm):
+    return jax.lax.scan(
+        step,
+        (list(carry_b), carry_d),
+        (list(xs_b), xs_d),
+        length=prm["length"],
+        reverse=prm["reverse"],
+        unroll=prm["unroll"],
+    )
 
 
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):

@@ -300,20 +300,13 @@ def user_gradient(grad_fn, problem: Problem) -> tuple[list[np.ndarray], list[flo
     return out, eps
 
 
-# Leaves up to this many entries are perturbed together in one compiled program (biases, small
-# last layers): one compilation instead of one per leaf, and no more FLOPs, because the layers
-# after the first of them are batched either way.
+# Leaves up to this many entries may share a compiled program (biases, small last layers): one
+# compilation instead of one per leaf. Which ones share is the engine's plan (``plan_groups``).
 SMALL_LEAF = 4096
 
 
 def groups(problem: Problem, leaves: Sequence[int]) -> list[tuple[int, ...]]:
-    """Big leaves alone (their followers stay unbatched: large GEMMs); small ones together."""
-    small: dict[str, list[int]] = {}
-    out: list[tuple[int, ...]] = []
-    for i in leaves:
-        f = problem.floats[i]
-        if f.size <= SMALL_LEAF:
-            small.setdefault(str(f.dtype), []).append(i)
-        else:
-            out.append((i,))
-    return out + [tuple(v) for v in small.values()]
+    """Big leaves alone (their followers stay unbatched: large GEMMs); small ones by the engine's plan."""
+    from jgradcheck._src.engine import plan_groups  # the engine imports this module's neighbours
+
+    return plan_groups(problem.trace, jax.tree_util.tree_leaves(problem.inputs), list(leaves), SMALL_LEAF)
