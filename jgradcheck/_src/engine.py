@@ -180,11 +180,11 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
     few = [i for i in leaves if sizes[i] <= small]
     if 2 * sum(sizes[i] for i in few) * total / WORK_RATE < COMPILE_SECONDS:
         # Even re-evaluating everything densely costs less than one more compilation.
-        out = [(i,) for i in leaves if sizes[i] > small]
+        big = [(i,) for i in leaves if sizes[i] > small]
         by_dtype: dict[str, list[int]] = {}
         for i in few:
             by_dtype.setdefault(str(jnp.result_type(flat[i])), []).append(i)
-        return out + [tuple(v) for v in by_dtype.values()]
+        return big + [tuple(v) for v in by_dtype.values()]
 
     def measure(g: Sequence[int]) -> float:
         try:

@@ -84,7 +84,9 @@ class _Search:
     kink_at: np.ndarray  # a kink at θ (within the smallest step that can still see it)
 
 
-def _kink_reach(gaps: np.ndarray, steps: np.ndarray, noise: float, safety: float) -> tuple[np.ndarray, np.ndarray]:
+def _kink_reach(
+    gaps: np.ndarray, steps: np.ndarray, noise: float | np.ndarray, safety: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Where along a ladder of steps (largest first) the one-sided slopes straddle a kink.
 
     ``gaps[k]`` is the forward minus the backward slope at ``steps[k]``. A pair of neighbouring
@@ -122,7 +124,7 @@ def _one_side_jumps(
     ladder: np.ndarray,
     best: np.ndarray,
     up: int,
-    noise: float,
+    noise: float | np.ndarray,
     safety: float,
 ) -> np.ndarray:
     """Whether the first step's one-sided slopes show a kink on one side only.
@@ -190,6 +192,8 @@ def _search(
         bwd = np.where(pm < theta, (j0 - jm) / (theta - pm), np.nan)
         # Gaps between one-sided slopes on the ladder ..., 4h, 2h, h, h/4, ...: where a kink is straddled.
         r2, l2 = (j_2h[0] - j0) / (2 * h), (j0 - j_2h[1]) / (2 * h)
+        # Each entry's own noise, when its ladder shows more than J's probe saw (see ladder_noise).
+        noise = np.maximum(noise, numerics.ladder_noise(d, np.where(np.isfinite(steps), steps, ladder)))
         gaps = np.concatenate([fwd[:up] - bwd[:up], (r2 - l2)[None], fwd[up:] - bwd[up:]])
         gap_steps = np.concatenate([ladder[:up], 2 * h[None], ladder[up:]])
         deepest, at = _kink_reach(gaps, gap_steps, noise, safety)

@@ -108,7 +108,31 @@ def step_ladder(h: np.ndarray, levels: int = STEP_LEVELS, up: int = STEP_UP_LEVE
     return np.asarray(h, np.float64)[None, :] * STEP_SHRINK ** (up - np.arange(up + levels + 1))[:, None]
 
 
-def richardson_levels(d: np.ndarray, steps: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# The smallest ladder levels whose central differences measure an entry's own noise.
+LADDER_NOISE_LEVELS = 4
+
+
+def ladder_noise(d: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Each entry's own noise level, read off the smallest steps of its ladder.
+
+    Why: the probe measures J's noise along two coordinates, but noise differs per coordinate:
+    one that feeds a cancellation (a pre-activation near 0 computed from terms near 1) sees
+    rounding many orders above what a coordinate acting at the end of J sees. At the smallest
+    steps truncation has vanished, and D(s/4) − D(s) is the noise of D(s/4), σ/(√2·s/4) in
+    size: σ ≈ √2·(s/4)·|D(s) − D(s/4)|, the largest over the last levels.
+    """
+    last = slice(-LADDER_NOISE_LEVELS - 1, None)
+    dd, ss = d[last], steps[last]
+    with np.errstate(invalid="ignore", over="ignore"):
+        sigma = np.sqrt(2.0) * ss[1:] * np.abs(dd[:-1] - dd[1:])
+    # The largest over the levels: rounding can make two neighbouring levels agree by chance,
+    # so a median errs small. Levels that left J's domain (NaN) do not count.
+    return np.max(np.where(np.isfinite(sigma), sigma, 0.0), axis=0) if sigma.size else np.zeros(d.shape[1:])
+
+
+def richardson_levels(
+    d: np.ndarray, steps: np.ndarray, noise: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Richardson estimates over a ladder of central differences, with their error estimates.
 
     ``d[j]`` is the central difference at ``steps[j]`` (ratio STEP_SHRINK between levels).
@@ -136,7 +160,7 @@ def richardson_levels(d: np.ndarray, steps: np.ndarray, noise: float) -> tuple[n
 
 
 def one_sided_levels(
-    j0: float, js: np.ndarray, steps: np.ndarray, side: float, noise: float
+    j0: float, js: np.ndarray, steps: np.ndarray, side: float, noise: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-sided second-order estimates where only one side of θ is in J's domain.
 
