@@ -32,8 +32,10 @@ from jgradcheck._src.delta import callbacks, clean, dense_work, eval_delta, pert
 from jgradcheck._src.progress import Progress
 from jgradcheck._src.tree import Layout
 
-# Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar.
-BLOCK_EVALS = 1 << 14
+# Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar,
+# and a Ctrl-C stops the workers after the block they are in: at 2,048, a check whose cost is
+# a 200x200 by 200x256 product stopped within 1 s (16,384: 12 s), warm speed unchanged.
+BLOCK_EVALS = 1 << 11
 # Memory for one chunk when the device does not report its own (CPU): 1 GiB.
 DEFAULT_BUDGET_BYTES = 1 << 30
 # Upper bound on a chunk: past a few hundred, larger batches stop speeding up CPU or GPU GEMMs.
