@@ -92,16 +92,7 @@ def check_vjp(
       >>> jgradcheck.check_vjp(layer, layer_vjp, x, w).passed
       True
     """
-    if not primals:
-        raise TypeError(MSG_NO_PRIMALS.format(fn="check_vjp", other="vjp_fn"))
-
-    if vjp_fn is jax.vjp:  # jax.vjp itself: bind fn
-        vjp_fn = functools.partial(jax.vjp, fn)
-
-    def build(inputs, P, outs, U, fn_out):
-        return vjp_yours(vjp_fn, inputs, P, outs, U, fn_out)
-
-    return vector_check("check_vjp", "your VJP", fn, build, primals, (), cotangents, options)
+    return _check_rule("check_vjp", "your VJP", fn, vjp_fn, jax.vjp, vjp_yours, primals, cotangents, options)
 
 
 def check_jvp(
@@ -134,16 +125,30 @@ def check_jvp(
       >>> jgradcheck.check_jvp(f, jvp, jnp.linspace(0.0, 1.0, 5)).passed
       True
     """
-    if not primals:
-        raise TypeError(MSG_NO_PRIMALS.format(fn="check_jvp", other="jvp_fn"))
+    return _check_rule("check_jvp", "your JVP", fn, jvp_fn, jax.jvp, jvp_yours, primals, cotangents, options)
 
-    if jvp_fn is jax.jvp:  # jax.jvp itself: bind fn
-        jvp_fn = functools.partial(jax.jvp, fn)
+
+def _check_rule(
+    name: str,
+    what: str,
+    fn: Callable[..., Any],
+    rule: Callable[..., Any],
+    jax_rule: Callable[..., Any],
+    yours: Callable[..., Any],
+    primals: Sequence[Any],
+    cotangents: int | None,
+    options: dict[str, Any],
+) -> GradCheckReport:
+    """check_vjp and check_jvp: your ``rule`` (or JAX's own, with ``fn`` bound) through the vector walk."""
+    if not primals:
+        raise TypeError(MSG_NO_PRIMALS.format(fn=name, other="vjp_fn" if jax_rule is jax.vjp else "jvp_fn"))
+    if rule is jax_rule:
+        rule = functools.partial(jax_rule, fn)
 
     def build(inputs, P, outs, U, fn_out):
-        return jvp_yours(jvp_fn, inputs, P, outs, U, fn_out)
+        return yours(rule, inputs, P, outs, U, fn_out)
 
-    return vector_check("check_jvp", "your JVP", fn, build, primals, (), cotangents, options)
+    return vector_check(name, what, fn, build, primals, (), cotangents, options)
 
 
 def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]) -> Callable[..., Any]:

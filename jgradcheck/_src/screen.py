@@ -125,7 +125,7 @@ def _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs):
 
 
 def directional_test(engine, problem, leaf, g, g_eps, noise, opts, n_dirs, seed):
-    """Screens one leaf with ``n_dirs`` random directions (its path seeds them).
+    """Screens one leaf with ``n_dirs`` random directions (drawn from a stream set by its path).
 
     Returns:
       (number of failing directions, yours, numerical, tolerances), one entry per direction.
