@@ -289,3 +289,19 @@ def test_assertions_are_chex_style():
         )
     with pytest.raises(ValueError, match="assert_rules_correct failed"):
         jgradcheck.assert_rules_correct(softplus_bad, np.linspace(-1, 1, 3), exception_type=ValueError)
+
+
+def test_pytree_and_integer_primals_in_every_check():
+    def f(p, n, x):
+        h = jnp.tanh(x @ p["w"] + p["b"])
+        return {"h": h * n, "s": jnp.sum(h, axis=0)}
+
+    p = {"w": np.full((3, 4), 0.2, np.float32), "b": np.zeros(4, np.float32)}
+    x = (np.arange(6.0, dtype=np.float32).reshape(2, 3)) / 6
+    for report in (
+        jgradcheck.check_vjp(f, jax.vjp, p, 2, x),
+        jgradcheck.check_jvp(f, jax.jvp, p, 2, x),
+        jgradcheck.check_rules(f, p, 2, x, order=2),  # the integer primal's float0 cotangent is left out
+    ):
+        assert report.passed, report
+        assert {row.path.split(":")[-1] for row in report.leaves} == {"p.b", "p.w", "x"}

@@ -162,7 +162,9 @@ def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]
         @functools.wraps(fn)
         def rev(*p: Any) -> Any:
             y, pullback = jax.vjp(fn, *p)
-            return pullback(jax.tree_util.tree_map(lambda c, o: c.astype(o.dtype), ct, y))
+            cts = pullback(jax.tree_util.tree_map(lambda c, o: c.astype(o.dtype), ct, y))
+            # Integer primals get float0 cotangents: not outputs to differentiate again.
+            return jax.tree_util.tree_map(lambda c: None if c.dtype == jax.dtypes.float0 else c, cts)
 
         return rev
     tangent = tuple(
