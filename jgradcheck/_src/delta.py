@@ -27,24 +27,13 @@ Call-like primitives (jit, custom_jvp/custom_vjp calls: finite differences ignor
 rules anyway, checkpoint) are inlined. The result is J(θ) + ΔJ: the same number as a direct
 evaluation up to rounding of the same order, so the finite-difference analysis is unchanged.
 
-Effects and host callbacks (``clean``, applied before either strategy evaluates the cost):
-
-* equations with no outputs (``jax.debug.print``, ``jax.debug.callback``, an ``io_callback``
-  that returns nothing) are dropped from the 2n perturbed evaluations, inside loop and cond
-  bodies too: they would run once per chunk of perturbations, in no meaningful order. They
-  still run where your own code evaluates the cost (your gradient, called once by the check);
-* ``io_callback`` with results is evaluated as a pure function of its inputs, one call per
-  perturbation (``vmap_method="sequential"``), and its ordering is dropped: batched
-  perturbations have no order to keep;
-* ``pure_callback`` results are cast to the declared dtypes (a callback written for float32
-  returns float32 arrays after the check promoted its inputs to float64), and a callback that
-  declared no ``vmap_method`` is called once per perturbation.
+Effects and host callbacks are handled before either strategy evaluates the cost: see
+``effects.py``.
 """
 
 from __future__ import annotations
 
 import contextvars
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -53,6 +42,8 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
+
+from jgradcheck._src.effects import _subjaxprs
 
 
 class OneHot(NamedTuple):
@@ -166,100 +157,6 @@ _CALLS = {
     "checkpoint": "jaxpr",
     "remat": "jaxpr",
 }
-
-
-@functools.cache
-def _pure_callback_p():
-    """The ``pure_callback`` primitive, found through the public API."""
-    closed = jax.make_jaxpr(lambda x: jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct((), np.float32), x))(
-        np.float32(0)
-    )
-    return closed.jaxpr.eqns[0].primitive
-
-
-class _CastResults:
-    """A host callback whose results are cast to the dtypes it declared.
-
-    Why: under the check's float64 promotion a callback written for float32 still returns
-    float32 arrays, and JAX rejects results that differ from the declared dtype.
-    """
-
-    def __init__(self, callback, avals):
-        self.callback, self.avals = callback, tuple(avals)
-
-    def __call__(self, *args):
-        out = self.callback(*args)
-        return tuple(np.asarray(o, dtype=a.dtype) for o, a in zip(out, self.avals))
-
-
-def _clean_sub(value):
-    if isinstance(value, jex.ClosedJaxpr):
-        new = clean(value)
-        return new, new is not value
-    if isinstance(value, jex.Jaxpr):
-        new = clean(jex.ClosedJaxpr(value, ())).jaxpr
-        return new, new is not value
-    if isinstance(value, tuple) and value and all(isinstance(v, jex.ClosedJaxpr) for v in value):
-        got = [_clean_sub(v) for v in value]
-        return tuple(g for g, _ in got), any(c for _, c in got)
-    return value, False
-
-
-def clean(closed):
-    """``closed`` ready for batched perturbed evaluation (see the module docstring): equations
-    without outputs dropped, ``io_callback`` as a pure callback, callback results cast."""
-    eqns = []
-    changed = False
-    for eqn in closed.jaxpr.eqns:
-        name = eqn.primitive.name
-        if not eqn.outvars:
-            changed = True
-            continue
-        params = dict(eqn.params)
-        sub_changed = False
-        for k, v in params.items():
-            params[k], c = _clean_sub(v)
-            sub_changed |= c
-        if name in ("pure_callback", "io_callback"):
-            avals = params["result_avals"]
-            new = {
-                "callback": _CastResults(params["callback"], avals),
-                "result_avals": avals,
-                "sharding": params.get("sharding"),
-                "vmap_method": params.get("vmap_method") or "sequential",
-            }
-            eqn = eqn.replace(primitive=_pure_callback_p(), params=new, effects=frozenset())
-            changed = True
-        elif sub_changed:
-            effects = frozenset().union(*(getattr(v, "effects", frozenset()) for v in _subjaxprs(params)))
-            eqn = eqn.replace(params=params, effects=effects if eqn.effects else frozenset())
-            changed = True
-        eqns.append(eqn)
-    if not changed:
-        return closed
-    effects = frozenset().union(*(e.effects for e in eqns))
-    j = closed.jaxpr
-    return jex.ClosedJaxpr(jex.Jaxpr(j.constvars, j.invars, j.outvars, eqns, effects, j.debug_info), closed.consts)
-
-
-def _subjaxprs(params):
-    for v in params.values():
-        for x in v if isinstance(v, tuple) else (v,):
-            if isinstance(x, (jex.ClosedJaxpr, jex.Jaxpr)):
-                yield x
-
-
-def callbacks(jaxpr) -> tuple[Any, ...]:
-    """The host functions a jaxpr calls: its printed text shows their addresses masked, so two
-    programs with the same text may call different functions."""
-    out: list[Any] = []
-    for eqn in jaxpr.eqns:
-        cb = eqn.params.get("callback")
-        if cb is not None:
-            out.append(getattr(cb, "callback_func", cb))
-        for sub in _subjaxprs(eqn.params):
-            out.extend(callbacks(getattr(sub, "jaxpr", sub)))
-    return tuple(out)
 
 
 def _bind(eqn, *args):
@@ -587,113 +484,6 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
     return None
 
 
-def _bilinear(eqn, bases, ds):
-    """Δ(A·B) = ΔA·B + A·ΔB + ΔA·ΔB, each term by the single-change rules: the shared operand
-    stays unbatched (a weight in a scan body next to a changed carry)."""
-    a, b = bases
-    da, db = ds
-    terms = [
-        _eval_eqn(eqn, [a, b], [da, None])[0][1],
-        _eval_eqn(eqn, [a, b], [None, db])[0][1],
-        _eval_eqn(eqn, [_dense(a, da), b], [None, db])[0][1],
-    ]
-    shape, dtype = eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype
-    return sum(jnp.broadcast_to(_dense(jnp.zeros(shape, dtype), t), shape) for t in terms)
-
-
-def _kept_axis(old, new, axis):
-    """The axis of ``new`` that is ``old``'s ``axis`` unchanged by a reshape, or None: the
-    entries before it and after it must regroup among themselves."""
-    before, after = math.prod(old[:axis]), math.prod(old[axis + 1 :])
-    acc = 1
-    for k, d in enumerate(new):
-        if acc == before and d == old[axis] and math.prod(new[k + 1 :]) == after:
-            return k
-        acc *= d
-    return None
-
-
-def _plain_conv(eqn) -> bool:
-    """A convolution without feature or batch groups (each output channel reads every input
-    channel through its own kernel slice), the case the one-hot and slab rules cover."""
-    return eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
-
-
-def _conv_onehot(eqn, bases, oh: OneHot, side: int):
-    """Δ of a convolution when one kernel entry (side 1) or one input entry (side 0) moves.
-
-    A kernel entry (spatial k, in-channel c, out-channel o) changes output channel o only, by
-    δ times input channel c seen through a kernel that is one at k: a single-channel
-    convolution instead of the full one. An input entry changes the outputs whose window
-    covers it, through every kernel: the convolution of a one-hot image.
-    """
-    lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
-    lhs, rhs = bases
-    dtype = eqn.outvars[0].aval.dtype
-    if side == 0:
-        d = _dense(lhs, oh)
-        return _bind(eqn, d, rhs)[0].astype(dtype)
-    p = jnp.unravel_index(oh.index, jnp.shape(rhs))
-    channel = jax.lax.dynamic_slice_in_dim(lhs, p[rhs_spec[1]], 1, lhs_spec[1])
-    shape = list(jnp.shape(rhs))
-    shape[rhs_spec[0]] = shape[rhs_spec[1]] = 1
-    at: list[Any] = list(p)
-    at[rhs_spec[0]] = at[rhs_spec[1]] = 0
-    kernel = jnp.zeros(shape, jnp.result_type(rhs)).at[tuple(at)].set(jnp.asarray(oh.delta, jnp.result_type(rhs)))
-    one = _bind(eqn, channel, kernel)[0]
-    return Slab(out_spec[1], p[rhs_spec[0]], jnp.squeeze(one, out_spec[1]).astype(dtype))
-
-
-def _scan_rule(eqn, bases, ds):
-    """A scan whose body is interpreted with deltas: the loop's constants (its weights) stay
-    shared and unbatched, and the change travels through the carry as a dense delta.
-
-    Why: re-evaluating the scan at base + Δ batches every weight the perturbation touches, so
-    each step becomes many small batched products; carrying the change instead turns the step
-    into products of one (perturbations × batch) matrix with the shared weights.
-    """
-    prm = eqn.params
-    body, n_c, n_carry = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
-    consts_b, carry_b, xs_b = bases[:n_c], bases[n_c : n_c + n_carry], bases[n_c + n_carry :]
-    consts_d, carry_d, xs_d = ds[:n_c], ds[n_c : n_c + n_carry], ds[n_c + n_carry :]
-    inexact = [jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars]
-
-    def dense(b, d, f):  # a fixed (strong) type per carry, as scan requires
-        return jnp.asarray(_dense(b, d), dtype=jnp.result_type(b)) if f else None
-
-    # A delta in any input may reach every inexact carry: carry those densely.
-    carry_d = [dense(b, d, f) for b, d, f in zip(carry_b, carry_d, inexact[:n_carry])]
-    xs_d = [None if d is None else _dense(b, d) for b, d in zip(xs_b, xs_d)]
-
-    def step(carry, x):
-        cb, cd = carry
-        xb, xd = x
-        outs = eval_delta(body.jaxpr, list(body.consts), [*consts_b, *cb, *xb], [*consts_d, *cd, *xd])
-        new_cb = [b for b, _ in outs[:n_carry]]
-        new_cd = [dense(b, d, f) for (b, d), f in zip(outs[:n_carry], inexact[:n_carry])]
-        ys = outs[n_carry:]
-        yd = [dense(b, d, f) for (b, d), f in zip(ys, inexact[n_carry:])]
-        return (new_cb, new_cd), ([b for b, _ in ys], yd)
-
-    token = _DENSE_LOG.set(None)  # the scan's work is logged as a whole, by eval_delta
-    try:
-        (cb, cd), (yb, yd) = _scan(step, carry_b, carry_d, xs_b, xs_d, prm)
-    finally:
-        _DENSE_LOG.reset(token)
-    return list(zip(cb, cd)) + list(zip(yb, yd))
-
-
-def _scan(step, carry_b, carry_d, xs_b, xs_d, prm):
-    return jax.lax.scan(
-        step,
-        (list(carry_b), carry_d),
-        (list(xs_b), xs_d),
-        length=prm["length"],
-        reverse=prm["reverse"],
-        unroll=prm["unroll"],
-    )
-
-
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):
     """J with entry ``index`` of the group's concatenated invars set to ``value``: J(θ) + ΔJ."""
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -706,3 +496,8 @@ def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases
         deltas[pos] = OneHot(local, delta)
     ((b, d),) = eval_delta(jaxpr, consts, args, deltas)
     return b if d is None else b + _dense(b, d)
+
+
+# The rules for convolutions, products changed on both sides and loop bodies (they use the
+# interpreter above, so they are imported last).
+from jgradcheck._src.delta_rules import _bilinear, _conv_onehot, _kept_axis, _plain_conv, _scan_rule  # noqa: E402

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jgradcheck._src.delta import callbacks, clean, dense_work, eval_delta, perturbed_cost, work
+from jgradcheck._src.delta import dense_work, eval_delta, perturbed_cost, work
+from jgradcheck._src.effects import callbacks, clean
 from jgradcheck._src.progress import Progress
 from jgradcheck._src.tree import Layout
 
