@@ -305,3 +305,62 @@ def test_pytree_and_integer_primals_in_every_check():
     ):
         assert report.passed, report
         assert {row.path.split(":")[-1] for row in report.leaves} == {"p.b", "p.w", "x"}
+
+
+def test_a_rule_that_ignores_its_incoming_cotangent_or_tangent_fails():
+    """The forgotten ``* dout``: with few outputs the basis cotangents are scaled (not 1)."""
+    y, z = jnp.array([0.0, 1.0, 0.0]), jnp.array([0.2, -0.5, 1.0])
+
+    def loss(z):
+        return -jnp.sum(y * jax.nn.log_softmax(z))
+
+    forgot = lambda z: (loss(z), lambda dout: (jax.nn.softmax(z) - y,))  # noqa: E731
+    right = lambda z: (loss(z), lambda dout: (dout * (jax.nn.softmax(z) - y),))  # noqa: E731
+    assert jgradcheck.check_vjp(loss, right, z).passed
+    assert not jgradcheck.check_vjp(loss, forgot, z).passed
+
+    @jax.custom_vjp
+    def sq(x):
+        return jnp.sum(x**2)
+
+    sq.defvjp(lambda x: (sq(x), x), lambda x, g: (2 * x,))  # g forgotten
+    assert not jgradcheck.check_rules(sq, jnp.array([0.5, -0.3, 1.2, 0.8])).passed
+
+    def f(w):
+        return jnp.sin(w) ** 3
+
+    assert jgradcheck.check_hvp(f, lambda w, v: jax.hessian(f)(w) * v, 0.4).passed
+    assert not jgradcheck.check_hvp(f, lambda w, v: jax.hessian(f)(w), 0.4).passed  # v forgotten
+
+
+def test_numpy_backward_and_none_cotangents_give_reports_not_crashes():
+    x, w = _data(np.float32)
+
+    def numpy_vjp(x, w, factor):
+        y = np.tanh(np.asarray(x) @ np.asarray(w))
+
+        def pullback(dy):
+            dz = np.asarray(dy) * (1 - y**2)
+            return dz @ np.asarray(w).T, factor * (np.asarray(x).T @ dz)
+
+        return y, pullback
+
+    assert jgradcheck.check_vjp(dense, functools.partial(numpy_vjp, factor=1.0), x, w).passed
+    bad = jgradcheck.check_vjp(dense, functools.partial(numpy_vjp, factor=2.0), x, w)
+    assert not bad.passed and bad.jacobian and all(e.path == "w" for e in bad.jacobian)
+
+    def f(x, n):
+        return jnp.sin(x) * n
+
+    wrong = lambda x, n: (f(x, n), lambda dy: (1.5 * dy * jnp.cos(x) * n, None))  # noqa: E731
+    report = jgradcheck.check_vjp(f, wrong, x, 2)
+    assert not report.passed and report.jacobian
+
+
+def test_complex_data_in_args_rides_along():
+    z, X = np.array([1 + 1j, 2 - 1j], np.complex64), np.array([0.5 + 0.5j, 1.0], np.complex64)
+
+    def cost(p, X):
+        return jnp.sum(jnp.abs(p["z"] * X) ** 2)
+
+    assert jgradcheck.check_grad(cost, jax.grad(cost), {"z": z}, X).passed

@@ -90,6 +90,9 @@ def _factor(yours: np.ndarray, numerical: np.ndarray) -> str | None:
         return None
     if abs(c + 1) < NEAR:
         return "sign flipped: yours ≈ -1.00 × numerical"
+    if yours.size < 2 and c != 1:
+        # One entry is always "a factor" of another: only say so as a ratio, not as a finding.
+        return f"yours = {c:.4g} × numerical (a single entry: a factor cannot be told from another error)"
     if c != 1:
         inv = f" (numerical ≈ {1 / c:.4g} × yours)" if c != 0 and abs(c) < 1 else ""
         return f"constant factor: yours ≈ {c:.4g} × numerical{inv}"

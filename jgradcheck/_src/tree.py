@@ -124,7 +124,7 @@ def split(
     for path, leaf in flat:
         p = path_str(path)
         paths.append(p)
-        if _is_complex(leaf):
+        if _is_complex(leaf) and python_floats:  # complex data in args rides along like any array
             raise TypeError(MSG_COMPLEX.format(name=name, path=p, dtype=getattr(leaf, "dtype", "complex")))
         if is_floating(leaf) and (_is_array(leaf) or python_floats):
             if float_dtype is not None and np.dtype(getattr(leaf, "dtype", np.float64)) != float_dtype:

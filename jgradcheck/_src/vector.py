@@ -62,6 +62,9 @@ DEFAULT_COTANGENTS = 2
 LOCATE_COLUMNS = 8
 # Yours as a full Jacobian (to locate outputs from a VJP) only up to this many outputs.
 LOCATE_MAX_OUTPUTS = 1 << 16
+# The size of the basis cotangents and tangents: a power of two (exact scaling) that is not 1,
+# so a rule that ignores the incoming cotangent or tangent cannot pass.
+BASIS_SCALE = 2.0
 # Tangents (or cotangents) per batched call of your function.
 BATCH = 256
 
@@ -192,7 +195,9 @@ def _cotangents(m: int, count: int | None, seed: int) -> tuple[np.ndarray, bool]
     (probability zero), unlike Rademacher signs, where two equal errors can cancel.
     """
     if count is None and m <= EXACT_OUTPUTS:
-        return np.eye(m), True
+        # Each output in turn, scaled by a fixed factor that is not ±1: a pullback that ignores
+        # its incoming cotangent (the forgotten "* dout") would agree with a unit one.
+        return np.diag(BASIS_SCALE * np.where(np.arange(m) % 2, -1.0, 1.0)), True
     rng = np.random.default_rng([seed, 0x76A7])
     return rng.standard_normal((count or DEFAULT_COTANGENTS, m)) / math.sqrt(m), False
 
@@ -257,21 +262,41 @@ def vjp_yours(vjp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
     floats = [k for k, x in enumerate(jax.tree_util.tree_leaves(inputs.params(list(primals)))) if is_floating(x)]
 
     def rows_of(u: jax.Array) -> list[jax.Array]:
-        leaves = jax.tree_util.tree_leaves(inputs.params(list(pullback(_unflatten_traced(outs, u)))))
+        cts = [_zeros_for(p) if c is None else c for c, p in zip(pullback(_unflatten_traced(outs, u)), primals)]
+        leaves = jax.tree_util.tree_leaves(inputs.params(cts))
         return [jnp.ravel(leaves[k]) for k in floats]
 
     def column(cols: list[tuple[int, int]]) -> np.ndarray:
-        # Your Jacobian's columns, from every output's cotangent, batched.
-        batched = jax.jit(jax.vmap(rows_of))
+        # Your Jacobian's columns, from every output's cotangent: batched, or one by one when
+        # your pullback is not traceable (NumPy code, Python control flow on values).
         m, parts = outs.size, []
+        batched = jax.jit(jax.vmap(rows_of))
         for s in range(0, m, BATCH):
             basis = np.zeros((min(BATCH, m - s), m))
             basis[np.arange(basis.shape[0]), s + np.arange(basis.shape[0])] = 1.0
-            rows = batched(jnp.asarray(basis, outs.dtypes[0]))
+            try:
+                rows = batched(jnp.asarray(basis, outs.dtypes[0]))
+            except _UNTRACEABLE:
+                one = [rows_of(jnp.asarray(b, outs.dtypes[0])) for b in basis]
+                rows = [np.stack([np.asarray(r[li]) for r in one]) for li in range(len(floats))]
             parts.append(np.stack([np.asarray(rows[li][:, i], np.float64) for li, i in cols], axis=1))
         return np.concatenate(parts, axis=0)
 
     return _Yours(projections, column if outs.size <= LOCATE_MAX_OUTPUTS else None)
+
+
+# What a function that JAX cannot trace raises under jit/vmap.
+_UNTRACEABLE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerBoolConversionError,
+)
+
+
+def _zeros_for(primal: Any) -> Any:
+    """The cotangent of a primal your pullback returned None for (an integer input)."""
+    return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), primal)
 
 
 def _unflatten_traced(outs: _Outputs, u: jax.Array) -> PyTree:
@@ -293,7 +318,7 @@ def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -
         if is_floating(x):
             t = jnp.zeros(np.shape(x), jnp.result_type(x))
             if fl == leaf:
-                t = t.reshape(-1).at[i].set(1).reshape(np.shape(x))
+                t = t.reshape(-1).at[i].set(BASIS_SCALE).reshape(np.shape(x))
             out.append(t)
             fl += 1
         else:
@@ -320,13 +345,17 @@ def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
     float_leaves = [x for x in leaves if is_floating(x)]
 
     def tangent_out(leaf: int, i: Any) -> jax.Array:
-        return _flat(jvp_fn(tuple(primals), _basis_tangent(inputs, primals, leaf, i))[1])
+        # J e_i from your JVP of the scaled basis tangent (see BASIS_SCALE).
+        return _flat(jvp_fn(tuple(primals), _basis_tangent(inputs, primals, leaf, i))[1]) / BASIS_SCALE
 
     per_leaf = []
     for leaf, x in enumerate(float_leaves):
         proj = jax.jit(jax.vmap(lambda i, leaf=leaf: Uj @ tangent_out(leaf, i).astype(Uj.dtype)))
         n = int(np.size(x))
-        vals = [np.asarray(proj(jnp.arange(s, min(n, s + BATCH)))) for s in range(0, n, BATCH)]
+        try:
+            vals = [np.asarray(proj(jnp.arange(s, min(n, s + BATCH)))) for s in range(0, n, BATCH)]
+        except _UNTRACEABLE:  # your JVP is not traceable: one tangent at a time
+            vals = [np.stack([np.asarray(Uj @ tangent_out(leaf, i).astype(Uj.dtype)) for i in range(n)])]
         per_leaf.append(np.concatenate(vals, axis=0))  # (n, k)
     projections = []
     for r in range(len(U)):
@@ -404,7 +433,8 @@ def _locate(
             if gap[j] < 0.1 * np.max(gap):
                 break
             out.append(Entry(e.path, e.index, float(got[j]), float(num[j]), math.nan, "fail", output=outs.name(int(j))))
-    return tuple(out)
+    out.sort(key=lambda e: -e.abs_error)
+    return tuple(out[:top_k])
 
 
 def vector_check(
@@ -439,7 +469,19 @@ def vector_check(
         # Each check is one output's row of the Jacobian: its entries are Jacobian entries.
         named = []
         for j, r in enumerate(reports):
-            worst = tuple(dataclasses.replace(e, output=outs.name(j)) for e in r.worst)
+            s = float(U[j, j])  # the cotangent's scale: the entries are s × J[j, i]
+            worst = tuple(
+                dataclasses.replace(
+                    e,
+                    yours=e.yours / s,
+                    numerical=e.numerical / s,
+                    error_estimate=e.error_estimate / abs(s),
+                    left=e.left / s,
+                    right=e.right / s,
+                    output=outs.name(j),
+                )
+                for e in r.worst
+            )
             named.append(dataclasses.replace(r, worst=worst))
         merged = merge_reports(named, top_k=int(options.get("top_k", 10)))
         jac = tuple(e for e in merged.worst if e.status == "fail")
