@@ -437,6 +437,15 @@ def _locate(
     return tuple(out[:top_k])
 
 
+def _for_fn(warning: str) -> str:
+    """A scalar check's warning in the words of a vector check (fn, your derivative)."""
+    return (
+        warning.replace("jax.grad(cost_fn)", "JAX's derivative of fn")
+        .replace("jax.grad does not", "JAX's derivatives do not")
+        .replace("cost_fn", "fn")
+    )
+
+
 def vector_check(
     kind: str,
     what: str,
@@ -493,5 +502,5 @@ def vector_check(
         if not merged.passed and yours.column is None:
             how += f" (too many outputs to name the output index: {outs.size:,} > {LOCATE_MAX_OUTPUTS:,})"
     # The custom-rule warnings of the scalar check speak of jax.grad of a cost: not what is checked here.
-    warnings = tuple(w for w in merged.warnings if not w.startswith("cost_fn uses custom_"))
+    warnings = tuple(_for_fn(w) for w in merged.warnings if not w.startswith("cost_fn uses custom_"))
     return dataclasses.replace(merged, what=what, jacobian=jac, mode=merged.mode + how, warnings=warnings)
