@@ -279,7 +279,8 @@ def check_hvp(
     Args:
       cost_fn: ``J(params, *args) -> scalar`` (its gradient comes from ``jax.grad``).
       hvp_fn: ``hvp_fn(params, v, *args)`` returning H·v shaped like ``params``.
-      params: the point to check at (any pytree).
+      params: the point to check at: a pytree of floating arrays (integer leaves and non-array
+        leaves such as an equinox activation are not supported here yet).
       *args: further arguments to both functions (data); not differentiated.
       **options: options of :func:`check_grad` and ``cotangents`` of :func:`check_vjp`.
 
