@@ -283,6 +283,7 @@ def test_assertions_are_chex_style():
     jgradcheck.assert_vjp_correct(dense, dense_vjp, x, w)
     jgradcheck.assert_jvp_correct(dense, jax.jvp, x, w)
     jgradcheck.assert_rules_correct(softplus, np.linspace(-1, 1, 3), modes=("rev",))
+    jgradcheck.assert_rules_correct(softplus, np.linspace(-1, 1, 3), modes="rev")  # a bare string too
     with pytest.raises(AssertionError, match="Assertion assert_vjp_correct failed: layer 3"):
         jgradcheck.assert_vjp_correct(
             dense, functools.partial(dense_vjp, bug="dw_transposed"), x, w, custom_message="layer 3"

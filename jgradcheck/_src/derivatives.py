@@ -234,7 +234,9 @@ def check_rules(
     """
     if not primals:
         raise TypeError(MSG_NO_PRIMALS.format(fn="check_rules", other="<no rule>"))
-    if isinstance(modes, str) or not modes or any(m not in ("fwd", "rev") for m in modes):
+    if isinstance(modes, str):  # modes="rev" means ("rev",)
+        modes = (modes,)
+    if not modes or any(m not in ("fwd", "rev") for m in modes):
         raise ValueError(MSG_MODES.format(modes=modes))
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(MSG_ORDER.format(order=order))
