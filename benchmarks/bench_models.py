@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -386,23 +385,17 @@ def run_one(name, calls, torch_full):
 
 
 def machine_line() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """bench_core's machine and versions line, plus torch's version."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_core
+
     try:
         import torch
 
         tv = torch.__version__
     except ImportError:
         tv = "not installed"
-    return (
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores, {cpu}; "
-        f"Python {platform.python_version()}, jax {jax.__version__}, numpy {np.__version__}, torch {tv}, "
-        f"jgradcheck {jgradcheck.__version__}; devices {jax.devices()}"
-    )
+    return f"{bench_core.machine_line()}; torch {tv}"
 
 
 def table(rows):
