@@ -81,9 +81,7 @@ def noise_from(v: np.ndarray, problem: Problem, check_determinism: bool) -> floa
         float(np.max(np.abs(v[np.isfinite(v)]))), np.finfo(np.float64).tiny
     )
     lines = [v[s : s + 9] for s in range(2, len(v) - 8, 9)]
-    # A line along which J does not change at all (a coordinate feeding an inactive ReLU, an
-    # unused embedding row) says nothing about the noise: its zero estimate must not win.
-    per_spacing = [[x for x in lines[i : i + 2] if np.ptp(x) > 0] for i in range(0, len(lines), 2)]
+    per_spacing = [lines[i : i + 2] for i in range(0, len(lines), 2)]
     for pair in per_spacing:
         valid = [numerics.ecnoise(x) for x in pair if numerics.looks_like_noise(x)]
         if valid:
