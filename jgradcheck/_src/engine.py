@@ -85,9 +85,29 @@ def _with_group(flat, group: tuple[int, ...], vec: jax.Array) -> list[Any]:
     return out
 
 
+def _map_chunks(batched, program: Program, idx, vals, active):
+    """``batched`` over the chunks of a block (``idx``, ``vals``: (chunks, chunk)), computing
+    only the first ``active`` chunks (a run-time count; the rest give 0). One compiled program
+    per chunk size then serves every call of a group, however many entries it asks for: a
+    second look at 32 entries reuses the first pass's program instead of compiling anew."""
+    dtype = program.jaxpr.outvars[0].aval.dtype
+    ks = jnp.arange(idx.shape[0], dtype=jnp.int32)
+
+    def step(xvk):
+        x, v, k = xvk
+        return jax.lax.cond(
+            k < active,
+            lambda: batched(x, v).astype(dtype),
+            lambda: jnp.zeros(x.shape, dtype),
+        )
+
+    return jax.lax.map(step, (idx, vals, ks))
+
+
 @functools.partial(jax.jit, static_argnames=("program", "group"))
-def _group_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals):
-    """J with entry ``idx[k]`` of the group's concatenated leaves set to ``vals[k]``, for all k.
+def _group_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals, active):
+    """J with entry ``idx[k]`` of the group's concatenated leaves set to ``vals[k]``, for all k
+    in the first ``active`` chunks.
 
     ``flat`` is every input leaf (the float parameters first); only the group's leaves are
     batched, every other leaf stays unbatched.
@@ -97,12 +117,11 @@ def _group_block(program: Program, group: tuple[int, ...], consts, flat, idx, va
     def one(i, v):
         return program(consts, _with_group(flat, group, base.at[i].set(v)))
 
-    batched = jax.vmap(one)
-    return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
+    return _map_chunks(jax.vmap(one), program, idx, vals, active)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
-def _group_delta_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals):
+def _group_delta_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals, active):
     """As ``_group_block``, through the delta interpreter (``delta.py``): what a single-entry
     perturbation does not change is computed once, and products with the perturbed leaf
     shrink to a row of the other operand."""
@@ -112,8 +131,7 @@ def _group_delta_block(program: Program, group: tuple[int, ...], consts, flat, i
     def one(i, v):
         return perturbed_cost(program.jaxpr, consts, flat, list(group), sizes, i, v, bases)
 
-    batched = jax.vmap(one)
-    return jax.lax.map(lambda xv: batched(*xv), (idx, vals))
+    return _map_chunks(jax.vmap(one), program, idx, vals, active)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
@@ -229,8 +247,10 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
     return out + [tuple(sorted(g)) for _, _, g, _ in bins]
 
 
-# Strategy per (program, group, threshold), remembered as ``_PLANS`` is.
-_CHOSEN: dict[Any, str] = {}
+# Strategy and work per evaluation by (program, group, threshold), remembered as ``_PLANS`` is.
+_CHOSEN: dict[Any, tuple[str, float]] = {}
+# Chunk sizes each (program, group, strategy, devices, chunk option) was compiled with.
+_CHUNKS: dict[Any, set[int]] = {}
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -306,6 +326,7 @@ class Engine:
         self.program = Program(trace)
         self.trace = trace
         self.chosen: dict[tuple[int, ...], str] = {}  # the strategy each group ran with
+        self._work: dict[tuple[int, ...], float] = {}  # multiply-adds per evaluation, by group
         self.consts = [rep(c) for c in self.program.consts]
         self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
@@ -340,26 +361,39 @@ class Engine:
             # vmap and compiles about as fast as J (the interpreter's program takes 2-3x longer).
             return "vmap"
         with self._lock:
-            if group not in self.chosen and (self.program, group, DENSE_REEVAL) in _CHOSEN:
-                self.chosen[group] = _CHOSEN[(self.program, group, DENSE_REEVAL)]
-            if group not in self.chosen:
+            key = (self.program, group, DENSE_REEVAL)
+            if key not in _CHOSEN:
                 try:
                     w, log = dense_work(self.trace, self.flat, group)
                 except Exception:  # noqa: BLE001 - the interpreter's own error comes when it runs
                     w, log = 0.0, []
                 loops = any(e.primitive.name in ("scan", "while") for e, _ in log)
-                self.chosen[group] = "vmap" if w >= DENSE_REEVAL * total and not loops else "delta"
+                dense = w >= DENSE_REEVAL * total and not loops
                 if len(_CHOSEN) >= 256:
                     _CHOSEN.pop(next(iter(_CHOSEN)))
-                _CHOSEN[(self.program, group, DENSE_REEVAL)] = self.chosen[group]
+                _CHOSEN[key] = ("vmap", total) if dense else ("delta", w)
+            self.chosen[group], self._work[group] = _CHOSEN[key]
             return self.chosen[group]
 
-    def _blocks(self, count: int, chunk: int) -> tuple[int, int, int]:
-        """(chunk, chunks per block, blocks), rounded to powers of two so that calls with
-        similar counts (e.g. re-checks of a few failing entries) reuse the compiled block."""
-        chunk = min(chunk, _next_pow2(count))
-        per_block = min(_next_pow2(math.ceil(count / chunk)), max(1, BLOCK_EVALS // chunk))
-        return chunk, per_block, math.ceil(count / (per_block * chunk))
+    def _chunk(self, group: tuple[int, ...], strategy: str, count: int, copy_bytes: int) -> int:
+        """Perturbations per vmap step for a call of ``count``: a power of two, as many as fit
+        the memory budget and no more than the call needs; or a chunk size this group's program
+        was already compiled with, when evaluating its padding costs less than compiling
+        (``COMPILE_SECONDS`` against the group's work per evaluation at ``WORK_RATE``)."""
+        n_dev = len(self.devices)
+        want = min(self.chunk_for(copy_bytes), _next_pow2(count))
+        want = int(math.ceil(want / n_dev) * n_dev)
+        key = (self.program, group, strategy, n_dev, self.chunk_size)
+        with self._lock:
+            have = _CHUNKS.setdefault(key, set())
+            if len(_CHUNKS) > 256:
+                _CHUNKS.pop(next(iter(_CHUNKS)))
+            per_eval = self._work.get(group, sum(work(e) for e in self.trace.jaxpr.eqns)) / WORK_RATE
+            for c in sorted(c for c in have if c >= want):
+                if (math.ceil(count / c) * c - count) * per_eval < COMPILE_SECONDS:
+                    return c
+            have.add(want)
+            return want
 
     def costs(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
         """J with entry ``idx[k]`` of the group's concatenated float leaves set to ``vals[k]``.
@@ -369,34 +403,37 @@ class Engine:
         count = int(idx.shape[0])
         if count == 0:
             return np.zeros((0,), np.float64)
+        group = tuple(group)
         leaves = [self.floats[g] for g in group]
         dtype = np.dtype(leaves[0].dtype)
         group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
-        n_dev = len(self.devices)
-        strategy = self.strategy_for(tuple(group))
-        copy_bytes = group_bytes if strategy == "vmap" else 0
-        chunk, per_block, n_blocks = self._blocks(count, self.chunk_for(copy_bytes))
-        chunk = int(math.ceil(chunk / n_dev) * n_dev)
+        strategy = self.strategy_for(group)
+        chunk = self._chunk(group, strategy, count, group_bytes if strategy == "vmap" else 0)
+        # Blocks of a fixed shape per chunk size; the last computes only the chunks it needs.
+        per_block = max(1, BLOCK_EVALS // chunk)
+        n_blocks = math.ceil(count / (per_block * chunk))
         padded = per_block * chunk * n_blocks
         first = np.asarray(leaves[0]).reshape(-1)[:1].astype(dtype)
         idx = np.concatenate([np.asarray(idx, np.int32), np.zeros(padded - count, np.int32)])
         vals = np.concatenate([np.asarray(vals, dtype), np.repeat(first, padded - count)])
         idx = idx.reshape(n_blocks, per_block, chunk)
         vals = vals.reshape(n_blocks, per_block, chunk)
+        block = _group_delta_block if strategy == "delta" else _group_block
         outs = []
         for b in range(n_blocks):
-            block = _group_delta_block if strategy == "delta" else _group_block
+            left = count - b * per_block * chunk
             out = block(
                 self.program,
-                tuple(group),
+                group,
                 self.consts,
                 self.flat,
                 self._sharded(idx[b]),
                 self._sharded(vals[b]),
+                np.int32(min(per_block, math.ceil(left / chunk))),
             )
             if progress.enabled:
                 out.block_until_ready()
-            progress.update(min(per_block * chunk, count - b * per_block * chunk))
+            progress.update(min(per_block * chunk, left))
             outs.append(out)
         with self._lock:
             self.evaluations += count
