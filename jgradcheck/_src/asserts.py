@@ -14,7 +14,7 @@ PyTree = Any
 
 def _chex_asserts_disabled() -> bool:
     try:
-        from chex._src import asserts_internal
+        from chex._src import asserts_internal  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - chex is a dependency
         return False
     return bool(
