@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jgradcheck._src.delta import dense_work, eval_delta, perturbed_cost, work
 from jgradcheck._src.effects import callbacks, clean
 from jgradcheck._src.progress import Progress
+from jgradcheck._src.reads import unread_entries
 from jgradcheck._src.tree import Layout
 
 # Perturbations evaluated per jitted call (a block); bounds compile shapes and paces the bar,
@@ -162,6 +163,8 @@ WORK_RATE = 1e9
 DENSE_REEVAL = 0.9
 # Tests set this to send every group through the delta interpreter.
 INTERPRET_ALWAYS = False
+# Tests clear this to evaluate entries J never reads too (``reads.py``).
+SKIP_UNREAD = True
 COMPILE_SECONDS = 0.5
 
 
@@ -327,6 +330,7 @@ class Engine:
         self.trace = trace
         self.chosen: dict[tuple[int, ...], str] = {}  # the strategy each group ran with
         self._work: dict[tuple[int, ...], float] = {}  # multiply-adds per evaluation, by group
+        self._unread: dict[tuple[int, ...], np.ndarray | None] = {}
         self.consts = [rep(c) for c in self.program.consts]
         self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
@@ -395,15 +399,47 @@ class Engine:
             have.add(want)
             return want
 
+    def unread(self, group: tuple[int, ...]) -> np.ndarray | None:
+        """Entries of the group's concatenated leaves that J never reads (rows of an embedding
+        no token selects; ``reads.py``), or None when it may read them all."""
+        with self._lock:
+            if group not in self._unread:
+                floats = range(len(self.floats))
+                masks = [
+                    unread_entries(self.program, self.program.jaxpr, self.consts, self.flat, floats, g) for g in group
+                ]
+                self._unread[group] = (
+                    None
+                    if all(m is None for m in masks)
+                    else np.concatenate(
+                        [np.zeros(self.floats[g].size, bool) if m is None else m for g, m in zip(group, masks)]
+                    )
+                )
+            return self._unread[group]
+
     def costs(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
         """J with entry ``idx[k]`` of the group's concatenated float leaves set to ``vals[k]``.
 
-        Returns float64 values on the host, one per k.
+        Returns float64 values on the host, one per k. Entries J never reads are not evaluated:
+        their J is J(θ), taken from one evaluation at the first of them.
         """
+        group = tuple(group)
+        idx, vals = np.asarray(idx), np.asarray(vals)
+        unread = self.unread(group)
+        skip = unread[idx] if unread is not None and idx.size and SKIP_UNREAD else None
+        if skip is None or not skip.any():
+            return self._evaluate(group, idx, vals, progress)
+        keep = np.concatenate([np.flatnonzero(~skip), np.flatnonzero(skip)[:1]])
+        got = self._evaluate(group, idx[keep], vals[keep], progress)
+        progress.update(int(idx.size - keep.size))
+        out = np.full(idx.size, got[-1])
+        out[keep] = got
+        return out
+
+    def _evaluate(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
         count = int(idx.shape[0])
         if count == 0:
             return np.zeros((0,), np.float64)
-        group = tuple(group)
         leaves = [self.floats[g] for g in group]
         dtype = np.dtype(leaves[0].dtype)
         group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize

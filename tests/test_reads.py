@@ -1,0 +1,152 @@
+"""Entries J never reads (embedding rows no token selects) are not evaluated: their central
+difference is exactly 0. The finding must be exact where it applies and conservative elsewhere."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgradcheck
+from jgradcheck._src import check, engine, problem
+
+TOKENS = jnp.array([[1, 4, 4], [6, 0, 1]])  # rows 2, 3, 5, 7 of an 8-row table are never read
+
+
+def _plain(p, tokens, x):
+    return jnp.sum(jnp.tanh(p["E"][tokens] @ p["W"]) * x) + jnp.sum(p["W"] ** 2)
+
+
+def _params(dtype):
+    r = np.random.default_rng(0)
+    return {
+        "E": jnp.asarray(r.standard_normal((8, 4)), dtype),
+        "W": jnp.asarray(r.standard_normal((4, 3)) * 0.5, dtype),
+    }
+
+
+X = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 3)), jnp.float32)
+
+
+def _unread(cost, params, *args):
+    """Per leaf path: the engine's mask of entries J never reads (None: all may be read)."""
+    with jax.enable_x64(True):
+        prob = problem.prepare(cost, params, args, True, False)
+        eng = check.make_engine(prob, None, None, "delta")
+        return {path: eng.unread((i,)) for i, path in enumerate(prob.paths)}
+
+
+def test_unread_rows_are_found():
+    masks = _unread(_plain, _params(jnp.float32), TOKENS, X)
+    assert masks["W"] is None
+    rows = np.flatnonzero(masks["E"].reshape(8, 4).all(axis=1))
+    assert rows.tolist() == [2, 3, 5, 7]
+    assert not masks["E"].reshape(8, 4)[[0, 1, 4, 6]].any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_skipping_gives_the_same_numbers_as_evaluating(dtype, monkeypatch):
+    with jax.enable_x64(dtype == jnp.float64):
+        params = _params(dtype)
+        fast = jgradcheck.numerical_grad(_plain, params, TOKENS, X, float64=True)
+        monkeypatch.setattr(engine, "SKIP_UNREAD", False)
+        slow = jgradcheck.numerical_grad(_plain, params, TOKENS, X, float64=True)
+    for key in params:
+        np.testing.assert_array_equal(fast[key], slow[key])  # the same program, bit for bit
+    assert np.all(fast["E"][[2, 3, 5, 7]] == 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_planted_bugs_at_read_and_unread_rows_fail_there(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        params = _params(dtype)
+        good = jax.grad(_plain)
+        report = jgradcheck.check_grad(_plain, good, params, TOKENS, X)
+        assert report.passed
+        n = sum(int(v.size) for v in params.values())
+        assert report.evaluations < 2 * n  # the 16 unread entries were not evaluated
+        for row, col in ((5, 1), (4, 2)):  # row 5 is never read; row 4 is, twice
+
+            def bad(p, tokens, x, row=row, col=col):
+                g = good(p, tokens, x)
+                return {**g, "E": g["E"].at[row, col].add(1e-3 * jnp.max(jnp.abs(g["E"])))}
+
+            report = jgradcheck.check_grad(_plain, bad, params, TOKENS, X)
+            assert not report.passed
+            assert report.worst[0].name == f"E[{row}, {col}]"
+            assert [leaf.path for leaf in report.leaves if leaf.status == "fail"] == ["E"]
+
+
+def _tied(p, tokens):  # the table is also the output projection: every entry is read
+    h = jnp.tanh(p["E"][tokens])
+    return jnp.sum(jax.nn.log_softmax(h @ p["E"].T))
+
+
+def _routed(p, tokens):  # indices computed from a parameter (top-1 routing): not data
+    k = jnp.argmax(p["gate"])
+    return jnp.sum(jnp.sin(p["E"][tokens + k]))
+
+
+def _in_scan(p, tokens):  # the gather inside a loop body is not followed
+    def step(c, t):
+        return c + jnp.sum(jnp.sin(p["E"][t])), None
+
+    return jax.lax.scan(step, 0.0, tokens)[0]
+
+
+def _take_fill(p, tokens):  # jnp.take inside a jit call, out-of-bounds tokens filled (read nothing)
+    return jnp.sum(jnp.nan_to_num(jnp.take(p["E"], tokens, axis=0, mode="fill", fill_value=0.0)) ** 2)
+
+
+def _take_clip(p, tokens):  # out-of-bounds tokens clipped: they read the last row
+    return jnp.sum(jnp.take(p["E"], tokens, axis=0, mode="clip") ** 3)
+
+
+def test_detection_is_conservative_and_follows_gather_semantics():
+    params = {"E": jnp.ones((8, 2)), "gate": jnp.arange(3.0)}
+    tokens = jnp.array([0, 2, 9])  # 9 is out of bounds
+    assert _unread(_tied, {"E": params["E"]}, tokens)["E"] is None
+    assert _unread(_routed, params, tokens)["E"] is None
+    assert _unread(_in_scan, {"E": params["E"]}, tokens)["E"] is None
+    fill = _unread(_take_fill, {"E": params["E"]}, tokens)["E"].reshape(8, 2)
+    assert np.flatnonzero(~fill.all(axis=1)).tolist() == [0, 2]
+    clip = _unread(_take_clip, {"E": params["E"]}, tokens)["E"].reshape(8, 2)
+    assert np.flatnonzero(~clip.all(axis=1)).tolist() == [0, 2, 7]
+
+
+def test_equinox_embedding_checks_with_unread_rows_skipped():
+    model = eqx.nn.Embedding(10, 3, key=jax.random.PRNGKey(0))
+    tokens = jnp.array([1, 3, 3])
+
+    def cost(m, t):
+        return jnp.sum(jnp.cos(jax.vmap(m)(t)))
+
+    def grad(m, t):  # by hand: only the rows of the tokens get -sin, summed over repeats
+        rows = jnp.zeros_like(m.weight).at[t].add(-jnp.sin(m.weight[t]))
+        return eqx.tree_at(lambda g: g.weight, m, rows)
+
+    report = jgradcheck.check_grad(cost, grad, model, tokens)
+    assert report.passed and report.evaluations < 2 * 30
+
+    def wrong(m, t):  # forgot to sum over the repeated token 3
+        rows = jnp.zeros_like(m.weight).at[t].set(-jnp.sin(m.weight[t]))
+        return eqx.tree_at(lambda g: g.weight, m, rows)
+
+    report = jgradcheck.check_grad(cost, wrong, model, tokens)
+    assert not report.passed and report.worst[0].index[0] == 3
+
+
+def test_a_table_read_elsewhere_too_is_fully_checked():
+    # Yours forgets the output projection's share, so it is 0 at rows no token selects: a check
+    # that took those rows for unread would pass it.
+    params = {"E": jnp.asarray(np.random.default_rng(2).standard_normal((8, 2)), jnp.float32)}
+    tokens = jnp.array([0, 2, 2])
+
+    def wrong(p, t):
+        return {"E": jax.grad(_tied)(p, t)["E"] * jnp.zeros((8, 1)).at[t].set(1.0)}
+
+    report = jgradcheck.check_grad(_tied, wrong, params, tokens)
+    assert not report.passed
+    assert report.worst[0].index[0] not in (0, 2)
