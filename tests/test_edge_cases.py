@@ -192,3 +192,32 @@ def test_nan_cost_with_several_programs_raises_the_probe_error():
 
     with pytest.raises(ValueError, match="NaN/Inf|-inf"):
         jgradcheck.check_grad(cost, jax.grad(cost), params)
+
+
+def test_your_gradient_runs_in_its_own_thread_under_the_check_precision():
+    # Yours is computed while the check compiles its programs: in another thread, where JAX's
+    # thread-local x64 context must still hold.
+    seen = []
+
+    def grad(p):
+        seen.append(p["w"].dtype)
+        return {"w": 2 * p["w"]}
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32)}
+    assert jgradcheck.check_grad(lambda p: jnp.sum(p["w"] ** 2), grad, params).passed
+    assert seen and all(d == jnp.float64 for d in seen)
+
+
+def test_an_error_in_your_gradient_stops_a_running_check_and_is_raised():
+    params = {"w": jnp.ones((300, 200)), "b": jnp.ones(7)}  # two programs, threads
+
+    def cost(p):
+        return jnp.sum(jnp.tanh(p["w"]) ** 2) + jnp.sum(p["b"] ** 3)
+
+    def grad(p):
+        raise RuntimeError("my gradient is broken")
+
+    with pytest.raises(RuntimeError, match="my gradient is broken"):
+        jgradcheck.check_grad(cost, grad, params)
+    with pytest.raises(RuntimeError, match="my gradient is broken"):
+        jgradcheck.check_grad(cost, grad, {"w": jnp.ones(5), "b": jnp.ones(2)})  # one program

@@ -31,9 +31,9 @@ from jgradcheck._src.problem import (
     CostFn,
     GradFn,
     Problem,
+    Yours,
     precision_scope,
     prepare,
-    user_gradient,
 )
 from jgradcheck._src.report import GradCheckReport
 from jgradcheck._src.schedule import check_leaves
@@ -182,7 +182,7 @@ def check_grad(
     opts = Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
     with precision_scope(x64), _explain_kwargs(kwargs):
         problem = prepare(cost_fn, params, args, x64, check_determinism)
-        grads, g_eps = user_gradient(grad_fn, problem)
+        yours = Yours(grad_fn, problem)  # compiles and runs while the check compiles its programs
         engine = make_engine(problem, devices, chunk_size, strategy)
         n = sum(int(f.size) for f in problem.floats)
         chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
@@ -197,8 +197,9 @@ def check_grad(
             else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
         )
         per_leaf = run_mode(
-            chosen, engine, problem, grads, g_eps, noise, opts, sample_size, screen_directions, seed, progress, n
+            chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
         )
+        grads, _ = yours.get()
         warnings = list(
             invisible_to_fd(
                 problem.trace, promoted_pytree=x64 and not callable(grad_fn) and "promoted" in problem.precision
@@ -333,7 +334,7 @@ def numerical_grad(
         bar = Progress(n * len(numerics.STENCILS[method][0]), show_progress(progress, n))
         sel = {i: np.arange(int(f.size)) for i, f in enumerate(problem.floats)}
         zeros = [np.zeros(int(f.size)) for f in problem.floats]
-        coords = check_leaves(engine, problem, sel, zeros, [0.0] * len(zeros), 0.0, opts, bar)
+        coords = check_leaves(engine, problem, sel, Yours.ready(zeros, [0.0] * len(zeros)), 0.0, opts, bar)
         out = [coords[i].numerical.reshape(f.shape) for i, f in enumerate(problem.floats)]
         bar.close()
     it = iter(out)

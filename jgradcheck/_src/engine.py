@@ -92,6 +92,8 @@ def _map_chunks(batched, program: Program, idx, vals, active):
     per chunk size then serves every call of a group, however many entries it asks for: a
     second look at 32 entries reuses the first pass's program instead of compiling anew."""
     dtype = program.jaxpr.outvars[0].aval.dtype
+    if idx.shape[0] == 1:  # one chunk per block (cheap groups): no loop to compile
+        return batched(idx[0], vals[0]).astype(dtype)[None]
     ks = jnp.arange(idx.shape[0], dtype=jnp.int32)
 
     def step(xvk):
@@ -105,8 +107,7 @@ def _map_chunks(batched, program: Program, idx, vals, active):
     return jax.lax.map(step, (idx, vals, ks))
 
 
-@functools.partial(jax.jit, static_argnames=("program", "group"))
-def _group_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals, active):
+def _group_block_impl(program: Program, group: tuple[int, ...], consts, flat, idx, vals, active):
     """J with entry ``idx[k]`` of the group's concatenated leaves set to ``vals[k]``, for all k
     in the first ``active`` chunks.
 
@@ -121,8 +122,7 @@ def _group_block(program: Program, group: tuple[int, ...], consts, flat, idx, va
     return _map_chunks(jax.vmap(one), program, idx, vals, active)
 
 
-@functools.partial(jax.jit, static_argnames=("program", "group"))
-def _group_delta_block(program: Program, group: tuple[int, ...], consts, flat, idx, vals, active):
+def _group_delta_block_impl(program: Program, group: tuple[int, ...], consts, flat, idx, vals, active):
     """As ``_group_block``, through the delta interpreter (``delta.py``): what a single-entry
     perturbation does not change is computed once, and products with the perturbed leaf
     shrink to a row of the other operand."""
@@ -133,6 +133,17 @@ def _group_delta_block(program: Program, group: tuple[int, ...], consts, flat, i
         return perturbed_cost(program.jaxpr, consts, flat, list(group), sizes, i, v, bases)
 
     return _map_chunks(jax.vmap(one), program, idx, vals, active)
+
+
+_STATIC = ("program", "group")
+_group_block = jax.jit(_group_block_impl, static_argnames=_STATIC)
+_group_delta_block = jax.jit(_group_delta_block_impl, static_argnames=_STATIC)
+# XLA:CPU's backend optimization level 0 compiles in about half the time (0.1 s against 0.2 s
+# for a unit-test MLP's program) and runs 3-4x slower: for groups whose evaluations take
+# milliseconds, the compilation is the check's cost (``QUICK_SECONDS``).
+QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
+QUICK_SECONDS = 0.025
+_group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=QUICK_OPTIONS)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
@@ -379,6 +390,12 @@ class Engine:
             self.chosen[group], self._work[group] = _CHOSEN[key]
             return self.chosen[group]
 
+    def _quick(self, group: tuple[int, ...]) -> bool:
+        """Whether this group's evaluations are so cheap that compiling fast matters more."""
+        total = sum(work(e) for e in self.trace.jaxpr.eqns)
+        entries = sum(int(self.floats[g].size) for g in group)
+        return self.devices[0].platform == "cpu" and 2 * entries * total / WORK_RATE < QUICK_SECONDS
+
     def _chunk(self, group: tuple[int, ...], strategy: str, count: int, copy_bytes: int) -> int:
         """Perturbations per vmap step for a call of ``count``: a power of two, as many as fit
         the memory budget and no more than the call needs; or a chunk size this group's program
@@ -446,7 +463,8 @@ class Engine:
         strategy = self.strategy_for(group)
         chunk = self._chunk(group, strategy, count, group_bytes if strategy == "vmap" else 0)
         # Blocks of a fixed shape per chunk size; the last computes only the chunks it needs.
-        per_block = max(1, BLOCK_EVALS // chunk)
+        quick = strategy == "vmap" and self._quick(group)
+        per_block = 1 if quick else max(1, BLOCK_EVALS // chunk)
         n_blocks = math.ceil(count / (per_block * chunk))
         padded = per_block * chunk * n_blocks
         first = np.asarray(leaves[0]).reshape(-1)[:1].astype(dtype)
@@ -454,7 +472,7 @@ class Engine:
         vals = np.concatenate([np.asarray(vals, dtype), np.repeat(first, padded - count)])
         idx = idx.reshape(n_blocks, per_block, chunk)
         vals = vals.reshape(n_blocks, per_block, chunk)
-        block = _group_delta_block if strategy == "delta" else _group_block
+        block = _group_block_quick if quick else _group_delta_block if strategy == "delta" else _group_block
         outs = []
         for b in range(n_blocks):
             left = count - b * per_block * chunk

@@ -9,7 +9,7 @@ bugs. ``schedule.check_leaves`` runs the groups.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -258,17 +258,16 @@ def check_entries(
     problem: Problem,
     group: tuple[int, ...],
     idx: np.ndarray,
-    g: np.ndarray,
-    g_eps: np.ndarray,
-    g_scale: np.ndarray,
+    yours: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]],
     noise: float | NoiseBox,
     opts: Options,
     progress: Progress,
 ) -> Coords:
     """Compares yours (``g``) with finite differences at entries ``idx`` of a group of leaves.
 
-    ``idx`` indexes the concatenation of the group's raveled leaves; ``g``, ``g_eps`` and
-    ``g_scale`` are yours, its dtype's eps and its leaf's largest magnitude, per entry.
+    ``idx`` indexes the concatenation of the group's raveled leaves; ``yours()`` gives yours,
+    its dtype's eps and its leaf's largest magnitude, per entry: it is called once the finite
+    differences are in (your gradient may still be compiling until then).
     ``noise`` is J's noise level, or the box that delivers it: the probe group's first call
     then carries the probe points too.
 
@@ -313,6 +312,7 @@ def check_entries(
     if isinstance(noise, NoiseBox):
         noise = noise.deliver(all_vals[n_main:]) if carries_probe else noise.get()
     vals = all_vals[:n_main].reshape(len(offsets), k)
+    g, g_eps, g_scale = yours()
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
     # Central difference at h over the step actually taken (exact for the default steps).
@@ -442,9 +442,7 @@ def check_entries(
             problem,
             group,
             idx[still],
-            g[still],
-            g_eps[still],
-            g_scale[still],
+            lambda: (g[still], g_eps[still], g_scale[still]),
             noise,
             dataclasses.replace(opts, method="central"),
             progress,

@@ -12,8 +12,8 @@ from jgradcheck._src.options import show_progress
 from jgradcheck._src.schedule import check_leaves
 
 
-def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_dirs, seed, progress, n):
-    """Per-leaf results for ``mode`` in ("full", "sample", "screen")."""
+def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, seed, progress, n):
+    """Per-leaf results for ``mode`` in ("full", "sample", "screen"); ``yours`` is a ``Yours``."""
     sizes = [int(f.size) for f in problem.floats]
     per_entry = len(numerics.STENCILS[opts.method][0])
     if mode == "full":
@@ -31,10 +31,11 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
                 sel[i] = np.arange(size)
             else:
                 sel[i] = np.sort(screen.leaf_rng(problem.paths[i], seed).choice(size, sample_size, replace=False))
-        coords = check_leaves(engine, problem, sel, grads, g_eps, noise, opts, bar)
+        coords = check_leaves(engine, problem, sel, yours, noise, opts, bar)
         for i, size in enumerate(sizes):
             results[i] = screen.LeafResult(coords[i], "entries" if sel[i].size == size else "sampled")
     else:
+        grads, g_eps = yours.get()
         to_locate: dict[int, np.ndarray] = {}
         notes: dict[int, tuple[str, int]] = {}
         for i, size in enumerate(sizes):
@@ -70,7 +71,7 @@ def run_mode(mode, engine, problem, grads, g_eps, noise, opts, sample_size, n_di
                     else f"; bisection ({runs}): the error is spread over the leaf"
                 )
             notes[i] = (note, fails)
-        coords = check_leaves(engine, problem, to_locate, grads, g_eps, noise, opts, bar)
+        coords = check_leaves(engine, problem, to_locate, yours, noise, opts, bar)
         for i, c in coords.items():
             note, fails = notes[i]
             n_bad = int(np.sum(c.status == "fail"))

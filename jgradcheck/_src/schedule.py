@@ -13,7 +13,7 @@ from jgradcheck._src.engine import Engine, Progress
 from jgradcheck._src.estimate import Coords, check_entries, leaf_scale
 from jgradcheck._src.options import Options
 from jgradcheck._src.probe import NoiseBox, ProbeFailed, probe_entries
-from jgradcheck._src.problem import Problem
+from jgradcheck._src.problem import Problem, Yours
 
 
 class Cancelled(Exception):
@@ -23,16 +23,17 @@ class Cancelled(Exception):
 class _Cancellable:
     """The progress bar the workers tick after each block: also where they learn to stop."""
 
-    def __init__(self, progress: Progress):
+    def __init__(self, progress: Progress, failed: threading.Event):
         self.progress = progress
         self.stop = threading.Event()
+        self.failed = failed  # your gradient raised: no point finishing
 
     # Always "enabled": the engine then waits for each block before ticking, so a worker
     # learns of a Ctrl-C after the block it is computing, not after its last dispatched one.
     enabled = True
 
     def update(self, n: int) -> None:
-        if self.stop.is_set():
+        if self.stop.is_set() or self.failed.is_set():
             raise Cancelled
         self.progress.update(n)
 
@@ -52,8 +53,7 @@ def check_leaves(
     engine: Engine,
     problem: Problem,
     selection: dict[int, np.ndarray],
-    grads: list[np.ndarray],
-    g_eps: list[float],
+    yours: Yours,
     noise: float | NoiseBox,
     opts: Options,
     progress: Progress,
@@ -63,7 +63,8 @@ def check_leaves(
     Groups run in threads: each one's first call compiles its program, and XLA compiles (and
     the device computes) while other threads trace, so a cold check overlaps its compilations.
     A KeyboardInterrupt (Ctrl-C) in the main thread cancels the groups not started, stops the
-    running ones at their next block, waits for them, and propagates.
+    running ones at their next block, waits for them, and propagates. So does an error in your
+    gradient (``yours``, computed meanwhile in its own thread), which is then raised.
     """
     out: dict[int, Coords] = {}
     groups = [tuple(i for i in full if i in selection) for full in problem.groups]
@@ -74,17 +75,23 @@ def check_leaves(
             noise = noise.deliver(engine.costs(noise.group, *probe, progress))
         else:  # the group carrying the probe goes first: the others wait for it to judge
             groups.sort(key=lambda grp: grp != noise.group)
-    ticks = _Cancellable(progress)
+    ticks = _Cancellable(progress, yours.failed)
 
     def run(group: tuple[int, ...]) -> None:
+        ticks.update(0)  # raises Cancelled before compiling anything once the check is stopping
         sizes = [int(problem.floats[i].size) for i in group]
         offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         idx = np.concatenate([selection[i] + o for i, o in zip(group, offs)]).astype(np.int64)
-        g = np.concatenate([grads[i][selection[i]] for i in group])
-        eps = np.concatenate([np.full(selection[i].size, g_eps[i]) for i in group])
-        scale = np.concatenate([np.full(selection[i].size, leaf_scale(grads[i])) for i in group])
+
+        def entries() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            grads, g_eps = yours.get()
+            g = np.concatenate([grads[i][selection[i]] for i in group])
+            eps = np.concatenate([np.full(selection[i].size, g_eps[i]) for i in group])
+            scale = np.concatenate([np.full(selection[i].size, leaf_scale(grads[i])) for i in group])
+            return g, eps, scale
+
         try:
-            c = check_entries(engine, problem, group, idx, g, eps, scale, noise, opts, ticks)  # type: ignore[arg-type]
+            c = check_entries(engine, problem, group, idx, entries, noise, opts, ticks)  # type: ignore[arg-type]
         except BaseException:
             if isinstance(noise, NoiseBox) and noise.group == group:
                 noise.fail()  # the groups waiting on this one's probe must not wait forever
@@ -115,11 +122,17 @@ def check_leaves(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
+        if yours.failed.is_set():
+            yours.get()  # raises your gradient's error, the reason the workers stopped
         errors = [f.exception() for f in futures]
         # The probe's own error (e.g. a NaN cost) rather than the waiting groups' ProbeFailed.
         for error in sorted((e for e in errors if e is not None), key=lambda e: isinstance(e, ProbeFailed)):
             raise error
     else:
         for grp in groups:
-            run(grp)
+            try:
+                run(grp)
+            except Cancelled:
+                yours.get()  # raises your gradient's error
+                raise
     return out
