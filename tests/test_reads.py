@@ -67,6 +67,7 @@ def test_planted_bugs_at_read_and_unread_rows_fail_there(dtype):
         assert report.passed
         n = sum(int(v.size) for v in params.values())
         assert report.evaluations < 2 * n  # the 16 unread entries were not evaluated
+        assert "31 evaluations skipped, entries J never reads: E" in str(report)  # 32, less J(θ)
         for row, col in ((5, 1), (4, 2)):  # row 5 is never read; row 4 is, twice
 
             def bad(p, tokens, x, row=row, col=col):

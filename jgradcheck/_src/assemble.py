@@ -271,5 +271,6 @@ def build_report(
         engine.evaluations,
         leaf_devs(engine),
         seconds,
+        evaluated=engine.describe(problem.paths),
         entry_values=tuple(values),
     )

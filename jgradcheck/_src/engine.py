@@ -267,6 +267,10 @@ _CHOSEN: dict[Any, tuple[str, float]] = {}
 _CHUNKS: dict[Any, set[int]] = {}
 
 
+def _names(paths: list[str], most: int = 6) -> str:
+    return ", ".join(paths[:most]) + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
     """Host copy of a result; under ``jax.distributed`` results span processes and are gathered."""
     if getattr(x, "is_fully_addressable", True):
@@ -342,6 +346,8 @@ class Engine:
         self.chosen: dict[tuple[int, ...], str] = {}  # the strategy each group ran with
         self._work: dict[tuple[int, ...], float] = {}  # multiply-adds per evaluation, by group
         self._unread: dict[tuple[int, ...], np.ndarray | None] = {}
+        self.ran: dict[int, str] = {}  # float leaf -> how its perturbations were evaluated
+        self.skipped: dict[int, int] = {}  # float leaf -> evaluations skipped (entries never read)
         self.consts = [rep(c) for c in self.program.consts]
         self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
@@ -448,6 +454,11 @@ class Engine:
             return self._evaluate(group, idx, vals, progress)
         keep = np.concatenate([np.flatnonzero(~skip), np.flatnonzero(skip)[:1]])
         got = self._evaluate(group, idx[keep], vals[keep], progress)
+        sizes = np.cumsum([int(self.floats[g].size) for g in group])
+        with self._lock:
+            skipped = idx[np.flatnonzero(skip)[1:]]  # the first one was evaluated: J(θ)
+            for g, n in zip(group, np.bincount(np.searchsorted(sizes, skipped, side="right"), minlength=len(group))):
+                self.skipped[g] = self.skipped.get(g, 0) + int(n)
         progress.update(int(idx.size - keep.size))
         out = np.full(idx.size, got[-1])
         out[keep] = got
@@ -491,7 +502,23 @@ class Engine:
             outs.append(out)
         with self._lock:
             self.evaluations += count
+            for g in group:
+                self.ran[g] = strategy
         return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
+
+    def describe(self, paths: Sequence[str]) -> str:
+        """How the perturbed costs were evaluated, by leaf, in a line of the report."""
+        words = {"delta": "changes only (delta)", "vmap": "whole cost re-evaluated"}
+        parts = []
+        for how in ("delta", "vmap"):
+            leaves = [paths[i] for i in sorted(self.ran) if self.ran[i] == how]
+            if leaves:
+                parts.append(f"{words[how]}: {_names(leaves)}")
+        skipped = {paths[i]: n for i, n in sorted(self.skipped.items()) if n}
+        if skipped:
+            total = sum(skipped.values())
+            parts.append(f"{total:,} evaluations skipped, entries J never reads: {_names(list(skipped))}")
+        return "; ".join(parts)
 
     def line_costs(self, group: tuple[int, ...], dirs: np.ndarray, ts: np.ndarray, which: np.ndarray) -> np.ndarray:
         """J(θ + t_k d_{which_k}), ``dirs`` (num_dirs, group size) over the group's raveled leaves.

@@ -87,4 +87,5 @@ def merge_reports(
         devices=first.devices,
         seconds=sum(r.seconds for r in reports),
         what=first.what,
+        evaluated=" | ".join(dict.fromkeys(r.evaluated for r in reports if r.evaluated)),
     )

@@ -191,6 +191,9 @@ class GradCheckReport:
         ``"your Hessian-vector product"``, or ``"JAX's derivative of f"`` (check_rules).
       jacobian: for vector checks, the disagreeing Jacobian entries with their input leaf and
         index and their output leaf and index (``Entry.output``).
+      evaluated: how the perturbed costs were evaluated, by leaf: as changes only (the delta
+        interpreter), the whole cost re-evaluated (where a change is dense through J), and how
+        many evaluations were skipped at entries J never reads (embedding rows no token selects).
       entry_values: per leaf (in ``leaves`` order), its :class:`LeafValues` (every entry compared
         one by one), or None for a leaf that was only screened; None when the check did not
         record them. Drawn by :meth:`plot`; not part of equality or ``repr``.
@@ -212,6 +215,7 @@ class GradCheckReport:
     seconds: float
     what: str = "your gradient"
     jacobian: tuple[Entry, ...] = ()
+    evaluated: str = ""
     entry_values: tuple[LeafValues | None, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -297,6 +301,8 @@ class GradCheckReport:
             f"  ran in {self.precision}, {self.method} differences, mode {self.mode}, "
             f"{self.evaluations:,} cost evaluations on {', '.join(self.devices)} in {self.seconds:.2f} s"
         )
+        if self.evaluated:
+            lines.append(f"  evaluated: {self.evaluated}")
         lines.append("")
         lines.extend(_leaf_table(self.leaves))
         notes = [leaf for leaf in self.leaves if leaf.note]
