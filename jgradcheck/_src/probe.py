@@ -41,13 +41,20 @@ def probe_group(problem: Problem) -> tuple[int, ...]:
     return min(problem.groups, key=lambda g: sum(int(problem.floats[i].size) for i in g))
 
 
-def probe_entries(problem: Problem, group: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def probe_entries(
+    problem: Problem, group: tuple[int, ...], seed: int, unread: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Single-entry probe points for full and sample modes: J(θ) twice, then one-sided lines
     along two random coordinates of ``group``. They ride in that group's first call, so the
-    probe costs no compilation of its own."""
+    probe costs no compilation of its own. Entries J never reads (``unread``, the engine's
+    mask) would show no noise at all: the coordinates are drawn from the others."""
     theta = np.concatenate([problem.host(i) for i in group])
     rng = np.random.default_rng(seed)
-    js = rng.choice(theta.size, size=2, replace=theta.size < 2)
+    if unread is not None and not unread.all():
+        read = np.flatnonzero(~unread)
+        js = read[rng.choice(read.size, size=2, replace=read.size < 2)]
+    else:
+        js = rng.choice(theta.size, size=2, replace=theta.size < 2)
     base = theta[js].astype(np.float64)
     idx, moved = [np.array([js[0], js[0]])], [base[[0, 0]]]
     for f in numerics.NOISE_SPACING_FACTORS:

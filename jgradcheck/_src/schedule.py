@@ -71,7 +71,7 @@ def check_leaves(
     groups = [grp for grp in groups if grp]
     if isinstance(noise, NoiseBox):
         if noise.group not in groups:  # the probe's group is not checked here: probe on its own
-            probe = probe_entries(problem, noise.group, noise.seed)
+            probe = probe_entries(problem, noise.group, noise.seed, engine.unread(noise.group))
             noise = noise.deliver(engine.costs(noise.group, *probe, progress))
         else:  # the group carrying the probe goes first: the others wait for it to judge
             groups.sort(key=lambda grp: grp != noise.group)
