@@ -265,6 +265,13 @@ def _gru(p, xs):  # scan whose body multiplies by the loop's weights (constants 
     return jnp.sum(h) + jnp.mean(ys)
 
 
+def _gelu_mlp(p, x):  # two changes in the same column meet: x and x³ in GELU, h·σ(h) in swish
+    h = jax.nn.gelu(x @ p["w1"] + p["b1"])
+    g = x @ p["w3"]
+    g = g * jax.nn.sigmoid(g) + jax.nn.gelu(g, approximate=False)
+    return jnp.sum(jnp.tanh(h @ p["w2"])) + jnp.sum(g**2)
+
+
 def _rules_cases():
     r = np.random.default_rng(1)
 
@@ -277,6 +284,7 @@ def _rules_cases():
             {"k1": a(3, 3, 2, 4), "b1": a(4), "k2": a(3, 2, 4, 3), "b2": a(3), "w": a(18, 2)},
             (a(2, 9, 7, 2),),
         ),
+        "gelu_mlp": (_gelu_mlp, {"w1": a(4, 6), "b1": a(6), "w2": a(6, 3), "w3": a(4, 5)}, (a(2, 7, 4),)),
         "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
         "gru": (
             _gru,
@@ -320,6 +328,22 @@ def test_rules_match_whole_cost_reevaluation(name, x64, interpreter_only):
     eps = np.finfo(np.float64 if x64 else np.float32).eps
     # J(θ) + ΔJ against J(θ + v e_i): the same sums in another order, a few ulps of the terms.
     np.testing.assert_allclose(fast, ref, rtol=0, atol=32 * eps * max(1.0, float(np.max(np.abs(ref)))))
+
+
+def test_a_column_change_stays_a_column_through_gelu_and_swish():
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.delta import dense_work
+    from jgradcheck._src.problem import precision_scope, prepare
+
+    cost, params, args = RULES["gelu_mlp"]
+    with precision_scope(True):
+        problem = prepare(cost, params, args, True, check_determinism=False)
+        engine = make_engine(problem, None, None, "delta")
+        for leaf in ("w1", "b1", "w3"):
+            w, log = dense_work(problem.trace, engine.flat, (problem.paths.index(leaf),))
+            names = [e.primitive.name for e, _ in log]
+            assert "logistic" not in names and "erf" not in names and "tanh" not in names[:1], (leaf, names)
+            assert w < 2 * 7 * 6 * 3, (leaf, w)  # never the whole (14, 6) @ (6, 3) product again
 
 
 def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():

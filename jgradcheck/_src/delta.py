@@ -366,6 +366,10 @@ def _eval_eqn(eqn, bases, ds):
         got = _slab_rule(eqn, name, bases, ds, live[0], out_base)
         if got is not None:
             return got
+    if len(live) > 1 and all(isinstance(ds[k], Slab) for k in live):
+        got = _same_slab_rule(eqn, name, bases, ds, live, out_base)
+        if got is not None:
+            return got
     # Linear rules on dense deltas.
     if name in _LINEAR_UNARY and len(live) == 1 and live[0] == 0 and _is_linear(eqn, bases[0]):
         d = _dense(bases[0], ds[0])
@@ -500,4 +504,11 @@ def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases
 
 # The rules for convolutions, products changed on both sides and loop bodies (they use the
 # interpreter above, so they are imported last).
-from jgradcheck._src.delta_rules import _bilinear, _conv_onehot, _kept_axis, _plain_conv, _scan_rule  # noqa: E402
+from jgradcheck._src.delta_rules import (  # noqa: E402
+    _bilinear,
+    _conv_onehot,
+    _kept_axis,
+    _plain_conv,
+    _same_slab_rule,
+    _scan_rule,
+)

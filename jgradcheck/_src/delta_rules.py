@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jgradcheck._src.delta import _DENSE_LOG, OneHot, Slab, _bind, _dense, _eval_eqn, _take, eval_delta  # noqa: F401
+from jgradcheck._src.delta import _DENSE_LOG, _ELEMENTWISE, OneHot, Slab, _bind, _dense, _eval_eqn, _take, eval_delta  # noqa: F401
 
 
 def _bilinear(eqn, bases, ds):
@@ -119,3 +119,25 @@ def _scan(step, carry_b, carry_d, xs_b, xs_d, prm):
         reverse=prm["reverse"],
         unroll=prm["unroll"],
     )
+
+
+def _same_slab_rule(eqn, name, bases, ds, live, out_base):
+    """An elementwise operation on several changes confined to the same slab (the same axis and
+    the very same traced index: two values computed from one change, as x and x³ in GELU):
+    the result changes in that slab only. None if the slabs may differ."""
+    first: Slab = ds[live[0]]
+    if any(ds[k].axis != first.axis or ds[k].index is not first.index for k in live):
+        return None
+    out_aval = eqn.outvars[0].aval
+    shape = tuple(out_aval.shape)
+    if name not in _ELEMENTWISE or eqn.primitive.multiple_results:
+        return None
+    if not jnp.issubdtype(out_aval.dtype, jnp.inexact):
+        return None
+    if not all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == shape for b in bases):
+        return None
+    at = [b if jnp.ndim(b) == 0 else _take(b, first.axis, first.index) for b in bases]
+    moved = list(at)
+    for k in live:
+        moved[k] = at[k] + ds[k].values.astype(jnp.result_type(at[k]))
+    return [(out_base[0], Slab(first.axis, first.index, _bind(eqn, *moved)[0] - _bind(eqn, *at)[0]))]
