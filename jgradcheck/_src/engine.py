@@ -138,12 +138,16 @@ def _group_delta_block_impl(program: Program, group: tuple[int, ...], consts, fl
 _STATIC = ("program", "group")
 _group_block = jax.jit(_group_block_impl, static_argnames=_STATIC)
 _group_delta_block = jax.jit(_group_delta_block_impl, static_argnames=_STATIC)
-# XLA:CPU's backend optimization level 0 compiles in about half the time (0.1 s against 0.2 s
-# for a unit-test MLP's program) and runs 3-4x slower: for groups whose evaluations take
-# milliseconds, the compilation is the check's cost (``QUICK_SECONDS``).
+# XLA:CPU's backend optimization level 0 compiles in 0.5-0.65x the time (0.1 s against 0.2 s for
+# a unit-test MLP's program, 0.4-0.9 s against 0.7-1.4 s for the interpreter's programs of a
+# transformer block or a CNN) and runs 1.1-4x slower (GEMMs and convolutions are library calls;
+# generated elementwise loops slow down most). Groups whose evaluations are estimated under
+# ``QUICK_SECONDS`` in all (multiply-adds at ``WORK_RATE``) compile that way: there the
+# compilation is most of their cost.
 QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
-QUICK_SECONDS = 0.025
+QUICK_SECONDS = 0.1
 _group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=QUICK_OPTIONS)
+_group_delta_block_quick = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=QUICK_OPTIONS)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
@@ -400,7 +404,8 @@ class Engine:
         """Whether this group's evaluations are so cheap that compiling fast matters more."""
         total = sum(work(e) for e in self.trace.jaxpr.eqns)
         entries = sum(int(self.floats[g].size) for g in group)
-        return self.devices[0].platform == "cpu" and 2 * entries * total / WORK_RATE < QUICK_SECONDS
+        per_eval = self._work.get(group, total)
+        return self.devices[0].platform == "cpu" and 2 * entries * per_eval / WORK_RATE < QUICK_SECONDS
 
     def _chunk(self, group: tuple[int, ...], strategy: str, count: int, copy_bytes: int) -> int:
         """Perturbations per vmap step for a call of ``count``: a power of two, as many as fit
@@ -474,7 +479,7 @@ class Engine:
         strategy = self.strategy_for(group)
         chunk = self._chunk(group, strategy, count, group_bytes if strategy == "vmap" else 0)
         # Blocks of a fixed shape per chunk size; the last computes only the chunks it needs.
-        quick = strategy == "vmap" and self._quick(group)
+        quick = self._quick(group)
         per_block = 1 if quick else max(1, BLOCK_EVALS // chunk)
         n_blocks = math.ceil(count / (per_block * chunk))
         padded = per_block * chunk * n_blocks
@@ -483,7 +488,10 @@ class Engine:
         vals = np.concatenate([np.asarray(vals, dtype), np.repeat(first, padded - count)])
         idx = idx.reshape(n_blocks, per_block, chunk)
         vals = vals.reshape(n_blocks, per_block, chunk)
-        block = _group_block_quick if quick else _group_delta_block if strategy == "delta" else _group_block
+        if strategy == "delta":
+            block = _group_delta_block_quick if quick else _group_delta_block
+        else:
+            block = _group_block_quick if quick else _group_block
         outs = []
         for b in range(n_blocks):
             left = count - b * per_block * chunk
