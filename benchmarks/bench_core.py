@@ -1,11 +1,11 @@
-"""Full gradient check vs the seeds' per-coordinate loop vs the FLOP floor, in one process.
+"""Full gradient check vs the classic recipe's per-coordinate loop vs the FLOP floor, in one process.
 
 The network is the issue's: 256-128-64-1 (41,217 parameters), 64 examples, ReLU hidden layers,
 sigmoid output, cross-entropy + L2, float64. Contenders:
 
 * jgradcheck.check_grad(mode="full"), cold (first call: tracing and compilation included) and
-  warm (same shapes, new values: the seeds' "check again after training");
-* the seeds' loop: a jitted J(θ) called 2n times from Python on θ ± ε e_i (ε = 1e-7);
+  warm (same shapes, new values: the classic recipe's "check again after training");
+* the classic recipe's loop: a jitted J(θ) called 2n times from Python on θ ± ε e_i (ε = 1e-7);
 * jgradcheck with ``strategy="vmap"`` (the whole cost re-evaluated per perturbation), warm;
 * the FLOP floor: the matmul FLOPs of 2n cost evaluations at this machine's GEMM rate, measured
   here on a float64 GEMM of the network's biggest layer shape batched like the check batches it.
@@ -72,7 +72,7 @@ def gemm_rate(dims, m, batch=256):
     return reps * 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t)
 
 
-def seeds_loop(params, x, y, eps, coords):
+def classic_loop(params, x, y, eps, coords):
     theta, unravel = ravel_pytree(params)
     f = jax.jit(lambda th: cost(unravel(th), x, y))
     th = np.asarray(theta)
@@ -143,11 +143,11 @@ def main():
         theta, _ = ravel_pytree(params)
         if args.loop_sample:
             coords = np.random.default_rng(0).choice(n, args.loop_sample, replace=False)
-            t_loop, _ = seeds_loop(params, x, y, 1e-7, coords)
+            t_loop, _ = classic_loop(params, x, y, 1e-7, coords)
             loop = t_loop * n / args.loop_sample
             loop_note = f"extrapolated from {args.loop_sample:,} of {n:,} coordinates"
         else:
-            loop, _ = seeds_loop(params, x, y, 1e-7, range(n))
+            loop, _ = classic_loop(params, x, y, 1e-7, range(n))
             loop_note = "all coordinates"
 
     print()
@@ -160,16 +160,16 @@ def main():
     print(
         f"| jgradcheck full, strategy='vmap' (whole cost per perturbation), warm | {vmap_warm:.2f} | {report2.evaluations:,} | {vmap_warm / cold:.2f} |"
     )
-    print(f"| seeds' loop, jitted J called 2n times ({loop_note}) | {loop:.2f} | {2 * n:,} | {loop / cold:.2f} |")
+    print(f"| classic recipe's loop, jitted J called 2n times ({loop_note}) | {loop:.2f} | {2 * n:,} | {loop / cold:.2f} |")
     print(
         f"| FLOP floor: 2n evals x {matmul_flops(dims, args.m) / 1e6:.2f} MFLOP at {rate / 1e9:.1f} GFLOP/s | {floor:.2f} | {2 * n:,} | {floor / cold:.2f} |"
     )
     print()
-    print(f"speed-up over the seeds' loop (cold): {loop / cold:.1f}x   (target >= 10x)")
+    print(f"speed-up over the classic recipe's loop (cold): {loop / cold:.1f}x   (target >= 10x)")
     print(f"cold time / FLOP floor: {cold / floor:.2f}   (target <= 2)")
     print(f"warm time / FLOP floor: {warm / floor:.2f}")
     print(
-        f"speed-up over the seeds' loop (warm): {loop / warm:.1f}x; delta engine over vmap engine (warm): {vmap_warm / warm:.1f}x"
+        f"speed-up over the classic recipe's loop (warm): {loop / warm:.1f}x; delta engine over vmap engine (warm): {vmap_warm / warm:.1f}x"
     )
 
 

@@ -1,7 +1,7 @@
-"""jgradcheck against the tools its users have today, on the seeds' MLP with a hand-written backprop.
+"""jgradcheck against the tools its users have today, on the classic recipe's MLP with a hand-written backprop.
 
 One process, float64 everywhere (JAX inside a scoped ``jax.enable_x64(True)``, torch ``.double()``).
-The network is the seeds' one: ReLU hidden layers, sigmoid output, cross-entropy averaged over m
+The network is the classic recipe's one: ReLU hidden layers, sigmoid output, cross-entropy averaged over m
 examples plus the L2 term λ/(2m) Σ‖W‖², column-major (X is (n_x, m), W_l is (n_l, n_{l-1}), b_l is
 (n_l, 1)). Its gradient is written by hand (the thing being checked), in JAX and, identically, in
 torch. Every contender checks that hand-written gradient twice: correct, and with a planted bug
@@ -9,8 +9,8 @@ torch. Every contender checks that hand-written gradient twice: correct, and wit
 
 Contenders (each built fresh per size, so its first call pays its own compilation):
 
-  seeds loop          ravel_pytree, a jitted J(θ) called 2n times from Python with θ ± 1e-7 e_i,
-                      the seeds' difference ‖approx − yours‖/(‖approx‖ + ‖yours‖).
+  classic loop          ravel_pytree, a jitted J(θ) called 2n times from Python with θ ± 1e-7 e_i,
+                      the classic recipe's difference ‖approx − yours‖/(‖approx‖ + ‖yours‖).
   torch gradcheck     slow mode and fast_mode=True, on a torch.autograd.Function whose backward
                       returns the hand-written gradient (so gradcheck checks that gradient).
   jax check_grads     check_grads(J, (params,), order=1, modes=["rev"]) with J wrapped in
@@ -24,8 +24,8 @@ same functions), cost evaluations, the verdict on the correct gradient, whether 
 was caught, and whether W2 was named. Times are also given as ratios to jgradcheck full, measured
 minutes apart in the same process (the ratios are what survives a shared, noisy machine).
 
-Verdicts for the contenders that return a number (seeds loop, scipy, numdifftools) use the
-seeds' scale on that number: < 1e-5 pass, 1e-5 .. 1e-3 "double-check", >= 1e-3 "bug"; anything
+Verdicts for the contenders that return a number (classic loop, scipy, numdifftools) use the
+classic recipe's scale on that number: < 1e-5 pass, 1e-5 .. 1e-3 "double-check", >= 1e-3 "bug"; anything
 but "pass" counts as flagging the gradient. scipy returns an absolute 2-norm only, so its number
 is that norm divided by ‖yours‖₂.
 
@@ -77,9 +77,9 @@ import jgradcheck
 
 DEFAULT_SIZES = "10-16-8-1,32-64-16-1,256-128-64-1,784-1024-256-1"
 QUICK_SIZES = "10-16-8-1,32-64-16-1"
-SEEDS_EPS = 1e-7  # the seeds' step
-LAMBD = 0.7  # L2 strength (the seeds' regularization exercise)
-GRADE_DOUBLE_CHECK, GRADE_BUG = 1e-5, 1e-3  # the seeds' scale
+CLASSIC_EPS = 1e-7  # the classic recipe's step
+LAMBD = 0.7  # L2 strength (the classic recipe's regularization exercise)
+GRADE_DOUBLE_CHECK, GRADE_BUG = 1e-5, 1e-3  # the classic recipe's scale
 BUGGY_LEAF = "W2"
 
 
@@ -207,7 +207,7 @@ class Counter:
         self.n += 1
 
 
-def seeds_difference(approx: np.ndarray, yours: np.ndarray) -> float:
+def classic_difference(approx: np.ndarray, yours: np.ndarray) -> float:
     return float(np.linalg.norm(approx - yours) / (np.linalg.norm(approx) + np.linalg.norm(yours)))
 
 
@@ -218,7 +218,7 @@ def grade(x: float) -> str:
 
 
 def leaf_of_index(idx: int, params: dict[str, Any]) -> str:
-    """The seeds' identify_parameter, for ravel_pytree's order (sorted dict keys)."""
+    """The classic recipe's identify_parameter, for ravel_pytree's order (sorted dict keys)."""
     start = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         size = int(np.size(leaf))
@@ -254,7 +254,7 @@ class Contender:
 # Contenders. Each `make_*` builds fresh functions for one problem and returns run(bug).
 
 
-def make_seeds_loop(prob: Problem):
+def make_classic_loop(prob: Problem):
     params = {k: jnp.asarray(v) for k, v in prob.params_np.items()}
     X, Y = jnp.asarray(prob.X), jnp.asarray(prob.Y)
     theta0, unravel = ravel_pytree(params)
@@ -266,25 +266,25 @@ def make_seeds_loop(prob: Problem):
         count = Counter()
         dtheta = np.asarray(ravel_pytree(grads[bug](params, X, Y))[0])
         approx = np.zeros_like(theta)
-        for i in range(theta.size):  # the seeds' loop, as written
+        for i in range(theta.size):  # the classic recipe's loop, as written
             plus = np.copy(theta)
-            plus[i] += SEEDS_EPS
+            plus[i] += CLASSIC_EPS
             count()
             j_plus = float(J(plus, X, Y))
             minus = np.copy(theta)
-            minus[i] -= SEEDS_EPS
+            minus[i] -= CLASSIC_EPS
             count()
             j_minus = float(J(minus, X, Y))
-            approx[i] = (j_plus - j_minus) / (2 * SEEDS_EPS)
+            approx[i] = (j_plus - j_minus) / (2 * CLASSIC_EPS)
         return _flat_outcome(approx, dtheta, params, count.n)
 
     return run
 
 
 def _flat_outcome(approx, yours, params, evals) -> Outcome:
-    """The verdict of a checker that returns a flat vector: the seeds' difference, and the
+    """The verdict of a checker that returns a flat vector: the classic recipe's difference, and the
     worst index mapped back to its leaf by hand (the checker itself names none)."""
-    d = seeds_difference(approx, yours)
+    d = classic_difference(approx, yours)
     worst = int(np.argmax(np.abs(approx - yours)))
     return Outcome(grade(d) != "pass", f"index only (-> {leaf_of_index(worst, params)})", f"{d:.1e}", evals)
 
@@ -446,7 +446,7 @@ CONTENDERS = [
     Contender("jgradcheck full", _make_jgradcheck("full"), None, None, "report.evaluations"),
     Contender("jgradcheck screen", _make_jgradcheck("screen"), None, None, "report.evaluations"),
     Contender("jgradcheck sample", _make_jgradcheck("sample"), None, None, "report.evaluations"),
-    Contender("seeds loop", make_seeds_loop, 2.0, "jax", "Python counter around the jitted J (2n)"),
+    Contender("classic loop", make_classic_loop, 2.0, "jax", "Python counter around the jitted J (2n)"),
     Contender(
         "torch gradcheck",
         _make_torch(fast=False),
@@ -757,14 +757,14 @@ def main(argv: list[str] | None = None) -> None:
         "Cold = first call, compilation included; warm = second call, same functions; bug run = third "
         "call, with the planted bug (a new gradient function: what it compiles anew is included). Ratios are to "
         "jgradcheck full at the same size. Every contender checks the same hand-written backprop of the "
-        "seeds' MLP (float64), once correct and once with dW2 doubled.\n\n"
+        "classic recipe's MLP (float64), once correct and once with dW2 doubled.\n\n"
         + "\n".join(table(p, rows) for p, rows in results)
         + "\nHow evaluations were counted:\n"
         + how
-        + "\n\nThe metric column: the seeds' difference for seeds loop, numdifftools and jgradcheck "
+        + "\n\nThe metric column: the classic recipe's difference for classic loop, numdifftools and jgradcheck "
         "(jgradcheck's over the entries it compared one by one: 0 when screening passed every leaf and "
         "compared none); ‖yours − numerical‖₂ / ‖yours‖₂ for scipy; gradcheck's bool; check_grads' "
-        "'Max relative difference' from its AssertionError. Number verdicts use the seeds' scale (< 1e-5 "
+        "'Max relative difference' from its AssertionError. Number verdicts use the classic recipe's scale (< 1e-5 "
         "pass, otherwise flagged); gradcheck, check_grads and jgradcheck give their own verdicts.\n"
     )
     if args.out:
