@@ -363,3 +363,24 @@ def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():
             assert engine.strategy_for((0,)) == "vmap"
             assert engine.strategy_for((1,)) == "delta"
         assert engine.strategy_for((1,)) == "vmap"  # tiny: compiling the interpreter would cost more
+
+
+def test_leaves_dense_through_j_share_the_whole_cost_program(monkeypatch):
+    from jgradcheck._src import engine as eng
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.problem import precision_scope, prepare
+
+    m = jnp.asarray(np.random.default_rng(0).standard_normal((30, 30)))
+
+    def cost(p, x):  # a and s scale the input: dense through the product; b is added after it
+        return jnp.sum(jnp.tanh(jnp.tanh(x * p["a"] * p["s"]) @ m + p["b"]))
+
+    p = {"a": jnp.ones(30), "s": jnp.ones(30) * 0.5, "b": jnp.zeros((6, 30))}
+    monkeypatch.setattr(eng, "COMPILE_SECONDS", 0.0)  # no sharing for compilation's sake alone
+    with precision_scope(True):
+        problem = prepare(cost, p, (jnp.ones((6, 30)),), True, check_determinism=False)
+        flat = jax.tree_util.tree_leaves(problem.inputs)
+        plan = eng._plan_groups(problem.trace, flat, [0, 1, 2], 4096)
+        names = sorted(tuple(problem.paths[i] for i in g) for g in plan)
+        assert names == [("a", "s"), ("b",)]
+        assert make_engine(problem, None, None, "delta").strategy_for((0, 2)) == "vmap"

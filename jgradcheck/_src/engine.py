@@ -199,7 +199,10 @@ def plan_groups(trace: Any, flat: Sequence[Any], leaves: Sequence[int], small: i
     * leaves then join a group, cheapest first, trying the group of their own pattern and
       the sparse group, when the work joining adds, 2·(S_ab·W_ab − S_a·W_a − S_b·W_b) for S
       entries, costs less time than compiling one more program (``WORK_RATE``,
-      ``COMPILE_SECONDS``); otherwise they start a group.
+      ``COMPILE_SECONDS``); otherwise they start a group;
+    * leaves, large or small, whose change is dense through ``DENSE_REEVAL`` of J's work outside
+      loops are re-evaluated whole anyway: they share one program (an embedding, positions and
+      every layer-norm scale of a transformer block: one compilation instead of six).
     """
     key = (str(trace.jaxpr), callbacks(trace.jaxpr), tuple(leaves), small)
     if key not in _PLANS:
@@ -231,17 +234,26 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
         except Exception:  # noqa: BLE001 - a primitive the interpreter cannot trace: no preference
             return 0.0
 
-    out: list[tuple[int, ...]] = []
-    alone: list[tuple[float, Any, int]] = []
-    for i in leaves:
-        if math.prod(jnp.shape(flat[i])) > small:
-            out.append((i,))
-            continue
+    def dense_outside_loops(g: Sequence[int]) -> tuple[float, Any]:
         try:
-            w, log = dense_work(trace, flat, [i])
+            w, log = dense_work(trace, flat, g)
         except Exception:  # noqa: BLE001 - see measure
-            w, log = 0.0, []
-        alone.append((w, None if w < SPARSE_FRACTION * total or not log else id(log[0][0]), i))
+            return 0.0, []
+        return (0.0 if any(e.primitive.name in ("scan", "while") for e, _ in log) else w), log
+
+    out: list[tuple[str, Any, list[int], float]] = []  # big leaves: (dtype, -, [leaf], W)
+    alone: list[tuple[float, Any, int]] = []
+    whole: dict[str, list[int]] = {}  # by dtype: leaves re-evaluated whole anyway
+    for i in leaves:
+        w, log = dense_outside_loops([i])
+        if w >= DENSE_REEVAL * total:
+            # Dense through nearly all of J: the whole cost is re-evaluated for this leaf
+            # (``Engine.strategy_for``), so all such leaves share that one program.
+            whole.setdefault(str(jnp.result_type(flat[i])), []).append(i)
+        elif math.prod(jnp.shape(flat[i])) > small:
+            out.append((str(jnp.result_type(flat[i])), None, [i], w))
+        else:
+            alone.append((w, None if w < SPARSE_FRACTION * total or not log else id(log[0][0]), i))
 
     def size(g: Sequence[int]) -> int:
         return sum(math.prod(jnp.shape(flat[i])) for i in g)
@@ -262,7 +274,15 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
                 break
         else:
             bins.append((dtype, key, [i], w_b))
-    return out + [tuple(sorted(g)) for _, _, g, _ in bins]
+    # A group joins the whole-cost program when re-evaluating its entries whole adds less work
+    # than compiling its own program would cost.
+    plan = []
+    for dtype, _, g, w in out + bins:
+        if dtype in whole and 2 * size(g) * (total - w) / WORK_RATE < COMPILE_SECONDS:
+            whole[dtype].extend(g)
+        else:
+            plan.append(tuple(sorted(g)))
+    return plan + [tuple(sorted(g)) for g in whole.values()]
 
 
 # Strategy and work per evaluation by (program, group, threshold), remembered as ``_PLANS`` is.
