@@ -272,6 +272,15 @@ def _gelu_mlp(p, x):  # two changes in the same column meet: x and x³ in GELU, 
     return jnp.sum(jnp.tanh(h @ p["w2"])) + jnp.sum(g**2)
 
 
+def _flatten_dense(p, x):  # NHWC features flattened before dense layers, either side, w or wᵀ
+    h = jnp.tanh(jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=_NHWC))
+    f = h.reshape(h.shape[0], -1)  # the channel axis is the minor end of the flattened axis
+    a = f @ p["w"]  # (B, M·C) @ (M·C, K)
+    b = jax.lax.dot_general(p["v"], f, (((1,), (1,)), ((), ())))  # (J, M·C) · (B, M·C): on the right
+    c = jnp.sin(f) @ p["w"]  # an elementwise step first: the change is made dense
+    return jnp.sum(jnp.tanh(a)) + jnp.sum(b**2) + jnp.sum(c) + jnp.sum(f @ p["u"].T)
+
+
 def _rules_cases():
     r = np.random.default_rng(1)
 
@@ -283,6 +292,11 @@ def _rules_cases():
             _cnn,
             {"k1": a(3, 3, 2, 4), "b1": a(4), "k2": a(3, 2, 4, 3), "b2": a(3), "w": a(18, 2)},
             (a(2, 9, 7, 2),),
+        ),
+        "flatten_dense": (
+            _flatten_dense,
+            {"k": a(3, 3, 2, 3), "w": a(36, 2), "v": a(4, 36), "u": a(5, 36)},
+            (a(2, 3, 4, 2),),
         ),
         "gelu_mlp": (_gelu_mlp, {"w1": a(4, 6), "b1": a(6), "w2": a(6, 3), "w3": a(4, 5)}, (a(2, 7, 4),)),
         "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
@@ -344,6 +358,34 @@ def test_a_column_change_stays_a_column_through_gelu_and_swish():
             names = [e.primitive.name for e, _ in log]
             assert "logistic" not in names and "erf" not in names and "tanh" not in names[:1], (leaf, names)
             assert w < 2 * 7 * 6 * 3, (leaf, w)  # never the whole (14, 6) @ (6, 3) product again
+
+
+def test_a_channel_change_stays_strided_through_the_flatten_before_a_dense_layer():
+    from jgradcheck._src import delta
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.delta import dense_work
+    from jgradcheck._src.problem import precision_scope, prepare
+
+    def cost(p, x):
+        h = jnp.tanh(jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=_NHWC))
+        return jnp.sum(jnp.tanh(h.reshape(h.shape[0], -1) @ p["w"]))
+
+    params = {"k": jnp.ones((3, 3, 2, 8)) * 0.1, "w": jnp.ones((16 * 8, 4)) * 0.1}
+    with precision_scope(True):
+        problem = prepare(cost, params, (jnp.ones((2, 4, 4, 2)),), True, check_determinism=False)
+        engine = make_engine(problem, None, None, "delta")
+        used = []
+        rule = delta._strided_rule
+
+        def spy(*a):
+            used.append(rule(*a))
+            return used[-1]
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(delta, "_strided_rule", spy)
+            dense_work(problem.trace, engine.flat, (problem.paths.index("k"),))
+        # the (2, 128) @ (128, 4) product read at the 16 rows of w of one channel
+        assert len(used) == 1 and used[0] is not None
 
 
 def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():

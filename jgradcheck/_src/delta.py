@@ -16,7 +16,11 @@ cheap where the algebra allows:
   convolution of the input channel it reads); one changed input channel (a slab) needs only
   that channel's kernel slice;
 * a broadcast bias entry is a slab (one channel, one column), kept through bias adds,
-  elementwise operations, reshapes that keep its axis, products and sums;
+  elementwise operations (also between two changes in the same slab, as x and x³ in GELU),
+  reshapes that keep its axis, products and sums;
+* a slab whose axis a reshape merges as the minor end of a flattened axis (NHWC features
+  flattened before a dense layer) is ``Strided``: every C-th position; a matrix product that
+  contracts it reads every C-th row of the other operand only;
 * a product with changes on both sides is ΔA·B + A·ΔB + ΔA·ΔB by the rules above, so the
   unchanged operands stay shared;
 * a ``scan`` body is interpreted with the same rules, its constants (the loop's weights)
@@ -57,6 +61,17 @@ class Slab(NamedTuple):
     axis: int
     index: Any  # int scalar
     values: Any  # the change there: the value's shape without ``axis``
+
+
+class Strided(NamedTuple):
+    """A slab merged into a wider axis by a reshape (NHWC features flattened before a dense
+    layer): the change sits at positions index, index + stride, index + 2·stride, ... along
+    ``axis``; ``values`` has that axis at its length over ``stride``."""
+
+    axis: int
+    index: Any  # int scalar
+    stride: int
+    values: Any
 
 
 def _take(x, axis, index):
@@ -176,6 +191,11 @@ def _dense(base, d):
     if isinstance(d, Slab):
         zeros = jnp.zeros(jnp.shape(base), jnp.result_type(base))
         return zeros.at[(slice(None),) * d.axis + (d.index,)].set(d.values.astype(zeros.dtype))
+    if isinstance(d, Strided):
+        shape, dtype = jnp.shape(base), jnp.result_type(base)
+        at = (jnp.arange(d.stride) == d.index).astype(dtype)
+        at = at.reshape((1,) * (d.axis + 1) + (d.stride,) + (1,) * (len(shape) - d.axis - 1))
+        return (jnp.expand_dims(d.values.astype(dtype), d.axis + 1) * at).reshape(shape)
     return d
 
 
@@ -249,16 +269,19 @@ _DENSE_LOG: contextvars.ContextVar[list[tuple[Any, float]] | None] = contextvars
 
 
 def _is_dense(d) -> bool:
-    return d is not None and not isinstance(d, (OneHot, Slab)) and jnp.ndim(d) > 0
+    return d is not None and not isinstance(d, (OneHot, Slab, Strided)) and jnp.ndim(d) > 0
 
 
 def _slab_saving(eqn, bases, ds) -> float:
     """How much less than ``work(eqn)`` a product fed one slab costs: the slab's axis, when
     contracted, shrinks to one entry."""
     live = [i for i, d in enumerate(ds) if d is not None]
-    if len(live) != 1 or not isinstance(ds[live[0]], Slab):
+    if len(live) != 1 or eqn.primitive.name not in _PRODUCTS:
         return 1.0
-    return float(jnp.shape(bases[live[0]])[ds[live[0]].axis]) if eqn.primitive.name in _PRODUCTS else 1.0
+    d = ds[live[0]]
+    if isinstance(d, Strided):
+        return float(d.stride)
+    return float(jnp.shape(bases[live[0]])[d.axis]) if isinstance(d, Slab) else 1.0
 
 
 _PRODUCTS = {"dot_general", "conv_general_dilated"}
@@ -366,6 +389,10 @@ def _eval_eqn(eqn, bases, ds):
         got = _slab_rule(eqn, name, bases, ds, live[0], out_base)
         if got is not None:
             return got
+    if len(live) == 1 and isinstance(ds[live[0]], Strided):
+        got = _strided_rule(eqn, name, bases, ds, live[0], out_base)
+        if got is not None:
+            return got
     if len(live) > 1 and all(isinstance(ds[k], Slab) for k in live):
         got = _same_slab_rule(eqn, name, bases, ds, live, out_base)
         if got is not None:
@@ -420,74 +447,6 @@ def _is_linear(eqn, operand) -> bool:
     )
 
 
-def _slab_rule(eqn, name, bases, ds, i, out_base):
-    """Rules that keep a Slab sparse, or turn it into a small dense change; None if none fits."""
-    sl: Slab = ds[i]
-    out_aval = eqn.outvars[0].aval
-    shape_i = tuple(jnp.shape(bases[i]))
-    out_shape = tuple(out_aval.shape)
-    if name in ("add", "sub") and len(out_shape) == len(shape_i) and shape_i[sl.axis] == out_shape[sl.axis]:
-        # The slab operand may be broadcast along its other (size-1) axes: a bias.
-        values = -sl.values if (name == "sub" and i == 1) else sl.values
-        rest = tuple(d for k, d in enumerate(out_shape) if k != sl.axis)
-        return [(out_base[0], Slab(sl.axis, sl.index, jnp.broadcast_to(values, rest).astype(out_aval.dtype)))]
-    if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == shape_i:
-        if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == shape_i for b in bases):
-            at = [b if jnp.ndim(b) == 0 else _take(b, sl.axis, sl.index) for b in bases]
-            moved = list(at)
-            moved[i] = at[i] + sl.values.astype(jnp.result_type(at[i]))
-            if jnp.issubdtype(out_aval.dtype, jnp.inexact):
-                return [(out_base[0], Slab(sl.axis, sl.index, _bind(eqn, *moved)[0] - _bind(eqn, *at)[0]))]
-    if name == "dot_general" and not any(eqn.params["dimension_numbers"][1]):
-        (lc, rc), _ = eqn.params["dimension_numbers"]
-        my_c, other_c = (list(lc), list(rc)) if i == 0 else (list(rc), list(lc))
-        other = bases[1 - i]
-        dt = out_aval.dtype
-        if sl.axis in my_c:  # the slab's axis is summed over: one slice of the other operand
-            k = my_c.index(sl.axis)
-            other_slice = _take(other, other_c[k], sl.index)
-            mc = [d - (d > sl.axis) for j, d in enumerate(my_c) if j != k]
-            oc = [d - (d > other_c[k]) for j, d in enumerate(other_c) if j != k]
-            if i == 0:
-                dense = jax.lax.dot_general(sl.values, other_slice, ((mc, oc), ((), ())))
-            else:
-                dense = jax.lax.dot_general(other_slice, sl.values, ((oc, mc), ((), ())))
-            return [(out_base[0], dense.astype(dt))]
-        mc = [d - (d > sl.axis) for d in my_c]
-        my_free = [d for d in range(len(shape_i)) if d not in my_c]
-        pos = my_free.index(sl.axis)
-        if i == 0:
-            vals = jax.lax.dot_general(sl.values, other, ((mc, other_c), ((), ())))
-            axis = pos
-        else:
-            vals = jax.lax.dot_general(other, sl.values, ((other_c, mc), ((), ())))
-            axis = jnp.ndim(other) - len(other_c) + pos
-        return [(out_base[0], Slab(axis, sl.index, vals.astype(dt)))]
-    if name == "reduce_sum" and len(bases) == 1:
-        axes = tuple(eqn.params["axes"])
-        mapped = tuple(a - (a > sl.axis) for a in axes if a != sl.axis)
-        vals = jnp.sum(sl.values, axis=mapped) if mapped else sl.values
-        if sl.axis in axes:
-            return [(out_base[0], vals.astype(out_aval.dtype))]
-        return [(out_base[0], Slab(sl.axis - sum(a < sl.axis for a in axes), sl.index, vals))]
-    if name == "reshape" and len(bases) == 1:
-        axis = _kept_axis(shape_i, tuple(out_aval.shape), sl.axis)
-        if axis is not None:
-            rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
-            return [(out_base[0], Slab(axis, sl.index, sl.values.reshape(rest)))]
-    if name == "conv_general_dilated" and _plain_conv(eqn):
-        lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
-        if i == 0 and sl.axis == lhs_spec[1]:  # one input channel: its kernel slice, all outputs
-            values = jnp.expand_dims(sl.values, sl.axis)
-            kernel = jax.lax.dynamic_slice_in_dim(bases[1], sl.index, 1, rhs_spec[1])
-            return [(out_base[0], _bind(eqn, values.astype(bases[0].dtype), kernel)[0])]
-    if name == "transpose":
-        perm = list(eqn.params["permutation"])
-        inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
-        return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
-    return None
-
-
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):
     """J with entry ``index`` of the group's concatenated invars set to ``value``: J(θ) + ΔJ."""
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -507,8 +466,9 @@ def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases
 from jgradcheck._src.delta_rules import (  # noqa: E402
     _bilinear,
     _conv_onehot,
-    _kept_axis,
     _plain_conv,
     _same_slab_rule,
     _scan_rule,
+    _slab_rule,
+    _strided_rule,
 )

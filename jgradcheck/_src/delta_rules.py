@@ -1,4 +1,4 @@
-"""Delta rules for convolutions, products changed on both sides, and ``scan`` bodies.
+"""Delta rules for convolutions, slabs (one row or channel), products changed on both sides, and ``scan`` bodies.
 
 Part of the delta interpreter (``delta.py``, whose docstring lists what each rule keeps small).
 """
@@ -11,7 +11,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jgradcheck._src.delta import _DENSE_LOG, _ELEMENTWISE, OneHot, Slab, _bind, _dense, _eval_eqn, _take, eval_delta  # noqa: F401
+from jgradcheck._src.delta import (  # noqa: F401
+    _DENSE_LOG,
+    _ELEMENTWISE,
+    OneHot,
+    Slab,
+    Strided,
+    _bind,
+    _dense,
+    _eval_eqn,
+    _take,
+    eval_delta,
+)
 
 
 def _bilinear(eqn, bases, ds):
@@ -141,3 +152,110 @@ def _same_slab_rule(eqn, name, bases, ds, live, out_base):
     for k in live:
         moved[k] = at[k] + ds[k].values.astype(jnp.result_type(at[k]))
     return [(out_base[0], Slab(first.axis, first.index, _bind(eqn, *moved)[0] - _bind(eqn, *at)[0]))]
+
+
+def _merged_into(old, new, axis):
+    """The axis of ``new`` into which a reshape merges ``old``'s axes p..``axis`` (``axis`` the
+    minor end, p < axis), all other axes unchanged; None for any other reshape."""
+    for p in range(axis):
+        if tuple(new) == tuple(old[:p]) + (math.prod(old[p : axis + 1]),) + tuple(old[axis + 1 :]):
+            return p
+    return None
+
+
+def _strided_rule(eqn, name, bases, ds, i, out_base):
+    """A matrix product that contracts a Strided change's axis reads every ``stride``-th row of
+    the other operand only: ``(B, M·C) @ (M·C, K)`` with the change in channel c is
+    ``(B, M) @ (M, K)`` against rows c, c + C, ... Computed as a broadcast product and a sum:
+    under ``vmap`` a batched small matmul runs far slower on CPU than the fused loop. None for
+    other products (the change is then made dense)."""
+    st: Strided = ds[i]
+    if name != "dot_general" or any(eqn.params["dimension_numbers"][1]):
+        return None
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    other = bases[1 - i]
+    if len(lc) != 1 or jnp.ndim(other) != 2 or jnp.ndim(bases[i]) != 2:
+        return None
+    my_c, other_c = (lc[0], rc[0]) if i == 0 else (rc[0], lc[0])
+    if st.axis != my_c:
+        return None
+    shape = jnp.shape(other)
+    split = shape[:other_c] + (shape[other_c] // st.stride, st.stride) + shape[other_c + 1 :]
+    rows = jax.lax.dynamic_index_in_dim(other.reshape(split), st.index, other_c + 1, keepdims=False)
+    rows = rows if other_c == 0 else rows.T  # (M, K)
+    values = st.values if my_c == 1 else st.values.T  # (B, M)
+    out = jnp.sum(values[:, :, None].astype(rows.dtype) * rows[None, :, :], axis=1)  # (B, K)
+    out = out if i == 0 else out.T
+    return [(out_base[0], out.astype(eqn.outvars[0].aval.dtype))]
+
+
+def _slab_rule(eqn, name, bases, ds, i, out_base):
+    """Rules that keep a Slab sparse, or turn it into a small dense change; None if none fits."""
+    sl: Slab = ds[i]
+    out_aval = eqn.outvars[0].aval
+    shape_i = tuple(jnp.shape(bases[i]))
+    out_shape = tuple(out_aval.shape)
+    if name in ("add", "sub") and len(out_shape) == len(shape_i) and shape_i[sl.axis] == out_shape[sl.axis]:
+        # The slab operand may be broadcast along its other (size-1) axes: a bias.
+        values = -sl.values if (name == "sub" and i == 1) else sl.values
+        rest = tuple(d for k, d in enumerate(out_shape) if k != sl.axis)
+        return [(out_base[0], Slab(sl.axis, sl.index, jnp.broadcast_to(values, rest).astype(out_aval.dtype)))]
+    if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == shape_i:
+        if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == shape_i for b in bases):
+            at = [b if jnp.ndim(b) == 0 else _take(b, sl.axis, sl.index) for b in bases]
+            moved = list(at)
+            moved[i] = at[i] + sl.values.astype(jnp.result_type(at[i]))
+            if jnp.issubdtype(out_aval.dtype, jnp.inexact):
+                return [(out_base[0], Slab(sl.axis, sl.index, _bind(eqn, *moved)[0] - _bind(eqn, *at)[0]))]
+    if name == "dot_general" and not any(eqn.params["dimension_numbers"][1]):
+        (lc, rc), _ = eqn.params["dimension_numbers"]
+        my_c, other_c = (list(lc), list(rc)) if i == 0 else (list(rc), list(lc))
+        other = bases[1 - i]
+        dt = out_aval.dtype
+        if sl.axis in my_c:  # the slab's axis is summed over: one slice of the other operand
+            k = my_c.index(sl.axis)
+            other_slice = _take(other, other_c[k], sl.index)
+            mc = [d - (d > sl.axis) for j, d in enumerate(my_c) if j != k]
+            oc = [d - (d > other_c[k]) for j, d in enumerate(other_c) if j != k]
+            if i == 0:
+                dense = jax.lax.dot_general(sl.values, other_slice, ((mc, oc), ((), ())))
+            else:
+                dense = jax.lax.dot_general(other_slice, sl.values, ((oc, mc), ((), ())))
+            return [(out_base[0], dense.astype(dt))]
+        mc = [d - (d > sl.axis) for d in my_c]
+        my_free = [d for d in range(len(shape_i)) if d not in my_c]
+        pos = my_free.index(sl.axis)
+        if i == 0:
+            vals = jax.lax.dot_general(sl.values, other, ((mc, other_c), ((), ())))
+            axis = pos
+        else:
+            vals = jax.lax.dot_general(other, sl.values, ((other_c, mc), ((), ())))
+            axis = jnp.ndim(other) - len(other_c) + pos
+        return [(out_base[0], Slab(axis, sl.index, vals.astype(dt)))]
+    if name == "reduce_sum" and len(bases) == 1:
+        axes = tuple(eqn.params["axes"])
+        mapped = tuple(a - (a > sl.axis) for a in axes if a != sl.axis)
+        vals = jnp.sum(sl.values, axis=mapped) if mapped else sl.values
+        if sl.axis in axes:
+            return [(out_base[0], vals.astype(out_aval.dtype))]
+        return [(out_base[0], Slab(sl.axis - sum(a < sl.axis for a in axes), sl.index, vals))]
+    if name == "reshape" and len(bases) == 1:
+        axis = _kept_axis(shape_i, tuple(out_aval.shape), sl.axis)
+        if axis is not None:
+            rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
+            return [(out_base[0], Slab(axis, sl.index, sl.values.reshape(rest)))]
+        merged = _merged_into(shape_i, out_shape, sl.axis)
+        if merged is not None:  # the slab's axis is the minor end of a flattened run of axes
+            values_shape = out_shape[:merged] + (out_shape[merged] // shape_i[sl.axis],) + out_shape[merged + 1 :]
+            return [(out_base[0], Strided(merged, sl.index, shape_i[sl.axis], sl.values.reshape(values_shape)))]
+    if name == "conv_general_dilated" and _plain_conv(eqn):
+        lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+        if i == 0 and sl.axis == lhs_spec[1]:  # one input channel: its kernel slice, all outputs
+            values = jnp.expand_dims(sl.values, sl.axis)
+            kernel = jax.lax.dynamic_slice_in_dim(bases[1], sl.index, 1, rhs_spec[1])
+            return [(out_base[0], _bind(eqn, values.astype(bases[0].dtype), kernel)[0])]
+    if name == "transpose":
+        perm = list(eqn.params["permutation"])
+        inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
+        return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
+    return None
