@@ -221,3 +221,18 @@ def test_an_error_in_your_gradient_stops_a_running_check_and_is_raised():
         jgradcheck.check_grad(cost, grad, params)
     with pytest.raises(RuntimeError, match="my gradient is broken"):
         jgradcheck.check_grad(cost, grad, {"w": jnp.ones(5), "b": jnp.ones(2)})  # one program
+
+
+def test_a_mesh_set_by_the_caller_reaches_your_gradient_and_the_check():
+    # jax.set_mesh is thread-local: the check keeps the work in your thread under it.
+    from jax.sharding import PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def cost(p, x):
+        h = jax.lax.with_sharding_constraint(x @ p["w"], PartitionSpec("x"))
+        return jnp.sum(jnp.tanh(h)) + jnp.sum(p["b"] ** 2) + jnp.sum(p["big"] ** 2)
+
+    params = {"w": jnp.ones((3, 2)) * 0.3, "b": jnp.ones(2), "big": jnp.ones((80, 80)) * 0.01}
+    with jax.set_mesh(mesh):
+        assert jgradcheck.check_grad(cost, jax.grad(cost), params, jnp.ones((4, 3))).passed

@@ -182,3 +182,27 @@ def test_float32_check_with_mostly_unread_rows_passes_a_correct_gradient():
 
     report = jgradcheck.check_grad(cost, jax.grad(cost), params, tokens, x, x64=False)
     assert report.passed, str(report)
+
+
+def test_same_program_text_with_another_data_split_finds_its_own_rows():
+    # Two costs whose jaxprs print alike, one taking f as data and one as a parameter: the
+    # unread rows must come from each check's own tokens, not from a cached discovery.
+    r = np.random.default_rng(4)
+    table = jnp.asarray(r.standard_normal((8, 3)))
+    f = jnp.array([0.5, -1.0, 2.0])
+    t1, t2 = jnp.arange(4), jnp.arange(4, 8)
+
+    def as_data(p, f, t1, t2):
+        return jnp.sum(p["emb"][t1] * f)
+
+    def as_param(p, t1, t2):
+        return jnp.sum(p["emb"][t1] * p["f"])
+
+    assert jgradcheck.check_grad(as_data, jax.grad(as_data), {"emb": table}, f, t1, t2).passed
+
+    def wrong(p, t1, t2):  # 0 at the rows t1 reads
+        g = jax.grad(as_param)(p, t1, t2)
+        return {**g, "emb": g["emb"].at[t1].set(0.0)}
+
+    report = jgradcheck.check_grad(as_param, wrong, {"emb": table, "f": f}, t1, t2)
+    assert not report.passed and report.worst[0].path == "emb" and report.worst[0].index[0] < 4

@@ -193,9 +193,10 @@ def _dense(base, d):
         return zeros.at[(slice(None),) * d.axis + (d.index,)].set(d.values.astype(zeros.dtype))
     if isinstance(d, Strided):
         shape, dtype = jnp.shape(base), jnp.result_type(base)
-        at = (jnp.arange(d.stride) == d.index).astype(dtype)
+        at = jnp.arange(d.stride) == d.index
         at = at.reshape((1,) * (d.axis + 1) + (d.stride,) + (1,) * (len(shape) - d.axis - 1))
-        return (jnp.expand_dims(d.values.astype(dtype), d.axis + 1) * at).reshape(shape)
+        values = jnp.expand_dims(d.values.astype(dtype), d.axis + 1)
+        return jnp.where(at, values, jnp.zeros((), dtype)).reshape(shape)  # no 0·inf
     return d
 
 

@@ -184,7 +184,8 @@ def _strided_rule(eqn, name, bases, ds, i, out_base):
     rows = jax.lax.dynamic_index_in_dim(other.reshape(split), st.index, other_c + 1, keepdims=False)
     rows = rows if other_c == 0 else rows.T  # (M, K)
     values = st.values if my_c == 1 else st.values.T  # (B, M)
-    out = jnp.sum(values[:, :, None].astype(rows.dtype) * rows[None, :, :], axis=1)  # (B, K)
+    acc = eqn.params.get("preferred_element_type") or jnp.result_type(values, rows)
+    out = jnp.sum(values[:, :, None].astype(acc) * rows[None, :, :].astype(acc), axis=1)  # (B, K)
     out = out if i == 0 else out.T
     return [(out_base[0], out.astype(eqn.outvars[0].aval.dtype))]
 

@@ -84,6 +84,33 @@ def precision_scope(x64: bool):
         yield
 
 
+def threads_see_the_same_jax() -> bool:
+    """Whether a new thread, once it re-enters ``precision_scope`` with the caller's x64 flag,
+    traces under the same JAX settings as the calling thread.
+
+    JAX's contexts are thread-local; the check re-enters x64 and matmul precision in its
+    threads, but not the others a caller may have set (``jax.set_mesh``, ``default_device``,
+    ``disable_jit``): under those, the work stays in the calling thread. Compared through JAX's
+    trace context (private; its absence means no).
+    """
+    from jax._src import config as jax_config
+
+    context = getattr(jax_config, "trace_context", None)
+    if context is None:
+        return False
+    x64 = bool(jax.config.read("jax_enable_x64"))
+    mine, theirs = context(), []
+
+    def look() -> None:
+        with precision_scope(x64):
+            theirs.append(context())
+
+    worker = threading.Thread(target=look)
+    worker.start()
+    worker.join()
+    return bool(theirs) and len(theirs[0]) == len(mine) and all(a is b or a == b for a, b in zip(mine, theirs[0]))
+
+
 @dataclasses.dataclass
 class Problem:
     cost_fn: Callable[..., Any]
@@ -326,7 +353,7 @@ class Yours:
         self._done = threading.Event()
         self._result: tuple[list[np.ndarray], list[float]] | None = None
         self._error: BaseException | None = None
-        if not callable(grad_fn):
+        if not callable(grad_fn) or not threads_see_the_same_jax():
             self._run(grad_fn, problem)
             return
         x64 = bool(jax.config.read("jax_enable_x64"))  # JAX's contexts are thread-local

@@ -120,7 +120,8 @@ def _read_mask(scope: _Scope, uses: list[tuple[tuple[Any, ...], Any]], shape: tu
     return read
 
 
-# Compiled discovery programs by (program key, leaf): a re-check with new data reruns them.
+# Compiled discovery programs by (program key, leaf, data positions): a re-check with new data
+# reruns them.
 _PROGRAMS: dict[Any, Any] = {}
 
 
@@ -139,7 +140,10 @@ def unread_entries(
     shape = tuple(np.shape(flat[leaf]))
     unknown = set(floats)
     known = [k for k in range(len(flat)) if k not in unknown]
-    if (key, leaf) not in _PROGRAMS:
+    if math.prod(shape) >= 2**31 - 1:  # entry numbers are int32
+        return None
+    cache = (key, leaf, tuple(known))  # which inputs are data is not in the jaxpr's text
+    if cache not in _PROGRAMS:
         if len(_PROGRAMS) >= 256:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
 
@@ -148,9 +152,9 @@ def unread_entries(
             scope = _Scope(jaxpr, consts, lambda k: env.get(k, UNKNOWN))
             return _read_mask(scope, uses, shape)
 
-        _PROGRAMS[(key, leaf)] = jax.jit(discover)
+        _PROGRAMS[cache] = jax.jit(discover)
     try:
-        read = _PROGRAMS[(key, leaf)](list(consts), [flat[k] for k in known])
+        read = _PROGRAMS[cache](list(consts), [flat[k] for k in known])
     except Exception:  # noqa: BLE001 - a primitive that cannot run here: assume all read
         return None
     if read is None:

@@ -13,7 +13,7 @@ from jgradcheck._src.engine import Engine, Progress
 from jgradcheck._src.estimate import Coords, check_entries, leaf_scale
 from jgradcheck._src.options import Options
 from jgradcheck._src.probe import NoiseBox, ProbeFailed, probe_entries
-from jgradcheck._src.problem import Problem, Yours
+from jgradcheck._src.problem import Problem, Yours, threads_see_the_same_jax
 
 
 class Cancelled(Exception):
@@ -103,7 +103,7 @@ def check_leaves(
             out[i] = part
             start += selection[i].size
 
-    if len(groups) > 1:
+    if len(groups) > 1 and threads_see_the_same_jax():
         # JAX's x64 and matmul-precision contexts are thread-local: re-enter them per thread.
         x64_now = bool(jax.config.read("jax_enable_x64"))
 
