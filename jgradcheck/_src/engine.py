@@ -9,10 +9,11 @@ dense through nearly all of J outside loops re-evaluates the whole cost instead,
 ``"vmap"`` strategy does everywhere (``Engine.chosen`` records which ran; measured against each
 other in ``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under
 ``jax.lax.map``, so memory stays bounded by one chunk (never an n x n matrix), and in blocks of
-fixed shape, so a progress bar can tick and re-checking at new values of the same shapes reuses
-the compiled code. Compiled programs are keyed by the traced cost's text (``Program``), so the
-same cost written as a new closure or lambda reuses them too. With several devices the chunk
-axis is sharded over a 1-D mesh.
+fixed shape per chunk size that compute only the chunks a call needs, so a progress bar can
+tick and every call of a group (the first pass, second looks, re-checks at new values) reuses
+one compiled program. Entries J never reads (``reads.py``) are not evaluated. Compiled programs
+are keyed by the traced cost's text (``Program``), so the same cost written as a new closure or
+lambda reuses them too. With several devices the chunk axis is sharded over a 1-D mesh.
 """
 
 from __future__ import annotations
