@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jgradcheck._src.delta import dense_work, eval_delta, perturbed_cost, work
 from jgradcheck._src.effects import callbacks, clean
+from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.progress import Progress
 from jgradcheck._src.reads import unread_entries
 from jgradcheck._src.tree import Layout
@@ -139,16 +140,11 @@ def _group_delta_block_impl(program: Program, group: tuple[int, ...], consts, fl
 _STATIC = ("program", "group")
 _group_block = jax.jit(_group_block_impl, static_argnames=_STATIC)
 _group_delta_block = jax.jit(_group_delta_block_impl, static_argnames=_STATIC)
-# XLA:CPU's backend optimization level 0 compiles in 0.5-0.65x the time (0.1 s against 0.2 s for
-# a unit-test MLP's program, 0.4-0.9 s against 0.7-1.4 s for the interpreter's programs of a
-# transformer block or a CNN) and runs 1.1-4x slower (GEMMs and convolutions are library calls;
-# generated elementwise loops slow down most). Groups whose evaluations are estimated under
-# ``QUICK_SECONDS`` in all (multiply-adds at ``WORK_RATE``) compile that way: there the
-# compilation is most of their cost.
-QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
+# Groups whose evaluations are estimated under ``QUICK_SECONDS`` in all (multiply-adds at
+# ``WORK_RATE``) compile with ``QUICK_COMPILE``: there the compilation is most of their cost.
 QUICK_SECONDS = 0.1
-_group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=QUICK_OPTIONS)
-_group_delta_block_quick = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=QUICK_OPTIONS)
+_group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE)
+_group_delta_block_quick = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE)
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
@@ -230,24 +226,14 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
         return big + [tuple(v) for v in by_dtype.values()]
 
     def measure(g: Sequence[int]) -> float:
-        try:
-            return dense_work(trace, flat, g)[0]
-        except Exception:  # noqa: BLE001 - a primitive the interpreter cannot trace: no preference
-            return 0.0
-
-    def dense_outside_loops(g: Sequence[int]) -> tuple[float, Any]:
-        try:
-            w, log = dense_work(trace, flat, g)
-        except Exception:  # noqa: BLE001 - see measure
-            return 0.0, []
-        return (0.0 if any(e.primitive.name in ("scan", "while") for e, _ in log) else w), log
+        return _dense_work(trace, flat, g)[0]
 
     out: list[tuple[str, Any, list[int], float]] = []  # big leaves: (dtype, -, [leaf], W)
     alone: list[tuple[float, Any, int]] = []
     whole: dict[str, list[int]] = {}  # by dtype: leaves re-evaluated whole anyway
     for i in leaves:
-        w, log = dense_outside_loops([i])
-        if w >= DENSE_REEVAL * total:
+        w, loops, log = _dense_work(trace, flat, [i])
+        if w >= DENSE_REEVAL * total and not loops:
             # Dense through nearly all of J: the whole cost is re-evaluated for this leaf
             # (``Engine.strategy_for``), so all such leaves share that one program.
             whole.setdefault(str(jnp.result_type(flat[i])), []).append(i)
@@ -284,6 +270,17 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
         else:
             plan.append(tuple(sorted(g)))
     return plan + [tuple(sorted(g)) for g in whole.values()]
+
+
+def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[float, bool, Any]:
+    """``dense_work`` of one evaluation of ``group`` (multiply-adds where the change is dense,
+    and where), and whether a loop is among those places; (0, False, []) when the interpreter
+    cannot trace a primitive (no preference: its own error comes when it runs)."""
+    try:
+        w, log = dense_work(trace, flat, group)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return 0.0, False, []
+    return w, any(e.primitive.name in ("scan", "while") for e, _ in log), log
 
 
 # Strategy and work per evaluation by (program, group, threshold), remembered as ``_PLANS`` is.
@@ -368,6 +365,7 @@ class Engine:
             )
         self.program = Program(trace)
         self.trace = trace
+        self.total_work = sum(work(e) for e in trace.jaxpr.eqns) or 1.0  # multiply-adds of one J
         self.chosen: dict[tuple[int, ...], str] = {}  # the strategy each group ran with
         self._work: dict[tuple[int, ...], float] = {}  # multiply-adds per evaluation, by group
         self._unread: dict[tuple[int, ...], np.ndarray | None] = {}
@@ -400,7 +398,7 @@ class Engine:
         cost less than a compilation, else the engine's."""
         if self.strategy != "delta" or INTERPRET_ALWAYS:
             return self.strategy
-        total = sum(work(e) for e in self.trace.jaxpr.eqns) or 1.0
+        total = self.total_work
         entries = sum(int(self.floats[g].size) for g in group)
         if 2 * entries * total / WORK_RATE < COMPILE_SECONDS:
             # Even dense, these evaluations cost less than compiling: the vmap program is J under
@@ -409,11 +407,7 @@ class Engine:
         with self._lock:
             key = (self.program, group, DENSE_REEVAL)
             if key not in _CHOSEN:
-                try:
-                    w, log = dense_work(self.trace, self.flat, group)
-                except Exception:  # noqa: BLE001 - the interpreter's own error comes when it runs
-                    w, log = 0.0, []
-                loops = any(e.primitive.name in ("scan", "while") for e, _ in log)
+                w, loops, _ = _dense_work(self.trace, self.flat, group)
                 dense = w >= DENSE_REEVAL * total and not loops
                 if len(_CHOSEN) >= 256:
                     _CHOSEN.pop(next(iter(_CHOSEN)))
@@ -423,10 +417,12 @@ class Engine:
 
     def _quick(self, group: tuple[int, ...]) -> bool:
         """Whether this group's evaluations are so cheap that compiling fast matters more."""
-        total = sum(work(e) for e in self.trace.jaxpr.eqns)
         entries = sum(int(self.floats[g].size) for g in group)
-        per_eval = self._work.get(group, total)
-        return self.devices[0].platform == "cpu" and 2 * entries * per_eval / WORK_RATE < QUICK_SECONDS
+        return self.devices[0].platform == "cpu" and 2 * entries * self._per_eval(group) < QUICK_SECONDS
+
+    def _per_eval(self, group: tuple[int, ...]) -> float:
+        """Estimated seconds of one evaluation of ``group`` (its strategy's work at ``WORK_RATE``)."""
+        return self._work.get(group, self.total_work) / WORK_RATE
 
     def _chunk(self, group: tuple[int, ...], strategy: str, count: int, copy_bytes: int) -> int:
         """Perturbations per vmap step for a call of ``count``: a power of two, as many as fit
@@ -441,7 +437,7 @@ class Engine:
             have = _CHUNKS.setdefault(key, set())
             if len(_CHUNKS) > 256:
                 _CHUNKS.pop(next(iter(_CHUNKS)))
-            per_eval = self._work.get(group, sum(work(e) for e in self.trace.jaxpr.eqns)) / WORK_RATE
+            per_eval = self._per_eval(group)
             for c in sorted(c for c in have if c >= want):
                 if (math.ceil(count / c) * c - count) * per_eval < COMPILE_SECONDS:
                     return c

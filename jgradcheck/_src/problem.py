@@ -22,6 +22,7 @@ import numpy as np
 
 from jgradcheck._src import numerics
 from jgradcheck._src.delta import work
+from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
 
 PyTree = Any
@@ -256,11 +257,8 @@ def _grad_call(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg
 
 _GRAD_STATIC = ("grad_fn", "layout", "args_layout")
 _grad_jit = jax.jit(_grad_call, static_argnames=_GRAD_STATIC)
-# Your gradient runs once: on a CPU, when J is small, compiling it fast (XLA's optimization
-# level 0, about half the compile time, 3-4x the run time) is what counts.
-_grad_jit_quick = jax.jit(
-    _grad_call, static_argnames=_GRAD_STATIC, compiler_options={"xla_backend_optimization_level": 0}
-)
+# Your gradient runs once: on a CPU, when J is small, compiling it fast is what counts.
+_grad_jit_quick = jax.jit(_grad_call, static_argnames=_GRAD_STATIC, compiler_options=QUICK_COMPILE)
 QUICK_GRAD_WORK = 4e6  # multiply-adds of one J
 
 

@@ -8,8 +8,8 @@ qualifies only when every use of it, through nested ``jit`` calls, is the operan
 ``gather`` whose indices depend on data alone (the args, integer leaves, constants), never on
 a floating parameter. The indices are then concrete: that slice of J is computed (one small
 compiled program per leaf, reused by re-checks), and the gather itself is applied to the entry
-numbers 1..size instead of the leaf, so XLA's own semantics (clipping, fill for out-of-bounds indices, any dimension
-numbers) say which entries it reads. Anything else (a second use of the leaf, a loop, a
+numbers 1..size instead of the leaf, so XLA's own semantics (clipping, fill for out-of-bounds
+indices, any dimension numbers) say which entries it reads. Anything else (a second use of the leaf, a loop, a
 custom rule, indices computed from parameters as in top-k routing) means every entry may be
 read.
 """
