@@ -254,6 +254,22 @@ def _conv_nchw_input(p, k):  # the image is the parameter: a one-hot input entry
     return jnp.sum(jnp.sin(y))
 
 
+def _conv_layouts(p, x, x1):  # the kernel entry as a shifted input channel, in every layout
+    y = jax.lax.conv_general_dilated(x, p["k"], (2, 1), ((1, 0), (0, 2)), rhs_dilation=(1, 2))  # NCHW, OIHW
+    z = jax.lax.conv_general_dilated(x1, p["k1d"], (3,), ((2, 1),), dimension_numbers=("NWC", "WIO", "NWC"))
+    u = jax.lax.conv_general_dilated(  # transposed layouts, strides in both axes, negative padding
+        jnp.transpose(x, (1, 2, 0, 3)), p["ku"], (2, 2), ((0, -1), (1, 1)), dimension_numbers=("CHNW", "HWOI", "WNHC")
+    )
+    t = jax.lax.conv_general_dilated(x, p["kt"], (1, 1), ((1, 1), (0, 1)), lhs_dilation=(2, 1))  # transposed
+    # y's change is one channel: into a second convolution, in other layouts
+    y2 = jax.lax.conv_general_dilated(
+        jnp.tanh(y), p["k2"], (1, 2), ((2, 0), (1, 1)), rhs_dilation=(2, 1), dimension_numbers=("NCHW", "HWIO", "NHWC")
+    )
+    t2 = jax.lax.conv_general_dilated(jnp.sin(t), p["k2"][:, :, :2], (1, 1), ((0, 1), (1, 0)), lhs_dilation=(1, 2))
+    out = jnp.sum(jnp.sin(y)) + jnp.sum(z**2) + jnp.sum(jnp.tanh(u) * 0.5) + jnp.sum(jnp.cos(t))
+    return out + jnp.sum(jnp.tanh(y2)) + jnp.sum(t2**2)
+
+
 def _gru(p, xs):  # scan whose body multiplies by the loop's weights (constants of the body)
     def step(h, x):
         z = jax.nn.sigmoid(x @ p["wz"] + h @ p["uz"] + p["bz"])
@@ -299,6 +315,11 @@ def _rules_cases():
             (a(2, 3, 4, 2),),
         ),
         "gelu_mlp": (_gelu_mlp, {"w1": a(4, 6), "b1": a(6), "w2": a(6, 3), "w3": a(4, 5)}, (a(2, 7, 4),)),
+        "conv_layouts": (
+            _conv_layouts,
+            {"k": a(3, 2, 2, 3), "k1d": a(4, 2, 3), "ku": a(2, 3, 3, 2), "kt": a(2, 2, 3, 2), "k2": a(2, 2, 3, 2)},
+            (a(2, 2, 7, 6), a(2, 11, 2)),
+        ),
         "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
         "gru": (
             _gru,
@@ -388,6 +409,34 @@ def test_a_channel_change_stays_strided_through_the_flatten_before_a_dense_layer
         assert len(used) == 1 and used[0] is not None
 
 
+def test_a_kernel_entry_is_a_shifted_channel_and_a_channel_change_reads_its_kernel_slice():
+    from jgradcheck._src import delta_rules
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.delta import dense_work
+    from jgradcheck._src.problem import precision_scope, prepare
+
+    cost, params, args = RULES["cnn"]
+    used: dict[str, int] = {}
+    with precision_scope(True), pytest.MonkeyPatch.context() as m:
+        for name in ("_shifted_channel", "_channel_conv"):
+            rule = getattr(delta_rules, name)
+
+            def spy(*a, _rule=rule, _name=name):
+                used[_name] = used.get(_name, 0) + 1
+                return _rule(*a)
+
+            m.setattr(delta_rules, name, spy)
+        problem = prepare(cost, params, args, True, check_determinism=False)
+        engine = make_engine(problem, None, None, "delta")
+        w, log = dense_work(problem.trace, engine.flat, (problem.paths.index("k1"),))
+    # k1's entry: a shifted input channel; that channel into the second convolution: its slice
+    assert used == {"_shifted_channel": 1, "_channel_conv": 1}, used
+    from jgradcheck._src.delta import work
+
+    convs = [(e, w) for e, w in log if e.primitive.name == "conv_general_dilated"]
+    assert len(convs) == 1 and convs[0][1] * 4 == work(convs[0][0])  # one input channel of 4
+
+
 def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():
     from jgradcheck._src.check import make_engine as _engine
     from jgradcheck._src.problem import precision_scope as _scope
@@ -426,3 +475,29 @@ def test_leaves_dense_through_j_share_the_whole_cost_program(monkeypatch):
         names = sorted(tuple(problem.paths[i] for i in g) for g in plan)
         assert names == [("a", "s"), ("b",)]
         assert make_engine(problem, None, None, "delta").strategy_for((0, 2)) == "vmap"
+
+
+def test_a_second_look_reuses_the_compiled_chunk_at_the_measured_speed(monkeypatch):
+    from jgradcheck._src import engine as eng
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.problem import precision_scope, prepare
+    from jgradcheck._src.progress import Progress
+
+    def cost(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+
+    params = {"w": jnp.asarray(np.random.default_rng(3).standard_normal((20, 15)))}
+    x = jnp.ones((4, 20))
+    # The work model says one evaluation takes hours: only a measured speed can justify reuse.
+    monkeypatch.setattr(eng, "WORK_RATE", 1e-3)
+    monkeypatch.setattr(eng, "BLOCK_EVALS", 64)
+    with precision_scope(True):
+        problem = prepare(cost, params, (x,), True, check_determinism=False)
+        engine = make_engine(problem, None, 32, "vmap")  # the work model: all of J per evaluation
+        chosen = []
+        chunk = engine._chunk
+        monkeypatch.setattr(engine, "_chunk", lambda *a: chosen.append(chunk(*a)) or chosen[-1])
+        base = np.asarray(params["w"]).ravel()
+        engine.costs((0,), np.arange(300), base[:300] + 0.1, Progress(300, False))  # 5 blocks of 64
+        engine.costs((0,), np.arange(5), base[:5] - 0.1, Progress(5, False))
+    assert chosen == [32, 32]  # not a new program for a chunk of 8
