@@ -8,6 +8,7 @@ that could not be interrupted, an error that did not teach.
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 
@@ -207,6 +208,9 @@ def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind():
     threads_before = threading.active_count()
     fire_at = 1.5
     timer = threading.Timer(fire_at, _thread.interrupt_main)
+    # A process started in the background by a non-interactive shell (as CI may start this
+    # suite) inherits SIGINT ignored, and interrupt_main then does nothing: Python's own handler.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     start = time.perf_counter()
     timer.start()
     try:
@@ -214,6 +218,7 @@ def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind():
             jgradcheck.check_grad(cost, jax.grad(cost), params, mode="full", strategy="vmap", progress=False)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, handler)
     stopped = time.perf_counter() - start
     assert stopped < fire_at + 4.0, stopped
     assert jax.config.read("jax_enable_x64") == x64_before
