@@ -501,3 +501,22 @@ def test_a_second_look_reuses_the_compiled_chunk_at_the_measured_speed(monkeypat
         engine.costs((0,), np.arange(300), base[:300] + 0.1, Progress(300, False))  # 5 blocks of 64
         engine.costs((0,), np.arange(5), base[:5] - 0.1, Progress(5, False))
     assert chosen == [32, 32]  # not a new program for a chunk of 8
+
+
+@pytest.mark.parametrize("name", ["gru", "scan_rnn"])
+def test_measuring_a_scan_without_tracing_its_body_gives_the_same_dense_work(name, monkeypatch):
+    from jgradcheck._src import delta
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.problem import precision_scope, prepare
+
+    cost, params, args = RULES[name] if name in RULES else CASES[name]
+    with precision_scope(True):
+        problem = prepare(cost, params, args, True, check_determinism=False)
+        engine = make_engine(problem, None, None, "delta")
+        groups = [(i,) for i in range(len(problem.floats))] + [tuple(range(len(problem.floats)))]
+        fast = [delta.dense_work(problem.trace, engine.flat, g) for g in groups]
+        monkeypatch.setattr(delta, "MEASURE_SCAN_BODIES", True)
+        full = [delta.dense_work(problem.trace, engine.flat, g) for g in groups]
+    for (w_fast, log_fast), (w_full, log_full) in zip(fast, full):
+        assert w_fast == w_full and [e for e, _ in log_fast] == [e for e, _ in log_full]
+    assert any(e.primitive.name == "scan" for _, log in fast for e, _ in log)
