@@ -204,6 +204,48 @@ def test_effects_and_callbacks(name, x64, strategy, interpreter_only):
     np.testing.assert_allclose(got, _reference(cost, p, x), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("name", sorted(EFFECTS))
+def test_effects_and_callbacks_in_the_compiled_loop(name, x64, monkeypatch):
+    from jgradcheck._src import engine
+
+    ran = []
+    loop = engine.Engine._loop
+    monkeypatch.setattr(engine.Engine, "_loop", lambda self, *a: ran.append(1) or loop(self, *a))
+    cost = EFFECTS[name]
+    p = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32)}
+    x = jnp.linspace(0.5, 1.5, 5, dtype=jnp.float32)
+    CALLS.clear()
+    got = jgradcheck.numerical_grad(cost, p, x, x64=x64)["w"]  # tiny: J called per perturbation
+    assert ran and not CALLS
+    tol = 1e-7 if x64 else 3e-2
+    np.testing.assert_allclose(got, _reference(cost, p, x), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_compiled_loop_matches_whole_cost_reevaluation(name, x64):
+    from jgradcheck._src.check import make_engine
+    from jgradcheck._src.problem import precision_scope, prepare
+    from jgradcheck._src.progress import Progress
+
+    cost, params, args = CASES[name]
+    with precision_scope(x64):
+        problem = prepare(cost, params, args, x64, check_determinism=False)
+        group = tuple(range(len(problem.floats)))
+        base = np.concatenate([np.asarray(problem.floats[g]).ravel() for g in group])
+        idx = np.random.default_rng(0).permutation(base.size)  # every entry, out of order
+        got = {}
+        for strategy in ("delta", "vmap"):
+            engine = make_engine(problem, None, None, strategy)
+            got[strategy] = engine.costs(group, idx, base[idx] + 0.37, Progress(idx.size, False))
+            got[strategy + " ran"] = sorted(set(engine.ran.values()))
+    assert got["delta ran"] == ["loop"] and got["vmap ran"] == ["vmap"]
+    eps = np.finfo(np.float64 if x64 else np.float32).eps
+    scale = max(1.0, float(np.max(np.abs(got["vmap"]))))
+    np.testing.assert_allclose(got["delta"], got["vmap"], rtol=0, atol=32 * eps * scale)
+
+
 def test_check_grad_with_callbacks_finds_a_planted_bug():
     p = {"w": jnp.linspace(-1.0, 1.0, 5)}
     x = jnp.linspace(0.5, 1.5, 5)
@@ -228,9 +270,18 @@ def test_same_cost_as_a_new_closure_does_not_compile_again():
     def grad_of(d):
         return lambda p, x: {"w": jnp.cos(p["w"] * x) * x * d, "b": 2 * p["b"]}
 
-    programs = (engine._group_delta_block, engine._group_line_block)
+    programs = (
+        engine._group_delta_block,
+        engine._group_delta_block_quick,
+        engine._group_block,
+        engine._group_block_quick,
+        engine._group_line_block,
+        engine._one_cost,
+    )
+    start = [f._cache_size() for f in programs]
     assert jgradcheck.check_grad(make(data), grad_of(data), p, x).passed
     before = [f._cache_size() for f in programs]
+    assert before != start  # the first check compiled something
     assert jgradcheck.check_grad(make(data + 1.0), grad_of(data + 1.0), p, x).passed
     assert [f._cache_size() for f in programs] == before
 
@@ -450,10 +501,15 @@ def test_dense_groups_are_re_evaluated_and_sparse_ones_interpreted():
         problem = _prepare(cost, p, (jnp.ones((6, 30)),), True, check_determinism=False)
         engine = _engine(problem, None, None, "delta")
         with pytest.MonkeyPatch.context() as m:
-            m.setattr("jgradcheck._src.engine.COMPILE_SECONDS", 0.0)  # not the small-check shortcut
+            m.setattr("jgradcheck._src.engine.COMPILE_SECONDS", 0.0)  # not the small-check shortcuts
+            m.setattr("jgradcheck._src.engine.LOOP_SECONDS", 0.0)
             assert engine.strategy_for((0,)) == "vmap"
             assert engine.strategy_for((1,)) == "delta"
-        assert engine.strategy_for((1,)) == "vmap"  # tiny: compiling the interpreter would cost more
+        # tiny: J compiled alone and called per perturbation costs less than any batched program
+        assert engine.strategy_for((1,)) == "loop"
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("jgradcheck._src.engine.LOOP_SECONDS", 0.0)
+            assert engine.strategy_for((1,)) == "vmap"  # compiling the interpreter would cost more
 
 
 def test_leaves_dense_through_j_share_the_whole_cost_program(monkeypatch):
@@ -468,6 +524,7 @@ def test_leaves_dense_through_j_share_the_whole_cost_program(monkeypatch):
 
     p = {"a": jnp.ones(30), "s": jnp.ones(30) * 0.5, "b": jnp.zeros((6, 30))}
     monkeypatch.setattr(eng, "COMPILE_SECONDS", 0.0)  # no sharing for compilation's sake alone
+    monkeypatch.setattr(eng, "LOOP_SECONDS", 0.0)  # nor J called once per perturbation
     with precision_scope(True):
         problem = prepare(cost, p, (jnp.ones((6, 30)),), True, check_determinism=False)
         flat = jax.tree_util.tree_leaves(problem.inputs)

@@ -14,6 +14,9 @@ tick and every call of a group (the first pass, second looks, re-checks at new v
 one compiled program. Entries J never reads (``reads.py``) are not evaluated. Compiled programs
 are keyed by the traced cost's text (``Program``), so the same cost written as a new closure or
 lambda reuses them too. With several devices the chunk axis is sharded over a 1-D mesh.
+A unit-test-sized check on one CPU (``Engine._loops``) compiles J alone instead, once for all
+its groups, and calls it once per perturbation (``"loop"``): there a batched program's
+compilation would cost more than all the calls.
 """
 
 from __future__ import annotations
@@ -161,6 +164,21 @@ def _group_line_block(program: Program, group: tuple[int, ...], consts, flat, di
         return program(consts, _with_group(flat, group, (base + t * dirs[k]).astype(base.dtype)))
 
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
+
+
+@functools.partial(jax.jit, static_argnames=("program",), compiler_options=QUICK_COMPILE)
+def _one_cost(program: Program, consts, flat):
+    """J itself, compiled once per cost and called once per perturbation (``"loop"``)."""
+    return program(consts, flat)
+
+
+# The plain loop (``Engine.strategy_for``): seconds per call of the compiled J from Python, on
+# top of J's own work, and the most its calls may take in all for a group. Measured on a 2-core
+# CPU (``benchmarks/bench_models.py``, unit-test MLP of 161 parameters): the vmap program of
+# such a J compiles in 0.14-0.19 s at level 0 against 0.06-0.09 s for J alone, and 322 calls
+# take 0.03 s.
+LOOP_CALL_SECONDS = 1e-4
+LOOP_SECONDS = 0.06
 
 
 # A leaf "stays sparse" when its perturbed evaluations do less than this fraction of J's work
@@ -405,6 +423,8 @@ class Engine:
             return self.strategy
         total = self.total_work
         entries = sum(int(self.floats[g].size) for g in group)
+        if self._loops(entries):
+            return "loop"
         if 2 * entries * total / WORK_RATE < COMPILE_SECONDS:
             # Even dense, these evaluations cost less than compiling: the vmap program is J under
             # vmap and compiles about as fast as J (the interpreter's program takes 2-3x longer).
@@ -419,6 +439,16 @@ class Engine:
                 _CHOSEN[key] = ("vmap", total) if dense else ("delta", w)
             self.chosen[group], self._work[group] = _CHOSEN[key]
             return self.chosen[group]
+
+    def _loops(self, entries: int) -> bool:
+        """Whether a group of ``entries`` calls the compiled J once per perturbation: a
+        unit-test-sized check on one CPU, where compiling a batched program would cost more
+        than all its calls (``LOOP_SECONDS``). J compiles once for every such group."""
+        return (
+            self.mesh is None
+            and self.devices[0].platform == "cpu"
+            and 2 * entries * (LOOP_CALL_SECONDS + self.total_work / WORK_RATE) < LOOP_SECONDS
+        )
 
     def _quick(self, group: tuple[int, ...]) -> bool:
         """Whether this group's evaluations are so cheap that compiling fast matters more."""
@@ -500,6 +530,8 @@ class Engine:
         dtype = np.dtype(leaves[0].dtype)
         group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
         strategy = self.strategy_for(group)
+        if strategy == "loop":
+            return self._loop(group, idx, vals, progress)
         chunk = self._chunk(group, strategy, count, group_bytes if strategy == "vmap" else 0)
         # Blocks of a fixed shape per chunk size; the last computes only the chunks it needs.
         quick = self._quick(group)
@@ -548,11 +580,40 @@ class Engine:
                 self.ran[g] = strategy
         return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
 
+    def _loop(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
+        """The ``"loop"`` strategy: J compiled alone, called once per perturbation. Every float
+        leaf goes in as a host array (the moved one a copy), so every group of the check calls
+        the one compiled J, and no call waits on a separate transfer."""
+        n_floats = len(self.floats)
+        hosts = [np.asarray(x) for x in self.floats]
+        rest = self.flat[n_floats:]
+        sizes = [int(self.floats[g].size) for g in group]
+        ends = np.cumsum(sizes)
+        out = np.empty(idx.shape[0], np.float64)
+        for k, (i, v) in enumerate(zip(idx.tolist(), vals.tolist())):
+            j = int(np.searchsorted(ends, i, side="right"))
+            moved = hosts[group[j]].copy()
+            moved.reshape(-1)[i - (ends[j] - sizes[j])] = v
+            flat = [*hosts[: group[j]], moved, *hosts[group[j] + 1 :], *rest]
+            out[k] = float(_one_cost(self.program, self.consts, flat))
+            if k % 64 == 63:
+                progress.update(64)  # ticks, and lets a stopping check stop
+        progress.update(idx.shape[0] % 64)
+        with self._lock:
+            self.evaluations += idx.shape[0]
+            for g in group:
+                self.ran[g] = "loop"
+        return out
+
     def describe(self, paths: Sequence[str]) -> str:
         """How the perturbed costs were evaluated, by leaf, in a line of the report."""
-        words = {"delta": "changes only (delta)", "vmap": "whole cost re-evaluated"}
+        words = {
+            "delta": "changes only (delta)",
+            "vmap": "whole cost re-evaluated",
+            "loop": "whole cost, one compiled call per perturbation",
+        }
         parts = []
-        for how in ("delta", "vmap"):
+        for how in ("delta", "vmap", "loop"):
             leaves = [paths[i] for i in sorted(self.ran) if self.ran[i] == how]
             if leaves:
                 parts.append(f"{words[how]}: {_names(leaves)}")

@@ -128,8 +128,16 @@ class Problem:
     precision: str
     batch_sizes: tuple[int, ...]
     trace: Any
-    groups: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    _groups: list[tuple[int, ...]] | None = None
     _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[tuple[int, ...]]:
+        """Which float leaves share a compiled program (the engine's plan), planned on first use:
+        your gradient's thread starts before it, and compiles while the plan traces."""
+        if self._groups is None:
+            self._groups = groups(self, range(len(self.floats)))
+        return self._groups
 
     def host(self, i: int) -> np.ndarray:
         """Leaf i raveled on the host, in its check dtype (cached: big leaves are copied once)."""
@@ -247,7 +255,6 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         tuple(dict.fromkeys(batch)),
         trace,
     )
-    problem.groups = groups(problem, range(len(floats)))
     return problem
 
 
