@@ -321,6 +321,18 @@ def _conv_layouts(p, x, x1):  # the kernel entry as a shifted input channel, in 
     return out + jnp.sum(jnp.tanh(y2)) + jnp.sum(t2**2)
 
 
+def _conv_edges(p, x, long):  # an empty output with strides; a kernel too long to unroll by position
+    e = jax.lax.conv_general_dilated(x[:, :4], p["k"], (2,), "VALID", dimension_numbers=_NWC)  # width 0
+    h = jnp.tanh(jax.lax.conv_general_dilated(x, p["k"], (1,), "SAME", dimension_numbers=_NWC))  # a channel
+    # (a data kernel: as a parameter, the float64 reference under vmap is a grouped convolution
+    # that XLA:CPU runs for minutes)
+    y = jax.lax.conv_general_dilated(h, long, (2,), "SAME", dimension_numbers=_NWC)  # 70 taps
+    return jnp.sum(e) + jnp.sum(y**2) + jnp.sum(p["k"] ** 2)
+
+
+_NWC = ("NWC", "WIO", "NWC")
+
+
 def _gru(p, xs):  # scan whose body multiplies by the loop's weights (constants of the body)
     def step(h, x):
         z = jax.nn.sigmoid(x @ p["wz"] + h @ p["uz"] + p["bz"])
@@ -371,6 +383,7 @@ def _rules_cases():
             {"k": a(3, 2, 2, 3), "k1d": a(4, 2, 3), "ku": a(2, 3, 3, 2), "kt": a(2, 2, 3, 2), "k2": a(2, 2, 3, 2)},
             (a(2, 2, 7, 6), a(2, 11, 2)),
         ),
+        "conv_edges": (_conv_edges, {"k": a(5, 2, 2)}, (a(2, 80, 2), a(70, 2, 3, s=0.1))),
         "conv_input": (_conv_nchw_input, {"img": a(2, 3, 5, 4)}, (a(4, 3, 2, 2),)),
         "gru": (
             _gru,

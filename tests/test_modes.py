@@ -142,7 +142,19 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     report = jgradcheck.check_grad(cost, jax.grad(cost), p, x, devices=devs)
     g4 = jgradcheck.numerical_grad(cost, p, x, devices=devs)
     g1 = jgradcheck.numerical_grad(cost, p, x, devices=devs[:1])
+    # A unit-test-sized check on one device calls J per perturbation with host arrays only:
+    # those calls must run on the device asked for, not the default one.
+    from jgradcheck._src import engine
+    seen = set()
+    one = engine._one_cost
+    def spy(*a):
+        out = one(*a)
+        seen.update(str(d) for d in out.devices())
+        return out
+    engine._one_cost = spy
+    jgradcheck.numerical_grad(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2), {"w": jnp.arange(4.0)}, devices=devs[2:3])
     print(json.dumps({
+        "loop_on": sorted(seen),
         "n": len(devs),
         "devices": list(report.devices),
         "passed": report.passed,
@@ -169,6 +181,7 @@ def test_several_devices_give_the_same_numerical_gradient():
     assert result["n"] == 4
     assert result["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     assert result["passed"]
+    assert result["loop_on"] == ["cpu:2"]
     for k in ("w", "b"):
         np.testing.assert_allclose(result["g4"][k], result["g1"][k], rtol=1e-12, atol=0)
 

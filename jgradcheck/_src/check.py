@@ -132,7 +132,10 @@ def check_grad(
         the cost's jaxpr carrying each value as base + change, so what a perturbation does not
         change is computed once and a product with the perturbed leaf shrinks to one row;
         ``"vmap"`` re-evaluates the whole cost per perturbation (the reference; use it if a
-        primitive in your cost misbehaves under the interpreter).
+        primitive in your cost misbehaves under the interpreter). Under ``"delta"``, groups
+        whose change is dense anyway are re-evaluated whole, and a unit-test-sized check on a
+        CPU compiles J alone and calls it once per perturbation; ``report.evaluated`` says
+        which ran.
 
     Returns:
       A :class:`GradCheckReport`; ``report.passed`` is the verdict, ``str(report)`` the table.

@@ -12,9 +12,9 @@ cheap where the algebra allows:
 * a sum of a one-hot is δ; reshapes, transposes and casts move the index;
 * linear operations (add, sub, neg, products with one dense delta, reductions, broadcasts,
   reshapes, selects) apply to the delta alone;
-* a convolution with a one-hot kernel entry changes one output channel (a single-channel
-  convolution of the input channel it reads); one changed input channel (a slab) needs only
-  that channel's kernel slice;
+* a convolution with a one-hot kernel entry changes one output channel: the input channel it
+  reads, shifted to that kernel position; one changed input channel (a slab) needs only that
+  channel's kernel slice (a sum over kernel positions);
 * a broadcast bias entry is a slab (one channel, one column), kept through bias adds,
   elementwise operations (also between two changes in the same slab, as x and x³ in GELU),
   reshapes that keep its axis, products and sums;

@@ -52,6 +52,19 @@ def _kept_axis(old, new, axis):
     return None
 
 
+# The kernel-slice rule sums one term per kernel position, unrolled: past this many positions
+# (a long 1-D kernel, a 7x7x7 one) it compiles slower than the single-channel convolution.
+MAX_POSITIONS = 64
+
+
+def _windows_fit(eqn) -> bool:
+    """Whether a convolution's change can be read as windows of one input channel: no input
+    dilation (a transposed convolution) and a non-empty output."""
+    _, _, out_spec = eqn.params["dimension_numbers"]
+    shape = eqn.outvars[0].aval.shape
+    return all(d == 1 for d in eqn.params["lhs_dilation"]) and all(shape[a] > 0 for a in out_spec[2:])
+
+
 def _plain_conv(eqn) -> bool:
     """A convolution without feature or batch groups (each output channel reads every input
     channel through its own kernel slice), the case the one-hot and slab rules cover."""
@@ -62,8 +75,8 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
     """Δ of a convolution when one kernel entry (side 1) or one input entry (side 0) moves.
 
     A kernel entry (spatial k, in-channel c, out-channel o) changes output channel o only, by
-    δ times input channel c seen through a kernel that is one at k: a single-channel
-    convolution instead of the full one. An input entry changes the outputs whose window
+    δ times input channel c seen through a kernel that is one at k: the channel's window at k
+    (``_shifted_channel``), or for a transposed convolution a single-channel convolution. An input entry changes the outputs whose window
     covers it, through every kernel: the convolution of a one-hot image.
     """
     lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
@@ -73,7 +86,7 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
         d = _dense(lhs, oh)
         return _bind(eqn, d, rhs)[0].astype(dtype)
     p = jnp.unravel_index(oh.index, jnp.shape(rhs))
-    if all(d == 1 for d in eqn.params["lhs_dilation"]):
+    if _windows_fit(eqn):
         return Slab(out_spec[1], p[rhs_spec[0]], _shifted_channel(eqn, lhs, p, oh.delta))
     channel = jax.lax.dynamic_slice_in_dim(lhs, p[rhs_spec[1]], 1, lhs_spec[1])
     shape = list(jnp.shape(rhs))
@@ -320,7 +333,8 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
             return [(out_base[0], Strided(merged, sl.index, shape_i[sl.axis], sl.values.reshape(values_shape)))]
     if name == "conv_general_dilated" and _plain_conv(eqn):
         lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
-        if i == 0 and sl.axis == lhs_spec[1] and all(d == 1 for d in eqn.params["lhs_dilation"]):
+        positions = math.prod(jnp.shape(bases[1])[a] for a in rhs_spec[2:])
+        if i == 0 and sl.axis == lhs_spec[1] and _windows_fit(eqn) and positions <= MAX_POSITIONS:
             return [(out_base[0], _channel_conv(eqn, sl.values, bases[1], sl.index))]
         if i == 0 and sl.axis == lhs_spec[1]:  # one input channel: its kernel slice, all outputs
             values = jnp.expand_dims(sl.values, sl.axis)

@@ -6,8 +6,8 @@ stays unbatched, so XLA turns the layers that follow into large matrix products 
 batched small ones. By default each perturbation goes through the delta interpreter
 (``delta.py``), which computes only what the perturbation changes; a group whose change is
 dense through nearly all of J outside loops re-evaluates the whole cost instead, as the
-``"vmap"`` strategy does everywhere (``Engine.chosen`` records which ran; measured against each
-other in ``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under
+``"vmap"`` strategy does everywhere (``Engine.ran`` records, per leaf, which ran; measured
+against each other in ``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under
 ``jax.lax.map``, so memory stays bounded by one chunk (never an n x n matrix), and in blocks of
 fixed shape per chunk size that compute only the chunks a call needs, so a progress bar can
 tick and every call of a group (the first pass, second looks, re-checks at new values) reuses
@@ -304,6 +304,8 @@ def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[
 
 # Strategy and work per evaluation by (program, group, threshold), remembered as ``_PLANS`` is.
 _CHOSEN: dict[Any, tuple[str, float]] = {}
+# Guards each engine's state and the caches below (checks may run in several of your threads).
+_LOCK = threading.Lock()
 # Chunk sizes each (program, group, strategy, devices, chunk option) was compiled with.
 _CHUNKS: dict[Any, set[int]] = {}
 # Seconds per evaluation measured on blocks that ran after their program was compiled, by
@@ -397,7 +399,7 @@ class Engine:
         self.consts = [rep(c) for c in self.program.consts]
         self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
-        self._lock = threading.Lock()
+        self._lock = _LOCK  # also guards the module-level caches, shared by every engine
 
     def _replicated(self, x):
         if self.mesh is None:
@@ -416,9 +418,10 @@ class Engine:
         return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev)
 
     def strategy_for(self, group: tuple[int, ...]) -> str:
-        """``"vmap"`` for a group whose change is dense through ``DENSE_REEVAL`` of J's work
-        outside loops (the interpreter would only add its bookkeeping) or whose evaluations
-        cost less than a compilation, else the engine's."""
+        """``"loop"`` for a unit-test-sized group on one CPU (``_loops``); ``"vmap"`` for a
+        group whose change is dense through ``DENSE_REEVAL`` of J's work outside loops (the
+        interpreter would only add its bookkeeping) or whose evaluations cost less than a
+        compilation; else the engine's."""
         if self.strategy != "delta" or INTERPRET_ALWAYS:
             return self.strategy
         total = self.total_work
@@ -590,14 +593,15 @@ class Engine:
         sizes = [int(self.floats[g].size) for g in group]
         ends = np.cumsum(sizes)
         out = np.empty(idx.shape[0], np.float64)
-        for k, (i, v) in enumerate(zip(idx.tolist(), vals.tolist())):
-            j = int(np.searchsorted(ends, i, side="right"))
-            moved = hosts[group[j]].copy()
-            moved.reshape(-1)[i - (ends[j] - sizes[j])] = v
-            flat = [*hosts[: group[j]], moved, *hosts[group[j] + 1 :], *rest]
-            out[k] = float(_one_cost(self.program, self.consts, flat))
-            if k % 64 == 63:
-                progress.update(64)  # ticks, and lets a stopping check stop
+        with jax.default_device(self.devices[0]):  # host arrays go where ``devices`` says
+            for k, (i, v) in enumerate(zip(idx.tolist(), vals.tolist())):
+                j = int(np.searchsorted(ends, i, side="right"))
+                moved = hosts[group[j]].copy()
+                moved.reshape(-1)[i - (ends[j] - sizes[j])] = v
+                flat = [*hosts[: group[j]], moved, *hosts[group[j] + 1 :], *rest]
+                out[k] = float(_one_cost(self.program, self.consts, flat))
+                if k % 64 == 63:
+                    progress.update(64)  # ticks, and lets a stopping check stop
         progress.update(idx.shape[0] % 64)
         with self._lock:
             self.evaluations += idx.shape[0]

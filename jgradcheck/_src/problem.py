@@ -2,9 +2,9 @@
 
 The first stage of a check. ``prepare`` splits ``params`` and ``args`` into floating leaves
 (perturbed, promoted to float64 under x64) and the rest (integer leaves, PRNG keys: carried
-along untouched), traces the cost once (and twice more for the determinism check) and groups
-the leaves for compilation. ``user_gradient`` calls your gradient (jitted when it can be) and
-validates it leaf by leaf against ``params``.
+along untouched) and traces the cost once (and twice more for the determinism check);
+``Problem.groups`` groups the leaves for compilation when first read. ``user_gradient`` calls
+your gradient (jitted when it can be) and validates it leaf by leaf against ``params``.
 """
 
 from __future__ import annotations
