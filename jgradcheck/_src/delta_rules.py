@@ -76,8 +76,9 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
 
     A kernel entry (spatial k, in-channel c, out-channel o) changes output channel o only, by
     δ times input channel c seen through a kernel that is one at k: the channel's window at k
-    (``_shifted_channel``), or for a transposed convolution a single-channel convolution. An input entry changes the outputs whose window
-    covers it, through every kernel: the convolution of a one-hot image.
+    (``_shifted_channel``), or for a transposed convolution a single-channel convolution. An
+    input entry changes the outputs whose window covers it, through every kernel: the
+    convolution of a one-hot image.
     """
     lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
     lhs, rhs = bases

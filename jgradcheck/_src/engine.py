@@ -173,10 +173,10 @@ def _one_cost(program: Program, consts, flat):
 
 
 # The plain loop (``Engine.strategy_for``): seconds per call of the compiled J from Python, on
-# top of J's own work, and the most its calls may take in all for a group. Measured on a 2-core
-# CPU (``benchmarks/bench_models.py``, unit-test MLP of 161 parameters): the vmap program of
-# such a J compiles in 0.14-0.19 s at level 0 against 0.06-0.09 s for J alone, and 322 calls
-# take 0.03 s.
+# top of J's own work, and the most its calls may take in all for a group. Timed once each on a
+# 2-core CPU, 2026-11-23, on ``benchmarks/bench_models.py``'s 161-parameter MLP (a scratch
+# script, not a results file): the vmap program of such a J compiles in 0.14-0.19 s at level 0
+# against 0.06-0.09 s for J alone, and 322 calls take 0.03 s.
 LOOP_CALL_SECONDS = 1e-4
 LOOP_SECONDS = 0.06
 
@@ -391,7 +391,6 @@ class Engine:
         self.program = Program(trace)
         self.trace = trace
         self.total_work = sum(work(e) for e in trace.jaxpr.eqns) or 1.0  # multiply-adds of one J
-        self.chosen: dict[tuple[int, ...], str] = {}  # the strategy each group ran with
         self._work: dict[tuple[int, ...], float] = {}  # multiply-adds per evaluation, by group
         self._unread: dict[tuple[int, ...], np.ndarray | None] = {}
         self.ran: dict[int, str] = {}  # float leaf -> how its perturbations were evaluated
@@ -440,8 +439,8 @@ class Engine:
                 if len(_CHOSEN) >= 256:
                     _CHOSEN.pop(next(iter(_CHOSEN)))
                 _CHOSEN[key] = ("vmap", total) if dense else ("delta", w)
-            self.chosen[group], self._work[group] = _CHOSEN[key]
-            return self.chosen[group]
+            strategy, self._work[group] = _CHOSEN[key]
+            return strategy
 
     def _loops(self, entries: int) -> bool:
         """Whether a group of ``entries`` calls the compiled J once per perturbation: a
