@@ -1,6 +1,7 @@
 """jgradcheck: are your hand-written JAX derivatives right, and if not, where and how are they wrong."""
 
 from jgradcheck._src.asserts import (
+    InconclusiveWarning,
     assert_grad_correct,
     assert_hvp_correct,
     assert_jvp_correct,
@@ -17,6 +18,7 @@ __all__ = (
     "Entry",
     "Grade",
     "GradCheckReport",
+    "InconclusiveWarning",
     "LeafReport",
     "assert_grad_correct",
     "assert_hvp_correct",

@@ -35,6 +35,7 @@ from jgradcheck._src.problem import (
     precision_scope,
     prepare,
 )
+from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
 from jgradcheck._src.schedule import check_leaves
 from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, join_grad, rewrite
@@ -42,6 +43,7 @@ from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, jo
 PyTree = Any
 
 
+@recorded  # the pytest plugin's session summary hears of every check (registry.py)
 def check_grad(
     cost_fn: CostFn,
     grad_fn: GradFn | PyTree,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src.merge import merge_reports
+from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
 from jgradcheck._src.tree import is_floating
 from jgradcheck._src.vector import (
@@ -44,9 +45,32 @@ from jgradcheck._src.vector import (
 
 PyTree = Any
 
+MSG_VJP_FORM = (
+    "check_vjp(fn, vjp_fn, *primals): vjp_fn must be a function with jax.vjp's signature "
+    "(vjp_fn(*primals) returns (out, pullback)), or a custom_vjp rule's pair (fwd, bwd) as you pass it "
+    "to defvjp; got {got}."
+)
+MSG_VJP_CUSTOM = (
+    " It is the jax.custom_vjp function itself: pass its rule, check_vjp(fn, (fn_fwd, fn_bwd), *primals), "
+    "or check JAX's derivative of it with check_rules(fn, *primals)."
+)
+MSG_FWD_RETURN = (
+    "fwd(*primals) must return (out, residuals), as a custom_vjp fwd rule does; it returned {kind}. "
+    "Return fn's output and what bwd needs: return out, (x, w)."
+)
+MSG_BWD_RETURN = (
+    "bwd(residuals, cotangent) returned {got} for {want} primal(s); as defvjp requires, it must return a "
+    "tuple with one cotangent per primal, in the primals' order (for one primal: return (g,))."
+)
 
+
+@recorded
 def check_vjp(
-    fn: Callable[..., Any], vjp_fn: Callable[..., Any], *primals: Any, cotangents: int | None = None, **options: Any
+    fn: Callable[..., Any],
+    vjp_fn: Callable[..., Any] | tuple[Callable[..., Any], Callable[..., Any]],
+    *primals: Any,
+    cotangents: int | None = None,
+    **options: Any,
 ) -> GradCheckReport:
     """Checks your vector-Jacobian product (a layer's backward pass) against finite differences.
 
@@ -62,7 +86,10 @@ def check_vjp(
       fn: ``fn(*primals)`` returning any pytree of real floating arrays.
       vjp_fn: with ``jax.vjp``'s signature: ``vjp_fn(*primals)`` returns ``(out, pullback)`` and
         ``pullback(cotangent)`` a tuple with one cotangent per primal. ``jax.vjp`` itself is
-        correct by definition (``fn`` is bound to it).
+        correct by definition (``fn`` is bound to it). Or a ``jax.custom_vjp`` rule's pair
+        ``(fwd, bwd)`` as written for ``defvjp``: ``fwd(*primals)`` returns ``(out, residuals)``
+        and ``bwd(residuals, cotangent)`` a tuple with one cotangent per primal (None for a zero
+        one). Bind ``nondiff_argnums`` arguments with ``functools.partial`` first.
       *primals: the point to check at; every floating leaf is an input.
       cotangents: how many random cotangents (None: each output when there are at most 4, else 2).
       **options: options of :func:`check_grad` (``x64``, ``eps``, ``method``, ``mode``,
@@ -73,10 +100,11 @@ def check_vjp(
       parameters), ``what="your VJP"``.
 
     Raises:
-      TypeError: ``vjp_fn`` does not return ``(out, pullback)``; a non-floating output; an
-        unknown option.
-      ValueError: the pullback returns the wrong number of cotangents or a wrong shape; its
-        primal output differs from ``fn``'s.
+      TypeError: ``vjp_fn`` is neither a function nor a ``(fwd, bwd)`` pair; it does not return
+        ``(out, pullback)`` (``fwd`` not ``(out, residuals)``, ``bwd`` not a tuple); a
+        non-floating output; an unknown option.
+      ValueError: the pullback (or ``bwd``) returns the wrong number of cotangents or a wrong
+        shape; its primal output differs from ``fn``'s.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jgradcheck
@@ -91,10 +119,84 @@ def check_vjp(
       >>> x, w = jnp.ones((2, 3)), jnp.full((3, 4), 0.1)
       >>> jgradcheck.check_vjp(layer, layer_vjp, x, w).passed
       True
+
+      A custom rule's pair, as written for ``defvjp``:
+
+      >>> def layer_fwd(x, w):
+      ...     y = jnp.tanh(x @ w)
+      ...     return y, (x, w, y)
+      >>> def layer_bwd(res, dy):
+      ...     x, w, y = res
+      ...     dz = dy * (1 - y**2)
+      ...     return dz @ w.T, x.T @ dz
+      >>> jgradcheck.check_vjp(layer, (layer_fwd, layer_bwd), x, w).passed
+      True
     """
-    return _check_rule("check_vjp", "your VJP", fn, vjp_fn, jax.vjp, vjp_yours, primals, cotangents, options)
+    rule = _vjp_form(vjp_fn, len(primals))
+    return _check_rule("check_vjp", "your VJP", fn, rule, jax.vjp, vjp_yours, primals, cotangents, options)
 
 
+def _vjp_form(vjp_fn: Any, n_primals: int) -> Callable[..., Any]:
+    """``vjp_fn`` in jax.vjp's form: a function as it is, a ``(fwd, bwd)`` pair adapted; else a
+    TypeError that shows both forms."""
+    if isinstance(vjp_fn, (tuple, list)):
+        if len(vjp_fn) == 2 and all(callable(f) for f in vjp_fn):
+            return _from_pair(vjp_fn[0], vjp_fn[1], n_primals)
+        kinds = ", ".join(type(f).__name__ for f in vjp_fn)
+        raise TypeError(MSG_VJP_FORM.format(got=f"a {type(vjp_fn).__name__} of {len(vjp_fn)} ({kinds})"))
+    if not callable(vjp_fn):
+        raise TypeError(MSG_VJP_FORM.format(got=f"a {type(vjp_fn).__name__}"))
+    if isinstance(vjp_fn, jax.custom_vjp):
+        return _custom_vjp_hint(vjp_fn)
+    return vjp_fn
+
+
+def _custom_vjp_hint(f: Any) -> Callable[..., Any]:
+    """The custom_vjp function itself, passed as vjp_fn: it returns its output, not a pair; say so."""
+
+    def vjp_fn(*primals: Any) -> Any:
+        got = f(*primals)
+        if isinstance(got, (tuple, list)) and len(got) == 2 and callable(got[1]):
+            return got
+        raise TypeError(MSG_VJP_FORM.format(got="a jax.custom_vjp function") + MSG_VJP_CUSTOM)
+
+    return vjp_fn
+
+
+def _from_pair(fwd: Callable[..., Any], bwd: Callable[..., Any], n_primals: int) -> Callable[..., Any]:
+    """A custom_vjp rule's ``(fwd, bwd)`` as ``vjp_fn(*primals) -> (out, pullback)``."""
+
+    def vjp_fn(*primals: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
+        got = fwd(*primals)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            kind = f"a tuple of {len(got)}" if isinstance(got, (tuple, list)) else f"a {type(got).__name__}"
+            raise TypeError(MSG_FWD_RETURN.format(kind=kind))
+        out, residuals = got
+
+        def pullback(cotangent: Any) -> tuple[Any, ...]:
+            cts = bwd(residuals, cotangent)
+            if not isinstance(cts, (tuple, list)) or len(cts) != n_primals:
+                what = f"{len(cts)} cotangents" if isinstance(cts, (tuple, list)) else f"a {type(cts).__name__}"
+                raise ValueError(MSG_BWD_RETURN.format(got=what, want=n_primals))
+            # defvjp lets bwd return None for a zero cotangent.
+            return tuple(_zero_cotangent(p) if c is None else c for c, p in zip(cts, primals))
+
+        return out, pullback
+
+    return vjp_fn
+
+
+def _zero_cotangent(primal: Any) -> Any:
+    """The zero cotangent of ``primal``: zeros in its dtype, float0 for an integer leaf."""
+    return jax.tree_util.tree_map(
+        lambda x: (
+            jnp.zeros(np.shape(x), jnp.result_type(x)) if is_floating(x) else np.zeros(np.shape(x), jax.dtypes.float0)
+        ),
+        primal,
+    )
+
+
+@recorded
 def check_jvp(
     fn: Callable[..., Any], jvp_fn: Callable[..., Any], *primals: Any, cotangents: int | None = None, **options: Any
 ) -> GradCheckReport:
@@ -194,6 +296,7 @@ def _has_custom_vjp(fn: Callable[..., Any], primals: Sequence[Any]) -> bool:
     return any(e.primitive.name.startswith("custom_vjp") for e in walk_eqns(jaxpr.jaxpr))
 
 
+@recorded
 def check_rules(
     fn: Callable[..., Any],
     *primals: Any,
@@ -267,6 +370,7 @@ def check_rules(
     )
 
 
+@recorded
 def check_hvp(
     cost_fn: Callable[..., Any], hvp_fn: Callable[..., Any], params: PyTree, *args: Any, **options: Any
 ) -> GradCheckReport:
@@ -322,3 +426,4 @@ def check_hvp(
     return vector_check(
         "check_hvp", "your Hessian-vector product", gradient, build, (params,), args, cotangents, options, "grad"
     )
+
