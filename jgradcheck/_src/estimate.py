@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jgradcheck._src import numerics
+from jgradcheck._src import numerics, precision
 from jgradcheck._src.engine import Engine, Progress
 from jgradcheck._src.options import Options
 from jgradcheck._src.probe import NoiseBox, probe_entries
@@ -177,9 +177,15 @@ def _search(
     ladder = numerics.step_ladder(h)  # (U + L + 1, k): 16h, 4h, h, h/4, ...; row U is h
     rows_new = [j for j in range(ladder.shape[0]) if j != up]
     n_new = len(rows_new)
-    pts = np.concatenate([_points(theta, ladder[j], (1, -1), dtype) for j in rows_new])
-    vals = engine.costs(group, np.tile(idx, 2 * n_new), pts, progress).reshape(n_new, 2, k)
-    moved = pts.reshape(n_new, 2, k).astype(np.float64)
+    # The larger steps stop at a fraction of the coordinate's scale (numerics.step_cap).
+    allowed = (ladder[rows_new] <= numerics.step_cap(theta)[None, :]) | (np.asarray(rows_new) > up)[:, None]
+    pts = np.stack([np.stack([_points(theta, ladder[j], (o,), dtype) for o in (1, -1)]) for j in rows_new])
+    sel = np.broadcast_to(allowed[:, None, :], pts.shape)
+    flat_idx = np.broadcast_to(idx[None, None, :], pts.shape)[sel]
+    got = engine.costs(group, flat_idx, pts[sel], progress)
+    vals = np.full(pts.shape, np.nan)
+    vals[sel] = got
+    moved = pts.astype(np.float64)
     jp, jm, pp, pm = (np.zeros(ladder.shape) for _ in range(4))
     jp[rows_new], jm[rows_new], pp[rows_new], pm[rows_new] = vals[:, 0], vals[:, 1], moved[:, 0], moved[:, 1]
     jp[up], jm[up] = j_h
@@ -187,6 +193,7 @@ def _search(
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         d = np.where(pp > pm, (jp - jm) / (pp - pm), np.nan)
         steps = np.where(pp > pm, (pp - pm) / 2, np.nan)
+        d, noise = numerics.no_information(d, jp, jm, steps, noise)
         j0 = problem.j0
         fwd = np.where(pp > theta, (jp - j0) / (pp - theta), np.nan)
         bwd = np.where(pm < theta, (j0 - jm) / (theta - pm), np.nan)
@@ -245,6 +252,22 @@ def _search(
     return out
 
 
+def quantum_floor(noise: float, path_eps: np.ndarray, j0: float, vals: np.ndarray) -> np.ndarray:
+    """Each entry's noise level: J's probed noise, and never below the spacing of J's values in
+    the dtype J is computed in along the entry's path (a float32 softmax or a bfloat16 section in a
+    float64 check: ``precision.path_precision``).
+
+    Why: J there takes values on a grid of about eps·|J|; two evaluations that round to the same
+    value say nothing about the derivative at that step ("no information"), not that it is 0.
+    With the floor the round-off bound of a small step is at least the grid over the step, so the
+    steps that adapt go up, not down, where J is quantized.
+    """
+    with np.errstate(invalid="ignore"):
+        mag = np.nanmax(np.abs(np.concatenate([[j0], np.ravel(vals)])))
+    mag = float(mag) if np.isfinite(mag) else abs(j0)
+    return np.maximum(noise, np.asarray(path_eps, np.float64) * mag)
+
+
 def _coarse(fd_tol: np.ndarray, numerical: np.ndarray, g_scale: np.ndarray) -> np.ndarray:
     """Entries whose error estimate is too coarse to pass (above half the resolution bound of
     their own size or of yours' leaf scale): they get the second look and steps that adapt
@@ -280,10 +303,11 @@ def check_entries(
     dtype = base.dtype
     theta = base[idx].astype(np.float64)
     k = idx.size
+    path_eps = precision.entry_eps(problem, group, idx)
     if opts.eps is not None:
         h = np.full(k, float(opts.eps))
     else:
-        h = numerics.base_step(theta, dtype, opts.method)
+        h = numerics.base_step(theta, dtype, opts.method, path_eps)
     offsets = numerics.STENCILS[opts.method][0]
     pts = _points(theta, h, offsets, dtype)
     lost = np.flatnonzero(pts[:k] == pts[k : 2 * k])
@@ -312,6 +336,7 @@ def check_entries(
     if isinstance(noise, NoiseBox):
         noise = noise.deliver(all_vals[n_main:]) if carries_probe else noise.get()
     vals = all_vals[:n_main].reshape(len(offsets), k)
+    nz = quantum_floor(noise, path_eps, problem.j0, vals)
     g, g_eps, g_scale = yours()
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
@@ -324,7 +349,7 @@ def check_entries(
     else:
         w = numerics.STENCILS[opts.method][1]
         numerical = sum(wi * J[o] for o, wi in zip(offsets, w)) / h
-    roundoff = noise * numerics.roundoff_factor(opts.method) / h
+    roundoff = nz * numerics.roundoff_factor(opts.method) / h
     floor = numerics.grad_rounding(g, g_eps, g_scale)
     fd_tol = opts.safety * roundoff
     unread = engine.unread(group)
@@ -360,7 +385,7 @@ def check_entries(
             trunc = np.abs(d_h[sus] - d_2h) / 3
             if opts.method == "central":
                 best = (4 * d_h[sus] - d_2h) / 3
-                round2 = noise * numerics.roundoff_factor("central4") / hs
+                round2 = nz[sus] * numerics.roundoff_factor("central4") / hs
             elif opts.method == "richardson":
                 d4 = (8 * (J[1][sus] - J[-1][sus]) - (j2p - j2m)) / (12 * hs)
                 best, trunc = numerical[sus], np.abs(numerical[sus] - d4)
@@ -376,7 +401,7 @@ def check_entries(
             j0 = problem.j0
             r1, l1 = (J[1][sus] - j0) / hs, (j0 - J[-1][sus]) / hs
             r2, l2 = (j2p - j0) / (2 * hs), (j0 - j2m) / (2 * hs)
-            kink = numerics.is_kink(r1 - l1, r2 - l2, opts.safety * 4 * noise / hs)
+            kink = numerics.is_kink(r1 - l1, r2 - l2, opts.safety * 4 * nz[sus] / hs)
             lo = np.minimum.reduce([l1, r1, l2, r2]) - tol2
             hi = np.maximum.reduce([l1, r1, l2, r2]) + tol2
         # A pass that rests on the truncation estimate means the step was too large for the
@@ -404,7 +429,7 @@ def check_entries(
                 (J[1][s], J[-1][s]),
                 (j2p[a], j2m[a]),
                 dtype,
-                noise,
+                nz[s],
                 opts.safety,
                 progress,
             )

@@ -64,8 +64,12 @@ def machine_eps(dtype) -> float:
     return float(jnp.finfo(dtype).eps)
 
 
-def base_step(theta: np.ndarray, dtype, method: str) -> np.ndarray:
+def base_step(theta: np.ndarray, dtype, method: str, eps: np.ndarray | None = None) -> np.ndarray:
     """Per-coordinate step h_i ~ eps**(1/(p+1)) * max(1, |θ_i|), rounded to a power of two.
+
+    ``eps`` (per coordinate) is the machine epsilon J is actually computed in along the
+    coordinate's path (``precision.path_precision``: a float32 softmax or a bfloat16 section inside
+    a float64 check); by default the check dtype's.
 
     Why: the error of an order-p difference is ~ h**p f^(p+1) + eps |J| / h, smallest near
     h ~ eps**(1/(p+1)) in units of the coordinate's scale (Nocedal & Wright §8.1); for central
@@ -73,7 +77,8 @@ def base_step(theta: np.ndarray, dtype, method: str) -> np.ndarray:
     float32, θ + h rounds back to θ for |θ| >~ 1 and the estimate is garbage. A power of two
     at least a few ulps of θ makes θ + k h exact, so the step taken is the step divided by.
     """
-    c = machine_eps(dtype) ** (1.0 / (ORDER[method] + 1))
+    e = np.maximum(machine_eps(dtype), 0.0 if eps is None else np.asarray(eps, np.float64))
+    c = e ** (1.0 / (ORDER[method] + 1))
     raw = c * np.maximum(1.0, np.abs(theta))
     return np.exp2(np.round(np.log2(raw)))
 
@@ -93,9 +98,44 @@ def grad_rounding(g: np.ndarray, g_eps: np.ndarray, scale: np.ndarray) -> np.nda
     return entry * np.abs(g) + rel * np.asarray(scale, np.float64)
 
 
-# ... and at 4h and 16h: where J's noise is far above the machine epsilon of the check's dtype
-# (a cost computed in float32 inside a float64 check), the best step is larger than ∛eps.
-STEP_UP_LEVELS = 2
+# ... and at 4h, 16h, ... 4^6 h: where J's noise is far above what the step was chosen for (a
+# gradient ~1e-9 of J near a minimum, a cost quantized by cancellation), the best step is larger
+# than ∛eps; steps that adapt go up as far as truncation (and ``step_cap``) allows.
+STEP_UP_LEVELS = 6
+
+# The largest trial step: an eighth of the coordinate's scale max(1, |θ|). Beyond it a difference
+# no longer describes J near θ.
+STEP_CAP = 0.125
+
+
+def step_cap(theta: np.ndarray) -> np.ndarray:
+    return STEP_CAP * np.maximum(1.0, np.abs(np.asarray(theta, np.float64)))
+
+
+def no_information(
+    d: np.ndarray, jp: np.ndarray, jm: np.ndarray, steps: np.ndarray, noise: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ladder levels whose two values of J are equal, where a larger level saw J change.
+
+    Why: J(θ + s) = J(θ − s) exactly, while J changed over a larger step, means J's change over
+    2s was lost in the rounding of J's values: the level says nothing about the derivative (it
+    is not a derivative of 0), and the grid J's values sit on is at least that change,
+    2s·|D| for the slope |D| the larger levels saw. Such levels are dropped (NaN), and each
+    entry's noise is raised to half that grid, so the round-off bound of every level accounts
+    for it. A J that does not change at any level (an exactly flat or even J) is left alone.
+    """
+    finite = np.isfinite(d)
+    zero = finite & (jp == jm)
+    moving = finite & ~zero
+    # Largest step first: a zero level counts where some larger level moved.
+    above = np.cumsum(moving, axis=0) - moving > 0
+    lost = zero & above
+    if not lost.any():
+        return d, noise
+    with np.errstate(invalid="ignore"):
+        ref = np.nanmedian(np.where(moving, np.abs(d), np.nan), axis=0)
+        grid = np.nanmax(np.where(lost, steps * ref[None, :], np.nan), axis=0)
+    return np.where(lost, np.nan, d), np.maximum(noise, np.nan_to_num(grid, nan=0.0))
 
 
 def step_ladder(h: np.ndarray, levels: int = STEP_LEVELS, up: int = STEP_UP_LEVELS) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""The precision J is computed in along each parameter's path, read from the cost's jaxpr.
+
+A check promoted to float64 is only as fine as the narrowest arithmetic between a parameter and
+J: ``jax.nn.dot_product_attention`` runs its softmax in float32 whatever its inputs are, a mixed-
+precision layer casts to bfloat16, a user's ``astype(jnp.float32)`` stays as written. Along such a
+path J's values are quantized at that dtype's spacing, and a finite difference over a step too
+small for it reads two equal values of J as a derivative of 0. This module walks the traced cost
+once (no compilation) and gives, per float leaf, the machine epsilon of the narrowest floating
+dtype on any value that depends on it, and where that narrowing happens.
+
+Data flow is tracked per equation: a value depends on a leaf if any input of its equation does.
+Inside a sub-program (``pjit``, custom rules, ``scan``, ``while``, ``cond``) every input is taken to
+depend on everything its equation's inputs depend on: conservative (a path may be called narrower
+than it is, which only makes the step larger), never blind to a cast inside a loop body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jgradcheck._src import numerics
+
+
+@dataclasses.dataclass(frozen=True)
+class PathPrecision:
+    """Per float leaf: ``eps`` the machine epsilon of the narrowest float on its path to J (at
+    least the check dtype's), and ``where`` that dtype and the primitive that produced it
+    (``"bfloat16 (convert_element_type)"``), or ``None`` where the path is as fine as the check."""
+
+    eps: tuple[float, ...]
+    where: tuple[str | None, ...]
+
+
+def _subjaxprs(params: dict[str, Any]) -> list[Any]:
+    """Every jaxpr among an equation's parameters (a ClosedJaxpr's ``.jaxpr``, tuples of branches)."""
+    out = []
+    for v in params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            inner = getattr(x, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                out.append(inner)
+            elif hasattr(x, "eqns") and hasattr(x, "invars"):
+                out.append(x)
+    return out
+
+
+def _float_eps(aval: Any) -> float | None:
+    dtype = getattr(aval, "dtype", None)
+    if dtype is None:
+        return None
+    try:
+        if not np.issubdtype(dtype, np.inexact) and "float" not in str(dtype):
+            return None
+        return numerics.machine_eps(dtype)
+    except (TypeError, ValueError):
+        return None
+
+
+def _walk(jaxpr: Any, deps_in: list[int], narrow: dict[int, tuple[float, str]]) -> list[int]:
+    """Propagates dependency bitmasks through ``jaxpr`` and records, per leaf bit, the widest
+    machine epsilon (narrowest float) seen on a dependent value. Returns the outputs' masks."""
+    deps: dict[Any, int] = {}
+    for v, d in zip(jaxpr.invars, deps_in):
+        deps[v] = d
+    for eqn in jaxpr.eqns:
+        d = 0
+        for v in eqn.invars:
+            if not hasattr(v, "val"):  # a Literal has no dependence
+                d |= deps.get(v, 0)
+        if not d:
+            continue
+        for sub in _subjaxprs(eqn.params):
+            # Positional where the arity matches (pjit, custom rules); else every input sees d.
+            inner = (
+                [deps.get(v, 0) if not hasattr(v, "val") else 0 for v in eqn.invars]
+                if len(sub.invars) == len(eqn.invars)
+                else [d] * len(sub.invars)
+            )
+            _walk(sub, inner, narrow)
+        for v in eqn.outvars:
+            deps[v] = d
+            eps = _float_eps(getattr(v, "aval", None))
+            if eps is None:
+                continue
+            bits = d
+            while bits:
+                low = bits & -bits
+                i = low.bit_length() - 1
+                if eps > narrow.get(i, (0.0, ""))[0]:
+                    narrow[i] = (eps, f"{v.aval.dtype} ({eqn.primitive.name})")
+                bits ^= low
+    return [deps.get(v, 0) if not hasattr(v, "val") else 0 for v in jaxpr.outvars]
+
+
+def path_precision(problem: Any) -> PathPrecision:
+    """The narrowest float along each float leaf's path to J (cached on the problem).
+
+    The first ``len(problem.floats)`` inputs of ``problem.trace`` are the float leaves, in order.
+    """
+    cached = problem.__dict__.get("_path_precision")
+    if cached is not None:
+        return cached
+    n = len(problem.floats)
+    base = numerics.machine_eps(problem.dtype)
+    narrow: dict[int, tuple[float, str]] = {}
+    jaxpr = problem.trace.jaxpr
+    deps_in = [1 << i if i < n else 0 for i in range(len(jaxpr.invars))]
+    try:
+        _walk(jaxpr, deps_in, narrow)
+    except Exception:  # an unfamiliar jaxpr: fall back to the check dtype (today's behaviour)
+        narrow = {}
+    eps, where = [], []
+    for i in range(n):
+        e, site = narrow.get(i, (0.0, ""))
+        eps.append(max(base, e))
+        where.append(site if e > base else None)
+    out = PathPrecision(tuple(eps), tuple(where))
+    problem.__dict__["_path_precision"] = out
+    return out
+
+
+def entry_eps(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
+    """Per entry of a group's concatenated leaves: its leaf's path epsilon."""
+    pp = path_precision(problem)
+    sizes = np.array([int(problem.floats[i].size) for i in group])
+    leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+    return np.asarray([pp.eps[i] for i in group], np.float64)[leaf]
