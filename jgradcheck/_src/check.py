@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -32,15 +34,31 @@ from jgradcheck._src.problem import (
     GradFn,
     Problem,
     Yours,
+    is_promotion_error,
     precision_scope,
     prepare,
+    promotion_note,
 )
 from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
 from jgradcheck._src.schedule import check_leaves
+from jgradcheck._src.tree import check_live
 from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, join_grad, rewrite
 
 PyTree = Any
+
+MSG_OPTION_CLASH = (
+    "{fn} takes a parameter named {name!r}, which is also an option of {check} ({what}): {taken}, so {fn} "
+    "was called without it. Pass your model's {name} with functools.partial: "
+    "{check}(functools.partial(cost_fn, {name}=...), functools.partial(grad_fn, {name}=...), params, *args)."
+)
+MSG_PROMOTION_ERROR = (
+    "cost_fn cannot run on float64 inputs: {error}. Here, pass x64=False to differentiate in the inputs' own dtypes."
+)
+MSG_OPTION_KEPT = (
+    "{fn} takes a parameter {name!r} too: {name}={value!r} was taken by {check} as {what}, and {fn} kept "
+    "its own default; to pass it to {fn}, bind it with functools.partial({fn}, {name}=...)"
+)
 
 
 @recorded  # the pytest plugin's session summary hears of every check (registry.py)
@@ -143,10 +161,17 @@ def check_grad(
       A :class:`GradCheckReport`; ``report.passed`` is the verdict, ``str(report)`` the table.
 
     Raises:
-      ValueError: J is not a scalar, not finite at ``params``, or not deterministic; your
-        gradient's structure or a leaf's shape differs from ``params``; no floating leaves;
-        a bad option.
-      TypeError: ``cost_fn`` is not callable; a complex or non-array leaf.
+      ValueError: J is not a scalar (a gradient passed as the cost: swapped arguments; a
+        ``(loss, aux)`` pair), not finite at ``params``, or not deterministic; your gradient is a
+        scalar (swapped arguments), or its structure or a leaf's shape differs from ``params``;
+        a leaf of ``params`` or ``args`` is a deleted (donated) array; no floating leaves; a bad
+        option.
+      TypeError: ``cost_fn`` is not callable; called under ``jax.jit``, ``jax.vmap`` or
+        ``jax.grad``; a non-array leaf that is not hashable; one of your functions needs an
+        argument named like an option (``eps``: bind it with ``functools.partial``).
+
+    Where promotion to float64 breaks your cost (a float32 scan carry or init value it
+    hard-codes), the check runs again with ``x64=False`` and ``report.warnings`` says so.
 
     Examples:
       >>> import jax.numpy as jnp, jgradcheck
@@ -161,8 +186,13 @@ def check_grad(
       Wild 2011 (noise estimation).
     """
     start = time.perf_counter()
+    given = {k: v for k, v in locals().items() if k in _OPTION_DEFAULTS}
     if not callable(cost_fn):
         raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    check_live(
+        "check_grad", params=params, args=args, kwargs=kwargs, **({} if callable(grad_fn) else {"grad_fn": grad_fn})
+    )
+    clashes = option_clashes("check_grad", {"cost_fn": cost_fn, "grad_fn": grad_fn}, (params, *args), kwargs, given)
     rw = rewrite(cost_fn, grad_fn, params, args, kwargs)
     cost_fn, grad_fn, params, args = rw.cost_fn, rw.grad_fn, rw.params, rw.args
     if mode not in ("auto", "full", "screen", "sample"):
@@ -185,40 +215,134 @@ def check_grad(
         devices=devices,
     )
     opts = Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
-    with precision_scope(x64), _explain_kwargs(kwargs):
-        problem = prepare(cost_fn, params, args, x64, check_determinism)
-        yours = Yours(grad_fn, problem)  # compiles and runs while the check compiles its programs
-        engine = make_engine(problem, devices, chunk_size, strategy)
-        n = sum(int(f.size) for f in problem.floats)
-        chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
-        noise: float | NoiseBox
-        if chosen == "screen":
-            noise = probe_line(engine, problem, seed, check_determinism)
-        else:  # the probe rides in the first call of the smallest group's program
-            noise = NoiseBox(problem, seed, check_determinism)
-        mode_note = (
-            chosen
-            if mode != "auto"
-            else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
-        )
-        per_leaf = run_mode(
-            chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
-        )
-        grads, _ = yours.get()
-        warnings = list(
-            invisible_to_fd(
-                problem.trace, promoted_pytree=x64 and not callable(grad_fn) and "promoted" in problem.precision
+
+    def run(x64: bool) -> GradCheckReport:
+        with precision_scope(x64), _explain_kwargs(kwargs):
+            problem = prepare(cost_fn, params, args, x64, check_determinism)
+            yours = Yours(grad_fn, problem)  # compiles and runs while the check compiles its programs
+            engine = make_engine(problem, devices, chunk_size, strategy)
+            n = sum(int(f.size) for f in problem.floats)
+            chosen = mode if mode != "auto" else ("full" if n <= full_max_size else "screen")
+            noise: float | NoiseBox
+            if chosen == "screen":
+                noise = probe_line(engine, problem, seed, check_determinism)
+            else:  # the probe rides in the first call of the smallest group's program
+                noise = NoiseBox(problem, seed, check_determinism)
+            mode_note = (
+                chosen
+                if mode != "auto"
+                else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
             )
-        )
-        slopes = None
-        if taylor_test:
-            slopes = screen.taylor_slopes(
-                engine, problem, grads, noise if isinstance(noise, float) else noise.get(), seed
+            per_leaf = run_mode(
+                chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
             )
-    report = build_report(
-        problem, grads, per_leaf, warnings, slopes, opts, mode_note, engine, top_k, time.perf_counter() - start
-    )
+            grads, _ = yours.get()
+            warnings = list(
+                invisible_to_fd(
+                    problem.trace, promoted_pytree=x64 and not callable(grad_fn) and "promoted" in problem.precision
+                )
+            )
+            slopes = None
+            if taylor_test:
+                slopes = screen.taylor_slopes(
+                    engine, problem, grads, noise if isinstance(noise, float) else noise.get(), seed
+                )
+        return build_report(
+            problem,
+            grads,
+            per_leaf,
+            warnings + clashes,
+            slopes,
+            opts,
+            mode_note,
+            engine,
+            top_k,
+            time.perf_counter() - start,
+        )
+
+    report = without_promotion_if_needed(run, x64, "cost_fn", params, args)
     return conjugate_diagnosis(report) if rw.complex_mask is not None else report
+
+
+def without_promotion_if_needed(
+    run: Callable[[bool], GradCheckReport], x64: bool, fn: str, *trees: Any
+) -> GradCheckReport:
+    """``run(x64)``, or, when float64 promotion broke a function that hard-codes float32 (a scan
+    carry, typed init values), ``run(False)`` with a warning saying so.
+
+    A retry of the whole check, not a repair of the promoted program: in the inputs' own dtypes
+    the function runs as its author wrote it, and the report's precision line says what that
+    precision can still see.
+    """
+    try:
+        return run(x64)
+    except TypeError as e:
+        if not (x64 and is_promotion_error(e, *trees)):
+            raise
+        first = e
+    report = run(False)
+    return dataclasses.replace(report, warnings=(*report.warnings, promotion_note(fn, first)))
+
+
+# The check's own options and their defaults: a keyword of these names is taken as the option.
+_OPTION_WORDS = {
+    "eps": "the finite-difference step",
+    "seed": "the seed of the random directions and samples",
+    "mode": "how many entries are checked",
+    "method": "the finite-difference stencil",
+}
+
+
+def option_clashes(
+    check: str, fns: dict[str, Any], positional: tuple[Any, ...], kwargs: dict[str, Any], given: dict[str, Any]
+) -> list[str]:
+    """Options whose names are also parameters of your functions: an error where a function then
+    misses its argument, a warning where it keeps its default while the option was set.
+
+    Args:
+      check: the public function (``check_grad``), for the messages.
+      fns: your functions by argument name (non-callables are skipped).
+      positional: what they are called with positionally.
+      kwargs: the keywords passed on to them.
+      given: the options' values in this call.
+
+    Returns:
+      The warnings for the report.
+
+    Raises:
+      TypeError: a function misses a required argument whose name is one of the options.
+    """
+    notes: list[str] = []
+    for who, fn in fns.items():
+        if not callable(fn):
+            continue
+        try:
+            sig = inspect.signature(fn)
+            bound = sig.bind_partial(*positional, **kwargs).arguments
+        except (TypeError, ValueError):
+            continue
+        for name, p in sig.parameters.items():
+            if name not in given or name in bound or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            value, what = given[name], _OPTION_WORDS.get(name, f"an option of {check}")
+            if p.default is p.empty:
+                taken = (
+                    f"{name}={value!r} was taken as the check's {name}"
+                    if _is_set(value, _OPTION_DEFAULTS[name])
+                    else f"a keyword {name}= is taken by the check, never passed on"
+                )
+                raise TypeError(MSG_OPTION_CLASH.format(check=check, fn=who, name=name, what=what, taken=taken))
+            if _is_set(value, _OPTION_DEFAULTS[name]):
+                notes.append(MSG_OPTION_KEPT.format(check=check, fn=who, name=name, value=value, what=what))
+    return list(dict.fromkeys(notes))
+
+
+def _is_set(value: Any, default: Any) -> bool:
+    """Whether an option was given a value other than its default."""
+    try:
+        return value is not default and bool(value != default)
+    except (TypeError, ValueError):  # an array-like value
+        return True
 
 
 @contextlib.contextmanager
@@ -232,6 +356,23 @@ def _explain_kwargs(kwargs: dict[str, Any]) -> Iterator[None]:
             raise TypeError(
                 MSG_KWARGS.format(fn="your function", names=names, error=e, first=next(iter(kwargs)))
             ) from e
+        raise
+
+
+_OPTION_DEFAULTS = {
+    k: p.default for k, p in inspect.signature(check_grad).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
+@contextlib.contextmanager
+def _explain_promotion(x64: bool, *trees: Any) -> Iterator[None]:
+    """JAX's dtype error from a cost that hard-codes float32, with what to do (numerical_grad has no
+    report to say that it fell back to x64=False, so it does not)."""
+    try:
+        yield
+    except TypeError as e:
+        if x64 and is_promotion_error(e, *trees):
+            raise TypeError(MSG_PROMOTION_ERROR.format(error=promotion_note("cost_fn", e))) from e
         raise
 
 
@@ -319,6 +460,7 @@ def numerical_grad(
       >>> [round(float(v), 6) for v in g["w"]]
       [2.0, -4.0]
     """
+    given = {k: v for k, v in locals().items() if k in _OPTION_DEFAULTS}
     if method not in numerics.ORDER:
         raise ValueError(MSG_METHOD.format(method=method))
     if strategy not in ("delta", "vmap"):
@@ -328,10 +470,12 @@ def numerical_grad(
     opts = Options(eps, method, numerics.DEFAULT_SAFETY, 0.0, 0.0, False, 0)
     if not callable(cost_fn):
         raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
+    check_live("numerical_grad", params=params, args=args, kwargs=kwargs)
+    option_clashes("numerical_grad", {"cost_fn": cost_fn}, (params, *args), kwargs, given)
     original = params
     rw = rewrite(cost_fn, None, params, args, kwargs)
     cost_fn, params, args = rw.cost_fn, rw.params, rw.args
-    with precision_scope(x64), _explain_kwargs(kwargs):
+    with precision_scope(x64), _explain_kwargs(kwargs), _explain_promotion(x64, params, args):
         problem = prepare(cost_fn, params, args, x64, check_determinism=False)
         problem.j0 = float("nan")  # refinement (which needs J(θ)) is off here
         engine = make_engine(problem, devices, chunk_size, strategy)

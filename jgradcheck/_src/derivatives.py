@@ -19,6 +19,7 @@ output leaf and index (``report.jacobian``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
-from jgradcheck._src.tree import is_floating
+from jgradcheck._src.tree import check_live, is_floating
 from jgradcheck._src.vector import (
     MSG_HVP_SHAPE,
     MSG_MODES,
@@ -292,7 +293,10 @@ def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]
 def _has_custom_vjp(fn: Callable[..., Any], primals: Sequence[Any]) -> bool:
     from jgradcheck._src.jaxpr_scan import walk_eqns
 
-    jaxpr = jax.make_jaxpr(fn)(*primals)
+    # Float64 primals are traced as float64 (outside x64, JAX would truncate them with a warning).
+    wide = any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(primals))
+    with jax.enable_x64(True) if wide else contextlib.nullcontext():
+        jaxpr = jax.make_jaxpr(fn)(*primals)
     return any(e.primitive.name.startswith("custom_vjp") for e in walk_eqns(jaxpr.jaxpr))
 
 
@@ -337,6 +341,7 @@ def check_rules(
     """
     if not primals:
         raise TypeError(MSG_NO_PRIMALS.format(fn="check_rules", other="<no rule>"))
+    check_live("check_rules", primals=primals)
     if isinstance(modes, str):  # modes="rev" means ("rev",)
         modes = (modes,)
     if not modes or any(m not in ("fwd", "rev") for m in modes):
@@ -394,6 +399,7 @@ def check_hvp(
       A :class:`GradCheckReport` with ``what="your Hessian-vector product"``.
 
     Raises:
+      TypeError: a leaf of ``params`` is not floating (an integer step counter, a PRNG key).
       ValueError: ``hvp_fn``'s output is not shaped like ``params``.
 
     Examples:
@@ -404,6 +410,7 @@ def check_hvp(
       True
     """
     cotangents = options.pop("cotangents", None)
+    _floating_only(params)
     grad = jax.grad(cost_fn)
 
     def gradient(params: PyTree, *a: Any) -> PyTree:
@@ -427,3 +434,18 @@ def check_hvp(
         "check_hvp", "your Hessian-vector product", gradient, build, (params,), args, cotangents, options, "grad"
     )
 
+
+MSG_HVP_LEAF = (
+    "check_hvp differentiates jax.grad(cost_fn) with respect to every leaf of params, but params{path} is "
+    "{kind}: jax.grad cannot differentiate it. Pass it among *args instead (check_hvp(cost_fn, hvp_fn, "
+    "params, *args) gives args to both functions, undifferentiated), or bind it with functools.partial."
+)
+
+
+def _floating_only(params: PyTree) -> None:
+    """check_hvp's params must all be floating: name the first leaf that is not, and what to do."""
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not is_floating(x):
+            dtype = getattr(x, "dtype", None)
+            kind = f"an array of dtype {dtype}" if dtype is not None else f"a {type(x).__name__}"
+            raise TypeError(MSG_HVP_LEAF.format(path=jax.tree_util.keystr(path), kind=kind))

@@ -17,6 +17,8 @@ import numpy as np
 FIT = 0.05
 # A fitted factor this close to 1 is no factor at all; this close to -1 is a sign flip.
 NEAR = 0.02
+# A fitted factor below this (or above its inverse) is one side being ≈ 0, not a scale.
+NEGLIGIBLE = 1e-3
 # An entry below this fraction of the leaf's largest is zero. Where the cost ignores an entry, finite
 # differences give exactly 0 (J(θ+h) and J(θ-h) are the same computation); this allows for float64
 # finite-difference noise (~1e-8 relative) and float32 rounding of yours (~1e-7) on top.
@@ -73,6 +75,8 @@ def _list(idx: np.ndarray) -> str:
 
 def fitted_factor(yours: np.ndarray, numerical: np.ndarray) -> float | None:
     """c with yours ≈ c × numerical, when that model explains the leaf; else None."""
+    if not (np.all(np.isfinite(yours)) and np.all(np.isfinite(numerical))):
+        return None  # no factor relates NaN/Inf entries (and inf - inf would warn)
     nn = float(numerical @ numerical)
     if nn == 0:
         return None
@@ -90,6 +94,14 @@ def _factor(yours: np.ndarray, numerical: np.ndarray) -> str | None:
         return None
     if abs(c + 1) < NEAR:
         return "sign flipped: yours ≈ -1.00 × numerical"
+    # A ratio against a numerical value that is ≈ 0 beside yours (or yours ≈ 0 beside it) says
+    # nothing about a scale: name the zero side instead.
+    if abs(c) < NEGLIGIBLE:
+        return "yours is ≈ 0 where numerical is not: a missing term, or a parameter not connected in your backprop"
+    if abs(c) > 1 / NEGLIGIBLE:
+        return (
+            "numerical is ≈ 0 where yours is not: J (almost) does not depend on these entries; a term in yours J lacks"
+        )
     if yours.size < 2 and c != 1:
         # One entry is always "a factor" of another: only say so as a ratio, not as a finding.
         return f"yours = {c:.4g} × numerical (a single entry: a factor cannot be told from another error)"

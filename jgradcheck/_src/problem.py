@@ -23,7 +23,7 @@ import numpy as np
 from jgradcheck._src import numerics
 from jgradcheck._src.delta import work
 from jgradcheck._src.options import QUICK_COMPILE
-from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, path_str, split
+from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, is_floating, path_str, split
 
 PyTree = Any
 
@@ -32,6 +32,29 @@ MSG_NOT_SCALAR = (
     "cost_fn must return a scalar, but J(params, *args) has shape {shape}. Reduce it to one "
     "number, e.g. jnp.mean over the examples (J = (1/m) Σ L), and add the "
     "regularization term."
+)
+MSG_SWAPPED_COST = (
+    "cost_fn returns a pytree shaped like params ({shape}), not a scalar. If that is a gradient, did you "
+    "swap them? The order is check_grad(cost_fn, grad_fn, params, *args): the cost first, your "
+    "gradient second. If it is one loss per example, reduce it to one number (jnp.mean)."
+)
+MSG_SWAPPED_GRAD = (
+    "grad_fn returned a scalar ({shape}), but params has {n} floating leaves ({paths}): that is a cost, "
+    "not a gradient. Did you swap them? The order is check_grad(cost_fn, grad_fn, params, *args): the "
+    "cost first, your gradient (a pytree shaped like params) second."
+)
+MSG_AUX = (
+    "cost_fn returns a tuple ({shape}) whose first element is a scalar: a (loss, aux) pair, as for "
+    "jax.value_and_grad(..., has_aux=True)? The check needs the loss alone: drop aux with "
+    "check_grad(lambda p, *a: cost_fn(p, *a)[0], grad_fn, params, *args) (and the same for a grad_fn that "
+    "returns (grads, aux))."
+)
+MSG_PROMOTION_OFF = (
+    "promotion to float64 turned off: with its inputs promoted to float64, {fn} stopped with JAX's "
+    "dtype error ({error}): it hard-codes a narrower dtype (a scan carry, reduce or reduce_window init "
+    "values, an astype). The check ran in the inputs' own dtypes instead (x64=False): the precision line "
+    "says how small an error it can still see. To check in float64, build those values from the inputs' "
+    "dtype (jnp.zeros(shape, x.dtype)) or pass float64 inputs under jax.enable_x64"
 )
 MSG_NOT_REAL = "cost_fn must return a real floating scalar; J(params, *args) has dtype {dtype}."
 MSG_NONFINITE = (
@@ -220,6 +243,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
     out = trace.out_avals[0] if len(trace.out_avals) == 1 else None
     if out is None or out.shape != ():
         shape = out.shape if out is not None else f"a tuple of {len(trace.out_avals)} outputs"
+        _not_scalar(cost_fn, layout, args_layout, inputs)
         raise ValueError(MSG_NOT_SCALAR.format(shape=shape))
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(MSG_NOT_REAL.format(dtype=out.dtype))
@@ -256,6 +280,62 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         trace,
     )
     return problem
+
+
+def _not_scalar(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> None:
+    """Names the two common reasons a cost is not a scalar: a gradient passed as the cost (swapped
+    arguments), and a (loss, aux) pair."""
+
+    def f(fl, ar, af, aa):
+        return cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa))
+
+    out = jax.eval_shape(f, *inputs)
+    params = jax.eval_shape(lambda fl, ar: layout.merge(fl, ar), *inputs[:2])
+    floats = [np.shape(x) for x, k in zip(jax.tree_util.tree_leaves(params), layout.kinds) if k == "float"]
+    got = [np.shape(x) for x in jax.tree_util.tree_leaves(out)]
+    shape = _shape_text(out)
+    if jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(params) or (
+        len(got) == len(floats) and got == floats and len(got) > 1
+    ):
+        raise ValueError(MSG_SWAPPED_COST.format(shape=shape))
+    if isinstance(out, (tuple, list)) and len(out) >= 2 and np.shape(jax.tree_util.tree_leaves(out[0])[0]) == ():
+        if len(jax.tree_util.tree_leaves(out[0])) == 1:
+            raise ValueError(MSG_AUX.format(shape=shape))
+
+
+def _shape_text(tree: PyTree, limit: int = 4) -> str:
+    """``W: (3, 2), b: (2,)``: a pytree of shapes, briefly."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    parts = [f"{path_str(p)}: {tuple(np.shape(x))}" for p, x in flat[:limit]]
+    return ", ".join(parts) + (", …" if len(flat) > limit else "")
+
+
+def is_promotion_error(error: BaseException, *trees: PyTree) -> bool:
+    """Whether ``error`` is JAX's dtype mismatch between promoted float64 values and a dtype the
+    function hard-codes (a float32 scan carry or init value), and promotion changed some input.
+
+    JAX raises a TypeError naming both types (``float32[3,8]`` vs ``float64[3,8]``); without a
+    narrower floating input, promotion changed nothing and the error is the function's own.
+    """
+    if not isinstance(error, TypeError):
+        return False
+    text = str(error)
+    if "float64" not in text or not any(t in text for t in ("float32", "float16", "bfloat16")):
+        return False
+    return any(
+        is_floating(x) and np.dtype(getattr(x, "dtype", np.float64)) != np.float64
+        for tree in trees
+        for x in jax.tree_util.tree_leaves(tree)
+    )
+
+
+def promotion_note(fn: str, error: BaseException) -> str:
+    """The report's warning after a check fell back to ``x64=False`` (see :func:`is_promotion_error`)."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    first = first.rstrip(":")
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return MSG_PROMOTION_OFF.format(fn=fn, error=first)
 
 
 def _grad_call(grad_fn, layout: Layout, args_layout: Layout, floats, arrays, arg_floats, arg_arrays):
@@ -313,6 +393,7 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
 def user_gradient(grad_fn, problem: Problem) -> tuple[list[np.ndarray], list[float]]:
     """Your gradient, leaf by leaf in params' float-leaf order, and each leaf's own eps."""
     grads = _call_grad(grad_fn, problem) if callable(grad_fn) else grad_fn
+    _check_not_cost(grads, problem)
     flat, _ = jax.tree_util.tree_flatten_with_path(grads)
     by_path = {path_str(p): leaf for p, leaf in flat}
     want = dict(zip(problem.paths, problem.floats))
@@ -341,6 +422,21 @@ def user_gradient(grad_fn, problem: Problem) -> tuple[list[np.ndarray], list[flo
         eps.append(numerics.machine_eps(g.dtype) if is_float else numerics.machine_eps(problem.dtype))
         out.append(np.asarray(g, np.float64).ravel())
     return out, eps
+
+
+def _check_not_cost(grads: PyTree, problem: Problem) -> None:
+    """A scalar where params has several leaves, or a scalar shape, is a cost: swapped arguments?"""
+    leaves = jax.tree_util.tree_leaves(grads)
+    if (
+        len(leaves) != 1
+        or np.shape(leaves[0]) != ()
+        or not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(grads))
+    ):
+        return
+    if len(problem.floats) == 1 and problem.floats[0].shape == () and problem.paths == ("<root>",):
+        return  # a scalar parameter has a scalar gradient
+    paths = ", ".join(problem.paths[:4]) + (", …" if len(problem.paths) > 4 else "")
+    raise ValueError(MSG_SWAPPED_GRAD.format(shape="shape ()", n=len(problem.floats), paths=paths))
 
 
 class Yours:

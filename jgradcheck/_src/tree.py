@@ -25,11 +25,53 @@ MSG_NO_FLOAT = (
     "params has no floating-point leaves, so there is nothing to check (leaf dtypes: {dtypes}). "
     "Pass the weights as float arrays, e.g. jnp.asarray(w, jnp.float32)."
 )
+MSG_TRACED = (
+    "{fn} was called inside a JAX transformation ({where}): it runs your functions many times and "
+    "reads concrete numbers, so jax.jit, jax.vmap and jax.grad cannot trace it. Call {fn} outside jit, "
+    "vmap and grad, on concrete arrays (in a test, or after the training step)."
+)
+MSG_DELETED = (
+    "{name}{path} has been deleted (donated to a jitted function through donate_argnums or "
+    "donate_argnames, or freed with .delete()): its buffer is gone. Pass a live copy, e.g. "
+    "jax.tree_util.tree_map(jnp.copy, {name}) taken before the call that donates it."
+)
 MSG_UNHASHABLE = (
     "{name} leaf {path!r} is neither an array nor hashable ({kind}); jgradcheck passes "
     "non-array leaves to your function as compile-time constants. Convert it to an array "
     "or close over it in cost_fn."
 )
+
+
+def check_live(fn: str, **trees: PyTree) -> None:
+    """Raises a teaching error when ``fn`` is called under a JAX trace or with a deleted array.
+
+    Args:
+      fn: the public function called (``check_grad``), for the message.
+      **trees: the pytrees it was given, by argument name (``params=..., args=...``).
+
+    Raises:
+      TypeError: a leaf is a tracer, or JAX is tracing (a cost that closes over a traced value).
+      ValueError: a leaf is a deleted (donated) array.
+    """
+    for name, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, jax.core.Tracer):
+                where = f"{name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}"
+                raise TypeError(MSG_TRACED.format(fn=fn, where=where))
+            if isinstance(leaf, jax.Array) and leaf.is_deleted():
+                raise ValueError(MSG_DELETED.format(name=name, path=jax.tree_util.keystr(path)))
+    if not _top_level():
+        raise TypeError(MSG_TRACED.format(fn=fn, where="JAX is tracing the code that called it"))
+
+
+def _top_level() -> bool:
+    """Whether no JAX transformation is tracing the caller (JAX's private trace state; True if it moved)."""
+    try:
+        from jax._src import core
+    except ImportError:  # pragma: no cover - JAX reorganized
+        return True
+    clean = getattr(core, "trace_state_clean", None)
+    return True if clean is None else bool(clean())
 
 
 def _key_str(key: Any, first: bool) -> str:

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src import numerics
-from jgradcheck._src.check import check_grad
+from jgradcheck._src.check import check_grad, without_promotion_if_needed
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.problem import hashable, precision_scope
 from jgradcheck._src.report import Entry, GradCheckReport
-from jgradcheck._src.tree import is_floating, path_str
+from jgradcheck._src.tree import check_live, is_floating, path_str
 
 PyTree = Any
 
@@ -45,6 +45,24 @@ MSG_STRUCTURE = "{who} returned an output of structure {got}; fn(*primals) has s
 MSG_PRIMAL_OUT = (
     "{who}'s primal output differs from fn(*primals) at {path} (max |difference| {diff:.3g} where "
     "fn's values reach {scale:.3g}): it must return fn's own output, as jax.{which} does."
+)
+MSG_PRIMAL_NONFINITE = (
+    "{who}'s primal output differs from fn(*primals) at {path} in where it is ±inf or NaN ({detail}): it "
+    "must return fn's own output, as jax.{which} does."
+)
+MSG_LEFT_OUT = (
+    "{n:,} of {m:,} output entries of fn are not finite at the primals ({detail}; e.g. {first}) and were "
+    "left out of the check: finite differences see no derivative there, and where your rule's output holds "
+    "the same ±inf/NaN it was compared as equal"
+)
+MSG_NAN_YOURS = (
+    "your pullback is NaN/Inf at {n:,} input entries, from the zero cotangent of a left-out output times an "
+    "infinite or NaN derivative (0 × NaN, as in asin's rule outside [-1, 1]); they were compared as 0 there"
+)
+MSG_ALL_NONFINITE = (
+    "every output entry of fn is ±inf or NaN at the primals ({detail}): there is no finite value to "
+    "difference. Check at primals where fn is finite (inside the domain of log, sqrt or asin; a mask that "
+    "keeps some entries)."
 )
 MSG_MODES = "modes must be a non-empty subset of ('fwd', 'rev'); got {modes!r}."
 MSG_ORDER = "order must be 1 or 2; got {order!r}."
@@ -121,14 +139,21 @@ def _flat(out: PyTree) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Projected:
-    """The scalar cost ⟨u, f(x)⟩ (u a flat vector over f's outputs); hashable by f."""
+    """The scalar cost ⟨u, f(x)⟩ (u a flat vector over f's outputs); hashable by f.
+
+    ``masked``: the outputs u does not see (u = 0 there: ±inf or NaN at the primals) are dropped
+    before the product, as 0 × inf would make the whole cost NaN.
+    """
 
     fn: Any
     inputs: _Inputs
+    masked: bool = False
 
     def __call__(self, params: PyTree, u: jax.Array, *args: Any) -> jax.Array:
-        out = _flat(self.fn(*self.inputs.primals(params), *args))
-        return jnp.dot(out.astype(u.dtype), u)
+        out = _flat(self.fn(*self.inputs.primals(params), *args)).astype(u.dtype)
+        if self.masked:
+            out = jnp.where(u != 0, out, 0)
+        return jnp.dot(out, u)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +212,39 @@ def _promote(tree: PyTree, x64: bool) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x, np.float64)) if is_floating(x) else x, tree)
 
 
+def _finite(out: PyTree) -> np.ndarray:
+    """Which flat output entries are finite (the others are left out of a vector check)."""
+    return np.concatenate([np.isfinite(np.asarray(x, np.float64)).ravel() for x in jax.tree_util.tree_leaves(out)])
+
+
+def _nonfinite_detail(out: PyTree, keep: np.ndarray) -> str:
+    """``3 -inf, 1 NaN``: what the left-out output entries hold."""
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(out)])[~keep]
+    counts = [(int(np.sum(flat == -np.inf)), "-inf"), (int(np.sum(flat == np.inf)), "+inf")]
+    counts.append((int(np.sum(np.isnan(flat))), "NaN"))
+    return ", ".join(f"{n:,} {what}" for n, what in counts if n)
+
+
+def _zero_nonfinite(projections: list[PyTree]) -> tuple[list[PyTree], int]:
+    """Your projections with NaN/Inf entries set to 0, and at how many input entries (see MSG_NAN_YOURS)."""
+    out, bad = [], {}
+    for tree in projections:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        fixed = []
+        for k, x in enumerate(leaves):
+            if is_floating(x) and not isinstance(x, float):
+                a = np.asarray(x)
+                finite = np.isfinite(a)
+                if not finite.all():
+                    bad[k] = bad.get(k, np.zeros(a.shape, bool)) | ~finite
+                    a = np.where(finite, a, 0).astype(a.dtype)
+                fixed.append(a)
+            else:
+                fixed.append(x)
+        out.append(jax.tree_util.tree_unflatten(treedef, fixed))
+    return out, sum(int(m.sum()) for m in bad.values())
+
+
 def _cotangents(m: int, count: int | None, seed: int) -> tuple[np.ndarray, bool]:
     """The cotangents (rows) and whether they are the exact basis of the outputs.
 
@@ -214,6 +272,16 @@ def _compare_out(who: str, which: str, got: PyTree, want: PyTree) -> None:
         g64, w64 = np.asarray(g, np.float64), np.asarray(w, np.float64)
         if g64.shape != w64.shape:
             raise ValueError(MSG_TANGENT.format(path=path_str(path), got=g64.shape, want=w64.shape))
+        finite = np.isfinite(w64)
+        if not finite.all():
+            # ±inf and NaN compare as equal where both sides have them; the rest as below.
+            same = np.isfinite(g64) == finite
+            same[~finite] &= (g64[~finite] == w64[~finite]) | (np.isnan(g64[~finite]) & np.isnan(w64[~finite]))
+            if not same.all():
+                k = int(np.flatnonzero(~same.ravel())[0])
+                detail = f"yours {g64.ravel()[k]:.3g} where fn gives {w64.ravel()[k]:.3g}"
+                raise ValueError(MSG_PRIMAL_NONFINITE.format(who=who, path=path_str(path), detail=detail, which=which))
+            g64, w64 = g64[finite], w64[finite]
         scale = float(np.max(np.abs(w64))) if w64.size else 0.0
         diff = float(np.max(np.abs(g64 - w64))) if w64.size else 0.0
         # Rounding of a float32 computation of the same values, with room for reassociation.
@@ -343,10 +411,12 @@ def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
     Uj = jnp.asarray(U)
     leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(primals)))
     float_leaves = [x for x in leaves if is_floating(x)]
+    seen = np.any(U != 0, axis=0)  # outputs left out (not finite at the primals) are seen by no row
 
     def tangent_out(leaf: int, i: Any) -> jax.Array:
         # J e_i from your JVP of the scaled basis tangent (see BASIS_SCALE).
-        return _flat(jvp_fn(tuple(primals), _basis_tangent(inputs, primals, leaf, i))[1]) / BASIS_SCALE
+        t = _flat(jvp_fn(tuple(primals), _basis_tangent(inputs, primals, leaf, i))[1]) / BASIS_SCALE
+        return t if seen.all() else jnp.where(seen, t, 0)
 
     per_leaf = []
     for leaf, x in enumerate(float_leaves):
@@ -379,8 +449,10 @@ def _locate(
     yours: _Yours,
     x64: bool,
     top_k: int,
+    seen: np.ndarray,
 ) -> tuple[Entry, ...]:
-    """For failing input entries, the full Jacobian column both ways: which outputs disagree."""
+    """For failing input entries, the full Jacobian column both ways: which outputs disagree
+    (among the outputs ``seen``: those finite at the primals)."""
     failing: list[Entry] = []
     for e in report.worst:
         if e.status == "fail" and (e.path, e.index) not in {(f.path, f.index) for f in failing}:
@@ -420,12 +492,14 @@ def _locate(
                 vals.append(
                     np.asarray(flat_f(*inputs.primals(jax.tree_util.tree_unflatten(treedef, moved))), np.float64)
                 )
-            numerical.append((vals[0] - vals[1]) / (2 * h))
+            with np.errstate(invalid="ignore"):  # inf - inf at outputs left out: masked below
+                numerical.append((vals[0] - vals[1]) / (2 * h))
         mine = yours.column(cols)
     out: list[Entry] = []
     for c, e in enumerate(where):
         num, got = numerical[c], mine[:, c]
-        gap = np.abs(got - num)
+        with np.errstate(invalid="ignore"):  # inf - inf at outputs left out (see vector_check)
+            gap = np.where(seen, np.abs(got - num), 0.0)
         if not gap.size or not np.max(gap) > 0:
             continue
         # The largest disagreements of the column (a few; the worst first).
@@ -457,10 +531,34 @@ def vector_check(
     options: dict[str, Any],
     out_name: str = "out",
 ) -> GradCheckReport:
-    """The shared walk of every vector check (see the module docstring)."""
+    """The shared walk of every vector check (see the module docstring).
+
+    Outputs that are ±inf or NaN at the primals are left out (the report says how many); where
+    promotion to float64 breaks ``fn`` (a float32 init value or scan carry), the check runs again
+    without it and says so.
+    """
     _check_options(kind, options)
     if cotangents is not None and (isinstance(cotangents, bool) or not isinstance(cotangents, int) or cotangents < 1):
         raise ValueError(f"cotangents must be a positive integer or None; got {cotangents!r}.")
+    check_live(kind, primals=tuple(primals), args=tuple(args))
+
+    def run(x64: bool) -> GradCheckReport:
+        opts = {**options, "x64": x64} if "x64" in options or not x64 else options
+        return _vector_check(fn, build, primals, args, cotangents, opts, out_name, what)
+
+    return without_promotion_if_needed(run, bool(options.get("x64", True)), "fn", tuple(primals), tuple(args))
+
+
+def _vector_check(
+    fn: Callable[..., Any],
+    build: Callable[..., _Yours],
+    primals: Sequence[Any],
+    args: Sequence[Any],
+    cotangents: int | None,
+    options: dict[str, Any],
+    out_name: str,
+    what: str,
+) -> GradCheckReport:
     x64, seed = bool(options.get("x64", True)), int(options.get("seed", 0))
     inputs = _Inputs.of(fn, primals)
     f = hashable(fn)
@@ -468,17 +566,40 @@ def vector_check(
         P = _promote(tuple(primals), x64)
         fn_out = fn(*P, *args)
         outs = _Outputs.of(fn_out, out_name)
+        keep = _finite(fn_out)
         U, exact = _cotangents(outs.size, cotangents, seed)
         U = U.astype(np.float64 if x64 else np.result_type(*outs.dtypes))
+        rows = np.arange(len(U))  # exact: which output each row sees
+        notes: list[str] = []
+        if not keep.all():
+            if not keep.any():
+                raise ValueError(MSG_ALL_NONFINITE.format(detail=_nonfinite_detail(fn_out, keep)))
+            if exact:
+                rows = rows[keep]
+                U = U[keep]
+            else:
+                U[:, ~keep] = 0.0
+            first = outs.name(int(np.flatnonzero(~keep)[0]))
+            notes.append(
+                MSG_LEFT_OUT.format(
+                    n=int((~keep).sum()), m=outs.size, detail=_nonfinite_detail(fn_out, keep), first=first
+                )
+            )
         yours = build(inputs, P, outs, U, fn_out)
-    cost = _Projected(f, inputs)
+        if not keep.all():
+            projections, bad = _zero_nonfinite(yours.projections)
+            yours = _Yours(projections, yours.column)
+            if bad:
+                notes.append(MSG_NAN_YOURS.format(n=bad))
+    cost = _Projected(f, inputs, masked=not keep.all())
     params = inputs.params(list(primals))
     reports = [check_grad(cost, y, params, u, *args, **options) for y, u in zip(yours.projections, U)]
     if exact:
         # Each check is one output's row of the Jacobian: its entries are Jacobian entries.
         named = []
         for j, r in enumerate(reports):
-            s = float(U[j, j])  # the cotangent's scale: the entries are s × J[j, i]
+            o = int(rows[j])
+            s = float(U[j, o])  # the cotangent's scale: the entries are s × J[o, i]
             worst = tuple(
                 dataclasses.replace(
                     e,
@@ -487,7 +608,7 @@ def vector_check(
                     error_estimate=e.error_estimate / abs(s),
                     left=e.left / s,
                     right=e.right / s,
-                    output=outs.name(j),
+                    output=outs.name(o),
                 )
                 for e in r.worst
             )
@@ -497,10 +618,10 @@ def vector_check(
         how = f"; outputs one by one ({outs.size}: the full Jacobian entry by entry)"
     else:
         merged = merge_reports(reports, top_k=int(options.get("top_k", 10)))
-        jac = _locate(merged, f, inputs, primals, args, outs, yours, x64, int(options.get("top_k", 10)))
+        jac = _locate(merged, f, inputs, primals, args, outs, yours, x64, int(options.get("top_k", 10)), keep)
         how = f"; {outs.size:,} outputs seen through {len(U)} random cotangents"
         if not merged.passed and yours.column is None:
             how += f" (too many outputs to name the output index: {outs.size:,} > {LOCATE_MAX_OUTPUTS:,})"
     # The custom-rule warnings of the scalar check speak of jax.grad of a cost: not what is checked here.
-    warnings = tuple(_for_fn(w) for w in merged.warnings if not w.startswith("cost_fn uses custom_"))
+    warnings = tuple(_for_fn(w) for w in merged.warnings if not w.startswith("cost_fn uses custom_")) + tuple(notes)
     return dataclasses.replace(merged, what=what, jacobian=jac, mode=merged.mode + how, warnings=warnings)
