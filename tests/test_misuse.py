@@ -283,6 +283,15 @@ def test_option_named_keyword(dtype):
     assert r.passed, r
 
 
+def test_option_named_keyword_in_a_vector_check():
+    def f(x, eps):
+        return jnp.sin(x) + eps
+
+    with pytest.raises(TypeError, match=r"fn takes a parameter named 'eps'.*functools.partial\(fn, eps=...\)"):
+        jgradcheck.check_rules(f, jnp.ones(3), eps=1e-3)
+    assert jgradcheck.check_rules(functools.partial(f, eps=0.5), jnp.ones(3), eps=1e-3).passed
+
+
 def test_option_named_keyword_with_a_default_is_a_warning():
     cost, grad, params, X, Y = _model()
 

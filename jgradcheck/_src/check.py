@@ -49,8 +49,8 @@ PyTree = Any
 
 MSG_OPTION_CLASH = (
     "{fn} takes a parameter named {name!r}, which is also an option of {check} ({what}): {taken}, so {fn} "
-    "was called without it. Pass your model's {name} with functools.partial: "
-    "{check}(functools.partial(cost_fn, {name}=...), functools.partial(grad_fn, {name}=...), params, *args)."
+    "was called without it. Bind your model's {name} first, functools.partial({fn}, {name}=...), and the "
+    "same in your other functions; {name}= then sets only the check's option."
 )
 MSG_PROMOTION_ERROR = (
     "cost_fn cannot run on float64 inputs: {error}. Here, pass x64=False to differentiate in the inputs' own dtypes."
@@ -280,7 +280,10 @@ def without_promotion_if_needed(
         if not (x64 and is_promotion_error(e, *trees)):
             raise
         first = e
-    report = run(False)
+    try:
+        report = run(False)
+    except Exception as e:  # the function's own error, once promotion is out of the way
+        raise e from first
     return dataclasses.replace(report, warnings=(*report.warnings, promotion_note(fn, first)))
 
 
@@ -322,7 +325,12 @@ def option_clashes(
         except (TypeError, ValueError):
             continue
         for name, p in sig.parameters.items():
-            if name not in given or name in bound or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if (
+                name not in given
+                or name not in _OPTION_DEFAULTS
+                or name in bound
+                or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ):
                 continue
             value, what = given[name], _OPTION_WORDS.get(name, f"an option of {check}")
             if p.default is p.empty:

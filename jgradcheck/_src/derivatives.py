@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jgradcheck._src.check import option_clashes
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
@@ -342,6 +343,7 @@ def check_rules(
     if not primals:
         raise TypeError(MSG_NO_PRIMALS.format(fn="check_rules", other="<no rule>"))
     check_live("check_rules", primals=primals)
+    option_clashes("check_rules", {"fn": fn}, primals, {}, options)
     if isinstance(modes, str):  # modes="rev" means ("rev",)
         modes = (modes,)
     if not modes or any(m not in ("fwd", "rev") for m in modes):

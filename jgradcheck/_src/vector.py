@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src import numerics
-from jgradcheck._src.check import check_grad, without_promotion_if_needed
+from jgradcheck._src.check import check_grad, option_clashes, without_promotion_if_needed
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.problem import hashable, precision_scope
 from jgradcheck._src.report import Entry, GradCheckReport
@@ -541,6 +541,7 @@ def vector_check(
     if cotangents is not None and (isinstance(cotangents, bool) or not isinstance(cotangents, int) or cotangents < 1):
         raise ValueError(f"cotangents must be a positive integer or None; got {cotangents!r}.")
     check_live(kind, primals=tuple(primals), args=tuple(args))
+    option_clashes(kind, {"fn": fn}, (*primals, *args), {}, options)
 
     def run(x64: bool) -> GradCheckReport:
         opts = {**options, "x64": x64} if "x64" in options or not x64 else options
