@@ -83,7 +83,15 @@ def build_report(
         for r in per_leaf
         if r.coords is not None
     ]
-    global_scale = _scale(np.concatenate(pooled)) if pooled else 0.0
+    pooled_yours = [
+        grads[i][r.coords.idx][np.isfinite(r.coords.numerical) & (r.coords.status != "kink")]
+        for i, r in enumerate(per_leaf)
+        if r.coords is not None
+    ]
+    global_scale = max(
+        _scale(np.concatenate(pooled)) if pooled else 0.0,
+        _scale(np.concatenate(pooled_yours)) if pooled_yours else 0.0,
+    )
     for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
         res = per_leaf[i]
         shape = tuple(f.shape)
@@ -136,12 +144,14 @@ def build_report(
         compared = finite & ~kink & (c.status != "nan")  # kinks are judged by their slopes
         ys_parts.append(gi[compared])
         ns_parts.append(c.numerical[compared])
-        scale = _scale(c.numerical[compared]) or global_scale
+        # The leaf's gradient scale, from both sides: a numerical gradient of 0 (every difference
+        # lost in J's rounding) is judged against yours, never waved through.
+        scale = max(_scale(c.numerical[compared]), _scale(gi[compared])) or global_scale
         # Every entry that passed must have been compared finely enough to see a 1% error.
         fd = c.fd_tol if c.fd_tol.size else c.tol
         unresolved = (c.status == "ok") & ~(fd <= numerics.RESOLUTION_BOUND * scale)
-        if scale == 0:  # every numerical entry is exactly 0: nothing to be relative to
-            unresolved[:] = False
+        if scale == 0:  # every derivative, yours and numerical, is exactly 0: resolved only if exact
+            unresolved = (c.status == "ok") & (fd > 0)
         judged = np.flatnonzero(c.status == "ok")
         if judged.size == 0:
             judged = np.flatnonzero(compared)

@@ -262,9 +262,9 @@ def quantum_floor(noise: float, path_eps: np.ndarray, j0: float, vals: np.ndarra
     With the floor the round-off bound of a small step is at least the grid over the step, so the
     steps that adapt go up, not down, where J is quantized.
     """
-    with np.errstate(invalid="ignore"):
-        mag = np.nanmax(np.abs(np.concatenate([[j0], np.ravel(vals)])))
-    mag = float(mag) if np.isfinite(mag) else abs(j0)
+    v = np.abs(np.concatenate([[j0], np.ravel(vals)]))
+    v = v[np.isfinite(v)]
+    mag = float(np.max(v)) if v.size else 0.0
     return np.maximum(noise, np.asarray(path_eps, np.float64) * mag)
 
 

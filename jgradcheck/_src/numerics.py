@@ -9,6 +9,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -132,7 +133,8 @@ def no_information(
     lost = zero & above
     if not lost.any():
         return d, noise
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: entries with no lost level
         ref = np.nanmedian(np.where(moving, np.abs(d), np.nan), axis=0)
         grid = np.nanmax(np.where(lost, steps * ref[None, :], np.nan), axis=0)
     return np.where(lost, np.nan, d), np.maximum(noise, np.nan_to_num(grid, nan=0.0))
