@@ -150,8 +150,8 @@ def build_report(
         # Every entry that passed must have been compared finely enough to see a 1% error.
         fd = c.fd_tol if c.fd_tol.size else c.tol
         unresolved = (c.status == "ok") & ~(fd <= numerics.RESOLUTION_BOUND * scale)
-        if scale == 0:  # every derivative, yours and numerical, is exactly 0: resolved only if exact
-            unresolved = (c.status == "ok") & (fd > 0)
+        if scale == 0:  # every derivative, yours and numerical, is exactly 0 everywhere: nothing to be relative to
+            unresolved[:] = False
         judged = np.flatnonzero(c.status == "ok")
         if judged.size == 0:
             judged = np.flatnonzero(compared)
