@@ -26,6 +26,9 @@ cheap where the algebra allows:
 * a ``scan`` body is interpreted with the same rules, its constants (the loop's weights)
   shared and unbatched and the change carried densely through the carry;
 * anything else is evaluated on base + delta and the delta is what changed: f(x + Δ) − f(x).
+  So is an equation whose params this JAX lays out in a way the rules do not read
+  (``compat.Unsupported``): a new JAX makes the check slower there, never a crash, and
+  ``fallbacks`` lists those equations for the report.
 
 Call-like primitives (jit, custom_jvp/custom_vjp calls: finite differences ignore their
 rules anyway, checkpoint) are inlined. The result is J(θ) + ΔJ: the same number as a direct
@@ -47,7 +50,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
-from jgradcheck._src.effects import _subjaxprs
+from jgradcheck._src import compat
 
 
 class OneHot(NamedTuple):
@@ -161,23 +164,12 @@ _LINEAR_UNARY = {
     "cumsum",
     "stop_gradient",
 }
-_CALLS = {
-    "pjit": "jaxpr",
-    "jit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "checkpoint": "jaxpr",
-    "remat": "jaxpr",
-}
+_CALLS = compat.CALLS
 
 
 def _bind(eqn, *args):
     # As jax.core.eval_jaxpr does: higher-order primitives take their sub-functions apart.
-    got = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, params = got if isinstance(got, tuple) else ((), got)  # older JAX: (subfuns, params)
+    subfuns, params = compat.bind_params(eqn)
     out = eqn.primitive.bind(*subfuns, *args, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
@@ -208,7 +200,7 @@ def _at(x, index):
 
 def _dot_onehot(eqn, bases, deltas, side):
     """Δ of dot_general when operand ``side`` is one-hot and the other has no delta."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    (lc, rc), _ = compat.dot_dimension_numbers(eqn)
     lhs, rhs = bases
     oh = deltas[side]
     mine, other = (lhs, rhs) if side == 0 else (rhs, lhs)
@@ -295,16 +287,19 @@ def work(eqn) -> float:
     loop bodies times their trip count, one per output entry otherwise."""
     name = eqn.primitive.name
     out = sum(math.prod(getattr(v.aval, "shape", ())) for v in eqn.outvars)
-    if name == "dot_general":
-        (lc, _), _ = eqn.params["dimension_numbers"]
-        return float(out * math.prod(eqn.invars[0].aval.shape[d] for d in lc))
-    if name == "conv_general_dilated":
-        rhs = eqn.invars[1].aval.shape
-        return float(out * math.prod(rhs) / rhs[eqn.params["dimension_numbers"].rhs_spec[0]])
-    subs = list(_subjaxprs(eqn.params))
+    try:
+        if name == "dot_general":
+            (lc, _), _ = compat.dot_dimension_numbers(eqn)
+            return float(out * math.prod(eqn.invars[0].aval.shape[d] for d in lc))
+        if name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            return float(out * math.prod(rhs) / rhs[compat.conv_params(eqn).rhs_spec[0]])
+    except compat.Unsupported:
+        return float(out)  # an estimate only: one per output entry
+    subs = list(compat.subjaxprs(compat.params(eqn)))
     if subs:
-        inner = max(sum(work(e) for e in getattr(s, "jaxpr", s).eqns) for s in subs)
-        return float(inner * eqn.params.get("length", 1))
+        inner = max(sum(work(e) for e in compat.open_jaxpr(s)[0].eqns) for s in subs)
+        return float(inner * compat.scan_length(eqn))
     return float(out)
 
 
@@ -328,13 +323,29 @@ def dense_work(closed, flat, leaves: Sequence[int]) -> tuple[float, list[tuple[A
 
 
 def _eval_eqn(eqn, bases, ds):
-    name = eqn.primitive.name
-    out_base = None
     if not eqn.outvars:  # jax.debug.print and other output-less callbacks: see the docstring
         return []
     if all(d is None for d in ds):
         return [(b, None) for b in _bind(eqn, *bases)]
-    if name == "scan" and not eqn.params.get("_split_transpose", False):
+    try:
+        got = _inlined(eqn, bases, ds)
+    except compat.Unsupported:  # params this JAX lays out otherwise: see ``fallbacks``
+        return _whole(eqn, bases, ds, None)
+    if got is not None:
+        return got
+    out_base = _bind(eqn, *bases)
+    try:
+        got = _rules(eqn, bases, ds, out_base)
+    except compat.Unsupported:
+        got = None
+    return got if got is not None else _whole(eqn, bases, ds, out_base)
+
+
+def _inlined(eqn, bases, ds):
+    """Loops and calls whose bodies are interpreted; None for other equations."""
+    name = eqn.primitive.name
+    if name == "scan" and not compat.split_transpose(eqn):
+        scan = compat.scan_params(eqn)  # unknown params: evaluated whole (raises first)
         if _DENSE_LOG.get() is not None and not MEASURE_SCAN_BODIES:
             # Measuring (``dense_work``): the rule carries every inexact output densely and logs
             # the scan as a whole, so its outputs stand in for it without tracing its body
@@ -343,18 +354,16 @@ def _eval_eqn(eqn, bases, ds):
                 (b, jnp.zeros(jnp.shape(b), jnp.result_type(b)) if jnp.issubdtype(v.aval.dtype, jnp.inexact) else None)
                 for b, v in zip(_bind(eqn, *bases), eqn.outvars)
             ]
-        return _scan_rule(eqn, bases, ds)
-    if name in _CALLS and _CALLS[name] in eqn.params:
-        sub = eqn.params[_CALLS[name]]
-        inner, consts = (sub.jaxpr, sub.consts) if isinstance(sub, jex.ClosedJaxpr) else (sub, ())
-        n_consts = eqn.params.get("num_consts", 0) if name == "custom_jvp_call" else 0
-        return eval_delta(
-            inner,
-            list(consts),
-            bases[n_consts:] if len(inner.invars) < len(bases) else bases,
-            ds[n_consts:] if len(inner.invars) < len(bases) else ds,
-        )
-    out_base = _bind(eqn, *bases)
+        return _scan_rule(eqn, scan, bases, ds)
+    if name in _CALLS:
+        call = compat.call_params(eqn)
+        return eval_delta(call.body, list(call.consts), bases[call.skip :], ds[call.skip :])
+    return None
+
+
+def _rules(eqn, bases, ds, out_base):
+    """The delta rules (see the module docstring); None where none applies."""
+    name = eqn.primitive.name
     onehots = [i for i, d in enumerate(ds) if isinstance(d, OneHot)]
     live = [i for i, d in enumerate(ds) if d is not None]
     out_aval = eqn.outvars[0].aval
@@ -363,7 +372,7 @@ def _eval_eqn(eqn, bases, ds):
         i = live[0]
         oh = ds[i]
         shape_i = jnp.shape(bases[i])
-        if name == "dot_general" and not any(eqn.params["dimension_numbers"][1]):
+        if name == "dot_general" and not any(compat.dot_dimension_numbers(eqn)[1]):
             return [(out_base[0], _dot_onehot(eqn, bases, ds, i))]
         if name in _ELEMENTWISE and not eqn.primitive.multiple_results and tuple(out_aval.shape) == tuple(shape_i):
             if all(jnp.ndim(b) == 0 or tuple(jnp.shape(b)) == tuple(shape_i) for b in bases):
@@ -375,7 +384,7 @@ def _eval_eqn(eqn, bases, ds):
                 if jnp.issubdtype(out_aval.dtype, jnp.inexact):
                     return [(out_base[0], OneHot(oh.index, new - old))]
         if name == "reduce_sum" and len(bases) == 1:
-            axes = tuple(eqn.params["axes"])
+            axes = compat.reduce_axes(eqn)
             if len(axes) == len(shape_i):
                 return [(out_base[0], jnp.asarray(oh.delta, out_aval.dtype))]
             p = jnp.unravel_index(oh.index, shape_i)
@@ -386,13 +395,13 @@ def _eval_eqn(eqn, bases, ds):
         if name in ("reshape", "squeeze", "expand_dims") and len(bases) == 1:
             return [(out_base[0], oh)]
         if name == "transpose":
-            perm = eqn.params["permutation"]
+            perm = compat.permutation(eqn)
             return [(out_base[0], _reindex(oh, shape_i, tuple(out_aval.shape), perm))]
         if name == "conv_general_dilated" and _plain_conv(eqn):
             return [(out_base[0], _conv_onehot(eqn, bases, oh, i))]
         wide = [k for k, d in enumerate(shape_i) if d != 1]
         if name == "broadcast_in_dim" and len(wide) == 1:
-            axis = eqn.params["broadcast_dimensions"][wide[0]]  # a bias: one entry moves a whole slab
+            axis = compat.broadcast_dimensions(eqn)[wide[0]]  # a bias: one entry moves a whole slab
             rest = tuple(d for k, d in enumerate(out_aval.shape) if k != axis)
             if out_aval.shape[axis] == shape_i[wide[0]]:
                 return [(out_base[0], Slab(axis, oh.index, jnp.full(rest, oh.delta, out_aval.dtype)))]
@@ -434,7 +443,13 @@ def _eval_eqn(eqn, bases, ds):
     if name == "select_n" and ds[0] is None:
         cases = [_dense(b, d) for b, d in zip(bases[1:], ds[1:])]
         return [(out_base[0], _bind(eqn, bases[0], *cases)[0])]
-    # Generic: evaluate at base + delta; the delta is what changed.
+    return None
+
+
+def _whole(eqn, bases, ds, out_base):
+    """The equation evaluated whole at base + delta; the delta is what changed: f(x + Δ) − f(x)."""
+    if out_base is None:
+        out_base = _bind(eqn, *bases)
     full = _bind(eqn, *[b if d is None else b + _dense(b, d) for b, d in zip(bases, ds)])
     out = []
     for fb, ob, var in zip(full, out_base, eqn.outvars):
@@ -456,6 +471,51 @@ def _is_linear(eqn, operand) -> bool:
         and jnp.finfo(dst).bits >= jnp.finfo(src).bits
         and jnp.finfo(dst).nmant >= jnp.finfo(src).nmant
     )
+
+
+# What each rule reads of its equation's params, as ``fallbacks`` checks it without running.
+_READERS = {
+    "scan": compat.scan_params,
+    "dot_general": compat.dot_dimension_numbers,
+    "conv_general_dilated": compat.conv_params,
+    "reduce_sum": compat.reduce_axes,
+    "transpose": compat.permutation,
+    "broadcast_in_dim": compat.broadcast_dimensions,
+    **{name: compat.call_params for name in _CALLS},
+}
+
+
+def fallbacks(jaxpr) -> tuple[str, ...]:
+    """The equations of ``jaxpr`` (through the calls and loop bodies the interpreter enters)
+    whose params the delta rules cannot read on this JAX, as 'primitive (why)' once each: the
+    interpreter evaluates those whole (f(x + Δ) − f(x)) where a change reaches them.
+    Structural: nothing is traced."""
+    found: dict[str, None] = {}
+
+    def walk(j) -> None:
+        for eqn in j.eqns:
+            reader = _READERS.get(eqn.primitive.name)
+            if reader is None or (eqn.primitive.name == "scan" and compat.split_transpose(eqn)):
+                continue
+            try:
+                got = reader(eqn)
+            except compat.Unsupported as e:
+                found.setdefault(e.short, None)
+                continue
+            if isinstance(got, (compat.ScanParams, compat.CallParams)):
+                walk(got.body)
+
+    walk(jaxpr)
+    return tuple(found)
+
+
+MSG_FALLBACKS = "evaluated whole, params unknown to jgradcheck on jax {version}: {where}"
+
+
+def fallback_note(jaxpr) -> str:
+    """One line of the report naming ``fallbacks(jaxpr)``, or "" when there are none."""
+    where = fallbacks(jaxpr)
+    return MSG_FALLBACKS.format(version=jax.__version__, where=", ".join(where)) if where else ""
 
 
 def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases):

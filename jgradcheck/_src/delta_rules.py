@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jgradcheck._src import compat
 from jgradcheck._src.delta import (  # noqa: F401
     _DENSE_LOG,
     _ELEMENTWISE,
@@ -60,15 +61,16 @@ MAX_POSITIONS = 64
 def _windows_fit(eqn) -> bool:
     """Whether a convolution's change can be read as windows of one input channel: no input
     dilation (a transposed convolution) and a non-empty output."""
-    _, _, out_spec = eqn.params["dimension_numbers"]
+    conv = compat.conv_params(eqn)
     shape = eqn.outvars[0].aval.shape
-    return all(d == 1 for d in eqn.params["lhs_dilation"]) and all(shape[a] > 0 for a in out_spec[2:])
+    return all(d == 1 for d in conv.lhs_dilation) and all(shape[a] > 0 for a in conv.out_spec[2:])
 
 
 def _plain_conv(eqn) -> bool:
     """A convolution without feature or batch groups (each output channel reads every input
     channel through its own kernel slice), the case the one-hot and slab rules cover."""
-    return eqn.params["feature_group_count"] == 1 and eqn.params["batch_group_count"] == 1
+    conv = compat.conv_params(eqn)
+    return conv.feature_group_count == 1 and conv.batch_group_count == 1
 
 
 def _conv_onehot(eqn, bases, oh: OneHot, side: int):
@@ -80,7 +82,8 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
     input entry changes the outputs whose window covers it, through every kernel: the
     convolution of a one-hot image.
     """
-    lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    conv = compat.conv_params(eqn)
+    lhs_spec, rhs_spec, out_spec = conv.lhs_spec, conv.rhs_spec, conv.out_spec
     lhs, rhs = bases
     dtype = eqn.outvars[0].aval.dtype
     if side == 0:
@@ -104,15 +107,16 @@ def _canonical(eqn, x, spec):
     (N, spatial...), padded as the convolution pads it."""
     rest = [a for a in range(len(spec)) if a != spec[1]]
     x = jnp.transpose(x, [rest.index(spec[0])] + [rest.index(a) for a in spec[2:]])
-    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in eqn.params["padding"]])
+    padding = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in compat.conv_params(eqn).padding]
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), padding)
 
 
 def _window(eqn, x, starts):
     """The entries of a padded channel (``_canonical``) that kernel position ``starts`` reads,
     for every output position: (N, output spatial...)."""
-    _, _, out_spec = eqn.params["dimension_numbers"]
-    outs = [eqn.outvars[0].aval.shape[a] for a in out_spec[2:]]
-    strides, dilation = eqn.params["window_strides"], eqn.params["rhs_dilation"]
+    conv = compat.conv_params(eqn)
+    outs = [eqn.outvars[0].aval.shape[a] for a in conv.out_spec[2:]]
+    strides, dilation = conv.window_strides, conv.rhs_dilation
     sizes = [jnp.shape(x)[0]] + [(o - 1) * st + 1 for o, st in zip(outs, strides)]
     at = [0] + [k * d for k, d in zip(starts, dilation)]
     x = (
@@ -126,7 +130,7 @@ def _window(eqn, x, starts):
 def _to_output(eqn, x, features: bool):
     """(N, output spatial...[, O]) to the convolution's output layout (without its feature
     axis unless ``features``)."""
-    _, _, out_spec = eqn.params["dimension_numbers"]
+    out_spec = compat.conv_params(eqn).out_spec
     canonical = {out_spec[0]: 0, **{a: 1 + s for s, a in enumerate(out_spec[2:])}}
     if features:
         canonical[out_spec[1]] = len(out_spec) - 1
@@ -139,10 +143,11 @@ def _shifted_channel(eqn, lhs, p, delta):
     strides. Under ``vmap`` this is a gather of one output channel's worth of entries, where a
     convolution with a per-perturbation kernel would become a grouped convolution (on CPU as
     slow per perturbation as the full one)."""
-    lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+    conv = compat.conv_params(eqn)
+    lhs_spec, rhs_spec = conv.lhs_spec, conv.rhs_spec
     x = jax.lax.dynamic_index_in_dim(lhs, p[rhs_spec[1]], lhs_spec[1], keepdims=False)
     x = _window(eqn, _canonical(eqn, x, lhs_spec), [p[a] for a in rhs_spec[2:]])
-    acc = eqn.params.get("preferred_element_type") or jnp.result_type(lhs, delta)
+    acc = conv.preferred_element_type or jnp.result_type(lhs, delta)
     x = _to_output(eqn, x.astype(acc) * jnp.asarray(delta).astype(acc), False)
     return x.astype(eqn.outvars[0].aval.dtype)
 
@@ -154,18 +159,19 @@ def _channel_conv(eqn, values, kernel_in, index):
     the kernel's (O,) vector there: under ``vmap`` one fused loop, where a convolution would
     become a grouped one and a product a batched small one (on CPU 2-3x slower per
     perturbation, and the grouped convolution about as slow as the full one)."""
-    lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+    conv = compat.conv_params(eqn)
+    lhs_spec, rhs_spec = conv.lhs_spec, conv.rhs_spec
     x = _canonical(eqn, values, lhs_spec)
     kernel = jax.lax.dynamic_index_in_dim(kernel_in, index, rhs_spec[1], keepdims=False)
     rest = [a for a in range(len(rhs_spec)) if a != rhs_spec[1]]
     kernel = jnp.transpose(kernel, [rest.index(a) for a in rhs_spec[2:]] + [rest.index(rhs_spec[0])])
-    acc = eqn.params.get("preferred_element_type") or jnp.result_type(values, kernel)
+    acc = conv.preferred_element_type or jnp.result_type(values, kernel)
     x, kernel = x.astype(acc), kernel.astype(acc)
     out = sum(_window(eqn, x, list(k))[..., None] * kernel[k] for k in np.ndindex(*jnp.shape(kernel)[:-1]))
     return _to_output(eqn, out, True).astype(eqn.outvars[0].aval.dtype)
 
 
-def _scan_rule(eqn, bases, ds):
+def _scan_rule(eqn, scan: compat.ScanParams, bases, ds):
     """A scan whose body is interpreted with deltas: the loop's constants (its weights) stay
     shared and unbatched, and the change travels through the carry as a dense delta.
 
@@ -173,8 +179,7 @@ def _scan_rule(eqn, bases, ds):
     each step becomes many small batched products; carrying the change instead turns the step
     into products of one (perturbations × batch) matrix with the shared weights.
     """
-    prm = eqn.params
-    body, n_c, n_carry = prm["jaxpr"], prm["num_consts"], prm["num_carry"]
+    body, n_c, n_carry = scan.body, scan.num_consts, scan.num_carry
     consts_b, carry_b, xs_b = bases[:n_c], bases[n_c : n_c + n_carry], bases[n_c + n_carry :]
     consts_d, carry_d, xs_d = ds[:n_c], ds[n_c : n_c + n_carry], ds[n_c + n_carry :]
     inexact = [jnp.issubdtype(v.aval.dtype, jnp.inexact) for v in eqn.outvars]
@@ -189,7 +194,7 @@ def _scan_rule(eqn, bases, ds):
     def step(carry, x):
         cb, cd = carry
         xb, xd = x
-        outs = eval_delta(body.jaxpr, list(body.consts), [*consts_b, *cb, *xb], [*consts_d, *cd, *xd])
+        outs = eval_delta(body, list(scan.consts), [*consts_b, *cb, *xb], [*consts_d, *cd, *xd])
         new_cb = [b for b, _ in outs[:n_carry]]
         new_cd = [dense(b, d, f) for (b, d), f in zip(outs[:n_carry], inexact[:n_carry])]
         ys = outs[n_carry:]
@@ -198,20 +203,20 @@ def _scan_rule(eqn, bases, ds):
 
     token = _DENSE_LOG.set(None)  # the scan's work is logged as a whole, by eval_delta
     try:
-        (cb, cd), (yb, yd) = _scan(step, carry_b, carry_d, xs_b, xs_d, prm)
+        (cb, cd), (yb, yd) = _scan(step, carry_b, carry_d, xs_b, xs_d, scan)
     finally:
         _DENSE_LOG.reset(token)
     return list(zip(cb, cd)) + list(zip(yb, yd))
 
 
-def _scan(step, carry_b, carry_d, xs_b, xs_d, prm):
+def _scan(step, carry_b, carry_d, xs_b, xs_d, scan: compat.ScanParams):
     return jax.lax.scan(
         step,
         (list(carry_b), carry_d),
         (list(xs_b), xs_d),
-        length=prm["length"],
-        reverse=prm["reverse"],
-        unroll=prm["unroll"],
+        length=scan.length,
+        reverse=scan.reverse,
+        unroll=scan.unroll,
     )
 
 
@@ -253,9 +258,9 @@ def _strided_rule(eqn, name, bases, ds, i, out_base):
     under ``vmap`` a batched small matmul runs far slower on CPU than the fused loop. None for
     other products (the change is then made dense)."""
     st: Strided = ds[i]
-    if name != "dot_general" or any(eqn.params["dimension_numbers"][1]):
+    if name != "dot_general" or any(compat.dot_dimension_numbers(eqn)[1]):
         return None
-    (lc, rc), _ = eqn.params["dimension_numbers"]
+    (lc, rc), _ = compat.dot_dimension_numbers(eqn)
     other = bases[1 - i]
     if len(lc) != 1 or jnp.ndim(other) != 2 or jnp.ndim(bases[i]) != 2:
         return None
@@ -267,7 +272,7 @@ def _strided_rule(eqn, name, bases, ds, i, out_base):
     rows = jax.lax.dynamic_index_in_dim(other.reshape(split), st.index, other_c + 1, keepdims=False)
     rows = rows if other_c == 0 else rows.T  # (M, K)
     values = st.values if my_c == 1 else st.values.T  # (B, M)
-    acc = eqn.params.get("preferred_element_type") or jnp.result_type(values, rows)
+    acc = compat.preferred_element_type(eqn) or jnp.result_type(values, rows)
     out = jnp.sum(values[:, :, None].astype(acc) * rows[None, :, :].astype(acc), axis=1)  # (B, K)
     out = out if i == 0 else out.T
     return [(out_base[0], out.astype(eqn.outvars[0].aval.dtype))]
@@ -291,8 +296,8 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
             moved[i] = at[i] + sl.values.astype(jnp.result_type(at[i]))
             if jnp.issubdtype(out_aval.dtype, jnp.inexact):
                 return [(out_base[0], Slab(sl.axis, sl.index, _bind(eqn, *moved)[0] - _bind(eqn, *at)[0]))]
-    if name == "dot_general" and not any(eqn.params["dimension_numbers"][1]):
-        (lc, rc), _ = eqn.params["dimension_numbers"]
+    if name == "dot_general" and not any(compat.dot_dimension_numbers(eqn)[1]):
+        (lc, rc), _ = compat.dot_dimension_numbers(eqn)
         my_c, other_c = (list(lc), list(rc)) if i == 0 else (list(rc), list(lc))
         other = bases[1 - i]
         dt = out_aval.dtype
@@ -317,7 +322,7 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
             axis = jnp.ndim(other) - len(other_c) + pos
         return [(out_base[0], Slab(axis, sl.index, vals.astype(dt)))]
     if name == "reduce_sum" and len(bases) == 1:
-        axes = tuple(eqn.params["axes"])
+        axes = compat.reduce_axes(eqn)
         mapped = tuple(a - (a > sl.axis) for a in axes if a != sl.axis)
         vals = jnp.sum(sl.values, axis=mapped) if mapped else sl.values
         if sl.axis in axes:
@@ -333,7 +338,8 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
             values_shape = out_shape[:merged] + (out_shape[merged] // shape_i[sl.axis],) + out_shape[merged + 1 :]
             return [(out_base[0], Strided(merged, sl.index, shape_i[sl.axis], sl.values.reshape(values_shape)))]
     if name == "conv_general_dilated" and _plain_conv(eqn):
-        lhs_spec, rhs_spec, _ = eqn.params["dimension_numbers"]
+        conv = compat.conv_params(eqn)
+        lhs_spec, rhs_spec = conv.lhs_spec, conv.rhs_spec
         positions = math.prod(jnp.shape(bases[1])[a] for a in rhs_spec[2:])
         if i == 0 and sl.axis == lhs_spec[1] and _windows_fit(eqn) and positions <= MAX_POSITIONS:
             return [(out_base[0], _channel_conv(eqn, sl.values, bases[1], sl.index))]
@@ -342,7 +348,7 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
             kernel = jax.lax.dynamic_slice_in_dim(bases[1], sl.index, 1, rhs_spec[1])
             return [(out_base[0], _bind(eqn, values.astype(bases[0].dtype), kernel)[0])]
     if name == "transpose":
-        perm = list(eqn.params["permutation"])
+        perm = list(compat.permutation(eqn))
         inner = [p - (p > sl.axis) for p in perm if p != sl.axis]
         return [(out_base[0], Slab(perm.index(sl.axis), sl.index, jnp.transpose(sl.values, inner)))]
     return None

@@ -23,14 +23,18 @@ import jax
 import jax.extend.core as jex
 import numpy as np
 
+from jgradcheck._src import compat
+
 
 @functools.cache
-def _pure_callback_p():
-    """The ``pure_callback`` primitive, found through the public API."""
-    closed = jax.make_jaxpr(lambda x: jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct((), np.float32), x))(
-        np.float32(0)
-    )
-    return closed.jaxpr.eqns[0].primitive
+def _pure_callback():
+    """The ``pure_callback`` primitive and the params this JAX gives it, found through the
+    public API (versions add params: 0.4's ``vectorized``)."""
+    closed = jax.make_jaxpr(
+        lambda x: jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct((), np.float32), x, vmap_method="sequential")
+    )(np.float32(0))
+    eqn = closed.jaxpr.eqns[0]
+    return eqn.primitive, dict(compat.params(eqn))
 
 
 class _CastResults:
@@ -49,7 +53,7 @@ class _CastResults:
 
 
 def _clean_sub(value):
-    if isinstance(value, jex.ClosedJaxpr):
+    if isinstance(value, jex.ClosedJaxpr):  # from jax 0.12 every Jaxpr: its consts attached
         new = clean(value)
         return new, new is not value
     if isinstance(value, jex.Jaxpr):
@@ -71,23 +75,25 @@ def clean(closed):
         if not eqn.outvars:
             changed = True
             continue
-        params = dict(eqn.params)
+        params = dict(compat.params(eqn))
         sub_changed = False
         for k, v in params.items():
             params[k], c = _clean_sub(v)
             sub_changed |= c
         if name in ("pure_callback", "io_callback"):
-            avals = params["result_avals"]
-            new = {
-                "callback": _CastResults(params["callback"], avals),
-                "result_avals": avals,
-                "sharding": params.get("sharding"),
-                "vmap_method": params.get("vmap_method") or "sequential",
-            }
-            eqn = eqn.replace(primitive=_pure_callback_p(), params=new, effects=frozenset())
+            callback, avals, sharding, vmap_method = compat.callback_params(eqn)
+            primitive, template = _pure_callback()
+            new = compat.pure_callback_params(
+                template,
+                callback=_CastResults(callback, avals),
+                result_avals=avals,
+                sharding=sharding,
+                vmap_method=vmap_method or "sequential",
+            )
+            eqn = eqn.replace(primitive=primitive, params=new, effects=frozenset())
             changed = True
         elif sub_changed:
-            effects = frozenset().union(*(getattr(v, "effects", frozenset()) for v in _subjaxprs(params)))
+            effects = frozenset().union(*(getattr(v, "effects", frozenset()) for v in compat.subjaxprs(params)))
             eqn = eqn.replace(params=params, effects=effects if eqn.effects else frozenset())
             changed = True
         eqns.append(eqn)
@@ -98,21 +104,14 @@ def clean(closed):
     return jex.ClosedJaxpr(jex.Jaxpr(j.constvars, j.invars, j.outvars, eqns, effects, j.debug_info), closed.consts)
 
 
-def _subjaxprs(params):
-    for v in params.values():
-        for x in v if isinstance(v, tuple) else (v,):
-            if isinstance(x, (jex.ClosedJaxpr, jex.Jaxpr)):
-                yield x
-
-
 def callbacks(jaxpr) -> tuple[Any, ...]:
     """The host functions a jaxpr calls: its printed text shows their addresses masked, so two
     programs with the same text may call different functions."""
     out: list[Any] = []
     for eqn in jaxpr.eqns:
-        cb = eqn.params.get("callback")
+        cb = compat.params(eqn).get("callback")
         if cb is not None:
             out.append(getattr(cb, "callback_func", cb))
-        for sub in _subjaxprs(eqn.params):
-            out.extend(callbacks(getattr(sub, "jaxpr", sub)))
+        for sub in compat.subjaxprs(compat.params(eqn)):
+            out.extend(callbacks(compat.open_jaxpr(sub)[0]))
     return tuple(out)

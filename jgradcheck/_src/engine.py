@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jgradcheck._src.delta import dense_work, eval_delta, perturbed_cost, work
+from jgradcheck._src.delta import dense_work, eval_delta, fallback_note, perturbed_cost, work
 from jgradcheck._src.effects import callbacks, clean
 from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.progress import Progress
@@ -620,11 +620,13 @@ class Engine:
             leaves = [paths[i] for i in sorted(self.ran) if self.ran[i] == how]
             if leaves:
                 parts.append(f"{words[how]}: {_names(leaves)}")
+            if leaves and how == "delta":  # equations whose params this JAX lays out otherwise, or ""
+                parts.append(fallback_note(self.program.jaxpr))
         skipped = {paths[i]: n for i, n in sorted(self.skipped.items()) if n}
         if skipped:
             total = sum(skipped.values())
             parts.append(f"{total:,} evaluations skipped, entries J never reads: {_names(list(skipped))}")
-        return "; ".join(parts)
+        return "; ".join(p for p in parts if p)
 
     def line_costs(self, group: tuple[int, ...], dirs: np.ndarray, ts: np.ndarray, which: np.ndarray) -> np.ndarray:
         """J(θ + t_k d_{which_k}), ``dirs`` (num_dirs, group size) over the group's raveled leaves.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import jax.extend.core as jex
+from jgradcheck._src import compat
 
 MSG_STOP_GRADIENT = (
     "cost_fn uses jax.lax.stop_gradient: finite differences see through it, jax.grad does not. "
@@ -29,23 +29,12 @@ _RANDOM = {"random_bits", "threefry2x32", "random_wrap", "random_seed"}
 _CUSTOM = {"custom_jvp_call": "custom_jvp", "custom_vjp_call": "custom_vjp", "custom_vjp_call_jaxpr": "custom_vjp"}
 
 
-def _subjaxprs(value: Any) -> Iterator[Any]:
-    if isinstance(value, jex.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jex.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _subjaxprs(v)
-
-
 def walk_eqns(jaxpr: Any) -> Iterator[Any]:
     """Every equation of a jaxpr, sub-jaxprs (jit, cond, scan, custom rules) included."""
     for eqn in jaxpr.eqns:
         yield eqn
-        for param in eqn.params.values():
-            for sub in _subjaxprs(param):
-                yield from walk_eqns(sub)
+        for sub in compat.subjaxprs(compat.params(eqn)):
+            yield from walk_eqns(compat.open_jaxpr(sub)[0])
 
 
 def _called_by_jax(eqn: Any) -> bool:
@@ -66,14 +55,12 @@ def _source(eqn: Any) -> str | None:
 
     JAX's library rules (relu, logsumexp, ...) are exact and would only add noise to reports.
     """
-    for key in ("call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        info = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
-        src = getattr(info, "func_src_info", None)
-        if src:
-            if "/jax/_src/" in src or "/jax/nn/" in src:
-                return None
-            return src
+    body = compat.custom_rule_body(eqn)
+    src = getattr(getattr(body, "debug_info", None), "func_src_info", None)
+    if src:
+        if "/jax/_src/" in src or "/jax/nn/" in src:
+            return None
+        return src
     return "an unnamed function"
 
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from jgradcheck._src import compat
+
 # Calls whose body is a plain jaxpr run once: a use inside is followed into the body.
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
 
@@ -62,16 +64,27 @@ class _Scope:
     def _compute(self, var: Any) -> Any:
         eqn = self.producer[var]
         if eqn.primitive.name in _CALLS:
-            closed = eqn.params["jaxpr"]
-            inner = _Scope(closed.jaxpr, closed.consts, lambda k, e=eqn: self.value(e.invars[k]))
-            return inner.value(closed.jaxpr.outvars[eqn.outvars.index(var)])
-        if any(isinstance(p, (jcore.Jaxpr, jcore.ClosedJaxpr)) for p in eqn.params.values()):
+            inner = _body(eqn)
+            if inner is None:
+                return UNKNOWN
+            scope = _Scope(inner.body, inner.consts, lambda k, e=eqn: self.value(e.invars[k]))
+            return scope.value(inner.body.outvars[eqn.outvars.index(var)])
+        if compat.has_subjaxprs(eqn):
             return UNKNOWN  # loops, conditionals, custom rules: not followed
         args = [self.value(v) for v in eqn.invars]
         if any(a is UNKNOWN for a in args):
             return UNKNOWN
-        outs = eqn.primitive.bind(*args, **eqn.params)
+        subfuns, params = compat.bind_params(eqn)
+        outs = eqn.primitive.bind(*subfuns, *args, **params)
         return outs[eqn.outvars.index(var)] if eqn.primitive.multiple_results else outs
+
+
+def _body(eqn: Any) -> compat.CallParams | None:
+    """A call's body, or None when this JAX lays out its params otherwise (not followed)."""
+    try:
+        return compat.call_params(eqn)
+    except compat.Unsupported:
+        return None
 
 
 def _gathers(jaxpr: Any, var: Any) -> list[tuple[tuple[Any, ...], Any]] | None:
@@ -85,7 +98,10 @@ def _gathers(jaxpr: Any, var: Any) -> list[tuple[tuple[Any, ...], Any]] | None:
             if v is not var:
                 continue
             if eqn.primitive.name in _CALLS:
-                inner = eqn.params["jaxpr"].jaxpr
+                call = _body(eqn)
+                if call is None or call.skip:
+                    return None
+                inner = call.body
                 sub = _gathers(inner, inner.invars[k])
                 if sub is None:
                     return None
@@ -105,12 +121,14 @@ def _read_mask(scope: _Scope, uses: list[tuple[tuple[Any, ...], Any]], shape: tu
     for calls, eqn in uses:
         here = scope
         for call in calls:
-            closed = call.params["jaxpr"]
-            here = _Scope(closed.jaxpr, closed.consts, lambda j, e=call, s=here: s.value(e.invars[j]))
+            inner = _body(call)
+            if inner is None:
+                return None
+            here = _Scope(inner.body, inner.consts, lambda j, e=call, s=here: s.value(e.invars[j]))
         indices = here.value(eqn.invars[1])
         if indices is UNKNOWN:
             return None
-        params = dict(eqn.params)
+        params = dict(compat.params(eqn))
         if params.get("fill_value") is not None:
             params["fill_value"] = 0  # out-of-bounds slots then name no entry
         got = jax.lax.gather_p.bind(ids, indices, **params).reshape(-1)
