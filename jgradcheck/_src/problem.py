@@ -101,9 +101,11 @@ class GradFn(Protocol):
 @contextlib.contextmanager
 def precision_scope(x64: bool):
     """Scoped precision: float64 if asked, and "highest" matmuls (no TF32 on GPUs, jax#11628)."""
+    from jgradcheck._src import compat  # only this function of problem.py reads JAX internals
+
     with contextlib.ExitStack() as stack:
         if x64:
-            stack.enter_context(jax.enable_x64(True))
+            stack.enter_context(compat.enable_x64(True))  # jax.experimental's on jax 0.4
         stack.enter_context(jax.default_matmul_precision("highest"))
         yield
 
