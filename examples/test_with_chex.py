@@ -59,5 +59,5 @@ class GradientTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_planted_bug_is_caught(self):
         params, x, y = _problem()
-        with pytest.raises(AssertionError, match=r"FAILED - your gradient disagrees with the numerical one in W2"):
+        with pytest.raises(AssertionError, match=r"FAILED: your gradient disagrees with the numerical one in W2"):
             jgradcheck.assert_grad_correct(cost, self.variant(grad_sign_bug), params, x, y)
