@@ -23,7 +23,8 @@ def test_kinks_at_theta_do_not_hide_a_real_bug():
 
     assert jgradcheck.check_grad(cost, jax.grad(cost), {"w": w}).passed
     report = jgradcheck.check_grad(cost, grad, {"w": w})
-    assert not report.passed
+    assert report.status == "failed", str(report)
+    assert [leaf.path for leaf in report.failed_leaves] == ["w"] and report.leaf("w").n_failed == 1
     assert report.worst[0].name == "w[7]"
 
 
@@ -41,7 +42,8 @@ def test_a_noise_probe_through_a_kink_does_not_hide_a_bug():
         return {**g, "w": g["w"].at[2].multiply(1.01)}
 
     report = jgradcheck.check_grad(cost, grad, params)
-    assert not report.passed
+    assert report.status == "failed", str(report)
+    assert [leaf.path for leaf in report.failed_leaves] == ["w"] and report.leaf("w").n_failed == 1
     assert report.worst[0].name == "w[2]"
 
 
@@ -67,7 +69,8 @@ def test_kinks_do_not_crowd_out_the_failing_entry():
         return {**g, "b": g["b"].at[1].multiply(1.02)}
 
     report = jgradcheck.check_grad(cost, grad, params, top_k=3)
-    assert not report.passed
+    assert report.status == "failed", str(report)
+    assert [leaf.path for leaf in report.failed_leaves] == ["b"] and report.leaf("b").n_failed == 1
     assert report.worst[0].name == "b[1]"
     assert all(e.status != "kink" for e in report.worst)
     assert len(report.kinks) == sum(leaf.n_kinks for leaf in report.leaves)
@@ -107,13 +110,14 @@ def test_bfloat16_parameters_and_gradients():
     def grad(p):
         return {"w": jnp.cos(p["w"].astype(jnp.float32)).astype(p["w"].dtype)}
 
-    # J is computed in float32 inside the cost, so even the float64 check sees only ~1.6% here:
-    # a correct gradient passes or is inconclusive with its reason (it used to pass blind).
-    for report in (
-        jgradcheck.check_grad(cost, grad, params),
-        jgradcheck.check_grad(cost, grad, params, x64=False),
-    ):
-        assert report.passed or (report.inconclusive and report.leaf("w").note), str(report)
+    # Promoted, the bfloat16 parameter becomes float64 and J (cast to float32 inside) resolves it;
+    # without promotion the steps are bfloat16 and no step resolves 1%: inconclusive, with its reason.
+    promoted = jgradcheck.check_grad(cost, grad, params)
+    assert promoted.status == "passed", str(promoted)
+    assert "promoted from bfloat16" in promoted.precision
+    report = jgradcheck.check_grad(cost, grad, params, x64=False)
+    assert report.status == "inconclusive", str(report)
+    assert report.leaf("w").status == "inconclusive" and "x64=True" in report.leaf("w").note
     assert "bfloat16" in report.precision
     bad = jgradcheck.check_grad(cost, lambda p: {"w": 2 * grad(p)["w"]}, params)
     assert bad.status == "failed"
@@ -163,7 +167,9 @@ def test_screen_mode_headline_uses_the_screened_directions():
     good = jgradcheck.check_grad(cost, jax.grad(cost), params, mode="screen")
     assert good.passed and all(leaf.how == "screened" for leaf in good.leaves)
     assert 0 < good.difference < 1e-6
-    assert not jgradcheck.check_grad(cost, bad, params, mode="screen").passed
+    wrong = jgradcheck.check_grad(cost, bad, params, mode="screen")
+    assert wrong.status == "failed", str(wrong)
+    assert [leaf.path for leaf in wrong.failed_leaves] == ["b"]
 
 
 def test_screening_again_reuses_the_compiled_programs():
