@@ -193,3 +193,124 @@ def split(
             statics.append(leaf)
             kinds.append("static")
     return Layout(treedef, tuple(paths), tuple(kinds), tuple(statics)), floats, arrays
+
+
+# Yours in another form than params: the forms of one model's parameters that the frameworks hand out.
+MSG_FORM = (
+    "your gradient's leaves ({yours}) match neither params' own form ({own}) nor its {alt} form ({alt_paths}). "
+    "{missing}Return your gradient in one of these two forms: the same structure as params ({how_own}), or {how_alt}."
+)
+
+
+def _segments(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A key path as plain names, the same for a dict key, an attribute and a NamedTuple field."""
+    out = []
+    for k in path:
+        if isinstance(k, (DictKey, FlattenedIndexKey)):
+            out.append(str(k.key))
+        elif isinstance(k, GetAttrKey):
+            out.append(k.name)
+        elif isinstance(k, SequenceKey):
+            out.append(f"[{k.idx}]")
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _is_value_key(k: Any) -> bool:
+    # flax NNX wraps each array in a Variable whose pytree key is the attribute ``value``.
+    return isinstance(k, GetAttrKey) and k.name == "value"
+
+
+def _pure(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The path without NNX's ``.value`` keys: ``nnx.to_pure_dict(state)``'s path of the same leaf."""
+    return _segments(tuple(k for k in path if not _is_value_key(k)))
+
+
+def _common_head(paths: list[tuple[str, ...]]) -> str | None:
+    """The first segment every path shares (linen's ``'params'`` collection), or None."""
+    heads = {p[0] for p in paths if p}
+    return next(iter(heads)) if len(heads) == 1 and all(len(p) > 1 for p in paths) else None
+
+
+def conform(yours: PyTree, treedef: Any, paths: tuple[tuple[Any, ...], ...], floating: tuple[bool, ...]) -> PyTree:
+    """Your gradient in params' own structure, matched leaf by leaf by path.
+
+    Yours may come in params' structure (returned unchanged) or in another form of the same
+    parameters: an NNX ``State`` against ``nnx.to_pure_dict(state)`` (either way round), a linen
+    variable dict against its ``'params'`` collection (either way round), a NamedTuple against
+    a dict of its fields. Leaves are matched by their path with NNX's ``.value`` keys and one
+    shared top-level key dropped where needed.
+
+    Args:
+      yours: your gradient pytree.
+      treedef: the structure of params.
+      paths: the key path of each leaf of params.
+      floating: which leaves of params are checked.
+
+    Returns:
+      ``yours`` itself where its paths already cover params' checked leaves, or a pytree with
+      params' structure holding your leaves (zeros at the unchecked leaves); ``yours`` unchanged
+      where no form fits and params has no other form (the structure check then names the
+      missing and extra leaves).
+
+    Raises:
+      ValueError: params has another form (NNX, linen) and yours fits neither.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(yours)[0]
+    if len(flat) == 1 and not flat[0][0]:
+        return yours  # a bare array: a scalar parameter, or a cost returned by mistake (named downstream)
+    want = [path_str(p) for p, f in zip(paths, floating) if f]
+    got = {path_str(p) for p, _ in flat}
+    if all(w in got for w in want):
+        return yours
+    mine = [(_pure(p), leaf) for p, leaf in flat]
+    theirs = [_pure(p) for p in paths]
+    head_t = _common_head([t for t, f in zip(theirs, floating) if f])
+    head_m = _common_head([m for m, _ in mine])
+    for drop_t, drop_m in ((None, None), (head_t, None), (None, head_m)):
+        key_t = [t[1:] if drop_t is not None else t for t in theirs]
+        by = {(m[1:] if drop_m is not None else m): leaf for m, leaf in mine}
+        if len(by) == len(mine) and all(k in by for k, f in zip(key_t, floating) if f):
+            leaves = [by[k] if f else np.zeros((), np.int8) for k, f in zip(key_t, floating)]
+            return jax.tree_util.tree_unflatten(treedef, leaves)
+    alt = _other_form(paths, floating)
+    if alt is None:
+        return yours
+    name, alt_paths, how_own, how_alt = alt
+    lacks = min(([w for w in want if w not in got], [a for a in alt_paths if a not in got]), key=len)
+    raise ValueError(
+        MSG_FORM.format(
+            yours=_few(sorted(got)),
+            own=_few(want),
+            alt=name,
+            alt_paths=_few(alt_paths),
+            how_own=how_own,
+            how_alt=how_alt,
+            missing=f"Closest, it lacks {_few(lacks)}. " if lacks else "",
+        )
+    )
+
+
+def _few(paths: list[str], n: int = 3) -> str:
+    return ", ".join(paths[:n]) + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def _other_form(
+    paths: tuple[tuple[Any, ...], ...], floating: tuple[bool, ...]
+) -> tuple[str, list[str], str, str] | None:
+    """The other form of params that yours may take (NNX pure dict, linen collection), for the error."""
+    checked = [p for p, f in zip(paths, floating) if f]
+    if any(_is_value_key(k) for p in checked for k in p):
+        pure = [path_str(tuple(k for k in p if not _is_value_key(k))) for p in checked]
+        return "pure-dict", pure, "an nnx.State, e.g. from nnx.split", "its pure dict, as nnx.to_pure_dict(state) gives"
+    head = _common_head([_segments(p) for p in checked])
+    if head == "params":  # flax linen's variables dict
+        inner = [path_str(p[1:]) for p in checked]
+        return (
+            f"{head!r}-collection",
+            inner,
+            f"a variables dict {{{head!r}: ...}}",
+            f"the {head!r} collection alone, variables[{head!r}]",
+        )
+    return None

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src.report import GradCheckReport
+from jgradcheck._src.tree import conform, is_floating
 
 PyTree = Any
 
@@ -92,6 +93,23 @@ def grad_as_parts(grads: PyTree, mask: tuple[bool, ...]) -> PyTree:
 
 
 @dataclasses.dataclass(frozen=True)
+class Form:
+    """params' structure, to read your gradient in it (NNX ``State`` or pure dict, linen collection, ...)."""
+
+    treedef: Any
+    paths: tuple[tuple[Any, ...], ...]
+    floating: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, params: PyTree) -> Form:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        return cls(treedef, tuple(tuple(p) for p, _ in flat), tuple(is_floating(x) or is_complex(x) for _, x in flat))
+
+    def __call__(self, yours: PyTree) -> PyTree:
+        return conform(yours, self.treedef, self.paths, self.floating)
+
+
+@dataclasses.dataclass(frozen=True)
 class Wrapped:
     """``fn`` called on rewritten inputs: complex leaves rejoined, keywords re-expanded.
 
@@ -102,6 +120,7 @@ class Wrapped:
     complex_params: bool = False
     kwargs: bool = False
     grad_mask: tuple[bool, ...] | None = None  # a gradient function: which params leaves are complex
+    form: Form | None = None  # a gradient function: params' structure, to read yours in it
 
     def __call__(self, params: PyTree, *args: Any) -> Any:
         kw: dict[str, Any] = {}
@@ -110,6 +129,8 @@ class Wrapped:
         if self.complex_params:
             params = join_complex(params)
         out = self.fn(params, *args, **kw)
+        if self.form is not None:
+            out = self.form(out)
         if self.grad_mask is not None:
             out = grad_as_parts(out, self.grad_mask)
         return out
@@ -119,14 +140,14 @@ class Wrapped:
             h = hash(self.fn)
         except TypeError:
             h = id(self.fn)
-        return hash((h, self.complex_params, self.kwargs, self.grad_mask))
+        return hash((h, self.complex_params, self.kwargs, self.grad_mask, self.form))
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Wrapped)
             and other.fn is self.fn
-            and (other.complex_params, other.kwargs, other.grad_mask)
-            == (self.complex_params, self.kwargs, self.grad_mask)
+            and (other.complex_params, other.kwargs, other.grad_mask, other.form)
+            == (self.complex_params, self.kwargs, self.grad_mask, self.form)
         )
 
 
@@ -163,16 +184,21 @@ class Rewritten:
 
 
 def rewrite(cost_fn: Any, grad_fn: Any, params: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rewritten:
-    """Keywords become a trailing argument; complex leaves become real pairs (see module doc)."""
+    """Keywords become a trailing argument; complex leaves become real pairs (see module doc); your
+    gradient is read in params' structure (:func:`jgradcheck._src.tree.conform`)."""
+    form = Form.of(params) if grad_fn is not None else None
+    if grad_fn is not None and not callable(grad_fn):
+        grad_fn = form(grad_fn) if form is not None else grad_fn
     cplx = has_complex(params)
     if not cplx and not kwargs:
-        return Rewritten(cost_fn, grad_fn, params, tuple(args), None)
+        grad = Wrapped(grad_fn, form=form) if callable(grad_fn) else grad_fn
+        return Rewritten(cost_fn, grad, params, tuple(args), None)
     mask = complex_mask(params) if cplx else None
     if kwargs:
         args = (*args, dict(kwargs))
     cost = Wrapped(cost_fn, cplx, bool(kwargs)) if callable(cost_fn) else cost_fn
     if callable(grad_fn):
-        grad = Wrapped(grad_fn, cplx, bool(kwargs), mask)
+        grad = Wrapped(grad_fn, cplx, bool(kwargs), mask, form)
     else:
         grad = grad_as_parts(grad_fn, mask) if mask is not None else grad_fn
     return Rewritten(cost, grad, split_complex(params) if cplx else params, tuple(args), mask)
