@@ -8,6 +8,7 @@ hand-written backprop really makes. Correct gradients and noise must get no diag
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -57,88 +58,82 @@ def _case(params, grads, leaf, yours, words=(), not_words=(), path=None) -> Case
     )
 
 
-_R = np.random.default_rng(0)
-
-# --- dense: tanh(X W + b), squared error, L2 term λ‖W‖²; a batch of 3 < the layer's widths ------------------
-_DX, _DY = _R.standard_normal((3, 6)), _R.standard_normal((3, 5))
-_DENSE = {"W": 0.5 * _R.standard_normal((6, 5)), "b": 0.3 + 0.5 * _R.standard_normal(5)}
 _LAM = 0.05
-
-
-def _dense_cost(lam):
-    def cost(p):
-        r = jnp.tanh(_DX @ p["W"] + p["b"]) - _DY
-        return 0.5 * jnp.mean(r**2) + lam * jnp.sum(p["W"] ** 2)
-
-    return cost
-
-
-def _wide_cost(p, lam=_LAM):
-    r = jnp.tanh(p["X"] @ p["W"] + p["b"]) - 0.5
-    return 0.5 * jnp.mean(r**2) + lam * jnp.sum(p["W"] ** 2)
-
-
-# --- conv: valid 3×3 correlation of an 8×8 image, tanh, weighted sum -----------------------------------------
-_CONV = {"x": _R.standard_normal((8, 8)), "k": _R.standard_normal((3, 3))}
-_CT = _R.standard_normal((6, 6))
-
-
-def _conv_cost(p):
-    out = sum(p["k"][i, j] * p["x"][i : i + 6, j : j + 6] for i in range(3) for j in range(3))
-    return jnp.sum(jnp.tanh(0.3 * out) * _CT)
-
-
-# --- batchnorm: normalise over the batch axis, scale and shift ------------------------------------------------
-_BN = {"x": 1.0 + 2.0 * _R.standard_normal((6, 4)), "gamma": 1.0 + _R.random(4), "beta": _R.standard_normal(4)}
-_BT = _R.standard_normal((6, 4))
-
-
-def _bn_cost(p):
-    x = p["x"]
-    xh = (x - jnp.mean(x, 0)) / jnp.sqrt(jnp.var(x, 0) + 1e-5)
-    return jnp.sum(jnp.tanh(p["gamma"] * xh + p["beta"]) * _BT)
-
-
-# --- softmax cross-entropy over 6 classes, batch of 4 ----------------------------------------------------------
-_SX = _R.standard_normal((4, 5))
-_SY = np.array([0, 2, 1, 5])
-_SM = {"W": 0.5 * _R.standard_normal((5, 6)), "b": 0.2 * _R.standard_normal(6)}
-
-
-def _sm_cost(lam):
-    def cost(p):
-        z = _SX @ p["W"] + p["b"]
-        ce = jnp.mean(jax.nn.logsumexp(z, axis=1) - z[jnp.arange(4), _SY])
-        return ce + lam * jnp.sum(p["W"] ** 2)
-
-    return cost
-
-
-# --- embedding: 10 tokens × 4, a padding token 0 masked out of the cost -----------------------------------------
+_CAUSAL = np.tril(np.ones((4, 4), bool))
 _IDS = np.array([1, 3, 3, 7, 2])
 _PAD_IDS = np.array([0, 3, 5, 0, 2])
-_EV, _EW = _R.standard_normal(4), _R.standard_normal(5)
-_EMB = {"E": _R.standard_normal((10, 4))}
+_SY = np.array([0, 2, 1, 5])
 
 
-def _emb_cost(lam, ids=_IDS, mask=None):
-    mask = np.ones(len(ids)) if mask is None else mask
+class _Layers:
+    """The layers' data and parameters, drawn from ``seed`` (seed 0 is the suite's historical draw)."""
 
-    def cost(p):
-        return jnp.sum(jnp.tanh(p["E"][ids] @ _EV) * _EW * mask) + lam * jnp.sum(p["E"] ** 2)
+    def __init__(self, seed: int):
+        r = np.random.default_rng(seed)
+        # dense: tanh(X W + b), squared error, L2 term λ‖W‖²; a batch of 3 < the layer's widths
+        self.DX, self.DY = r.standard_normal((3, 6)), r.standard_normal((3, 5))
+        self.DENSE = {"W": 0.5 * r.standard_normal((6, 5)), "b": 0.3 + 0.5 * r.standard_normal(5)}
+        # conv: valid 3×3 correlation of an 8×8 image, tanh, weighted sum
+        self.CONV = {"x": r.standard_normal((8, 8)), "k": r.standard_normal((3, 3))}
+        self.CT = r.standard_normal((6, 6))
+        # batchnorm: normalise over the batch axis, scale and shift
+        self.BN = {"x": 1.0 + 2.0 * r.standard_normal((6, 4)), "gamma": 1.0 + r.random(4), "beta": r.standard_normal(4)}
+        self.BT = r.standard_normal((6, 4))
+        # softmax cross-entropy over 6 classes, batch of 4
+        self.SX = r.standard_normal((4, 5))
+        self.SM = {"W": 0.5 * r.standard_normal((5, 6)), "b": 0.2 * r.standard_normal(6)}
+        # embedding: 10 tokens × 4, a padding token 0 masked out of the cost
+        self.EV, self.EW = r.standard_normal(4), r.standard_normal(5)
+        self.EMB = {"E": r.standard_normal((10, 4))}
+        # attention: causal softmax(Q Kᵀ/√d + B) V, 4 steps, d = 3
+        self.AQ, self.AR = r.standard_normal((4, 3)), r.standard_normal((4, 3))
+        self.ATT = {
+            "K": r.standard_normal((4, 3)),
+            "V": r.standard_normal((4, 3)),
+            "B": 0.3 * r.standard_normal((4, 4)),
+        }
+        self.rng = r  # the cases draw further data from the same stream
 
-    return cost
+    def dense_cost(self, lam):
+        def cost(p):
+            r = jnp.tanh(self.DX @ p["W"] + p["b"]) - self.DY
+            return 0.5 * jnp.mean(r**2) + lam * jnp.sum(p["W"] ** 2)
 
+        return cost
 
-# --- attention: causal softmax(Q Kᵀ/√d + B) V, 4 steps, d = 3 ---------------------------------------------------
-_AQ, _AR = _R.standard_normal((4, 3)), _R.standard_normal((4, 3))
-_ATT = {"K": _R.standard_normal((4, 3)), "V": _R.standard_normal((4, 3)), "B": 0.3 * _R.standard_normal((4, 4))}
-_CAUSAL = np.tril(np.ones((4, 4), bool))
+    @staticmethod
+    def wide_cost(p, lam=_LAM):
+        r = jnp.tanh(p["X"] @ p["W"] + p["b"]) - 0.5
+        return 0.5 * jnp.mean(r**2) + lam * jnp.sum(p["W"] ** 2)
 
+    def conv_cost(self, p):
+        out = sum(p["k"][i, j] * p["x"][i : i + 6, j : j + 6] for i in range(3) for j in range(3))
+        return jnp.sum(jnp.tanh(0.3 * out) * self.CT)
 
-def _att_cost(p):
-    s = jnp.where(_CAUSAL, _AQ @ p["K"].T / np.sqrt(3.0) + p["B"], -jnp.inf)
-    return jnp.sum(jnp.tanh(jax.nn.softmax(s, axis=1) @ p["V"]) * _AR)
+    def bn_cost(self, p):
+        x = p["x"]
+        xh = (x - jnp.mean(x, 0)) / jnp.sqrt(jnp.var(x, 0) + 1e-5)
+        return jnp.sum(jnp.tanh(p["gamma"] * xh + p["beta"]) * self.BT)
+
+    def sm_cost(self, lam):
+        def cost(p):
+            z = self.SX @ p["W"] + p["b"]
+            ce = jnp.mean(jax.nn.logsumexp(z, axis=1) - z[jnp.arange(4), _SY])
+            return ce + lam * jnp.sum(p["W"] ** 2)
+
+        return cost
+
+    def emb_cost(self, lam, ids=_IDS, mask=None):
+        mask = np.ones(len(ids)) if mask is None else mask
+
+        def cost(p):
+            return jnp.sum(jnp.tanh(p["E"][ids] @ self.EV) * self.EW * mask) + lam * jnp.sum(p["E"] ** 2)
+
+        return cost
+
+    def att_cost(self, p):
+        s = jnp.where(_CAUSAL, self.AQ @ p["K"].T / np.sqrt(3.0) + p["B"], -jnp.inf)
+        return jnp.sum(jnp.tanh(jax.nn.softmax(s, axis=1) @ p["V"]) * self.AR)
 
 
 def _rolled(g, step, axis, edge=0.0):
@@ -150,41 +145,43 @@ def _rolled(g, step, axis, edge=0.0):
     return out
 
 
-def _build() -> dict[str, Case]:
+@functools.cache
+def _build(seed: int = 0) -> dict[str, Case]:
+    d = _Layers(seed)
     cases: dict[str, Case] = {}
-    noise = np.random.default_rng(1)
+    noise = np.random.default_rng(seed + 1)
 
     # dense
-    g, g0 = _grads(_dense_cost(_LAM), _DENSE), _grads(_dense_cost(0.0), _DENSE)
-    W, b = _DENSE["W"], _DENSE["b"]
-    cases["dense W: factor 2"] = _case(_DENSE, g, "W", 2 * g["W"], ["constant factor: yours ≈ 2 × numerical"])
-    cases["dense b: sign"] = _case(_DENSE, g, "b", -g["b"], ["sign flipped"])
-    cases["dense W: zero"] = _case(_DENSE, g, "W", 0 * g["W"], ["yours is zero where numerical is not"])
+    g, g0 = _grads(d.dense_cost(_LAM), d.DENSE), _grads(d.dense_cost(0.0), d.DENSE)
+    W, b = d.DENSE["W"], d.DENSE["b"]
+    cases["dense W: factor 2"] = _case(d.DENSE, g, "W", 2 * g["W"], ["constant factor: yours ≈ 2 × numerical"])
+    cases["dense b: sign"] = _case(d.DENSE, g, "b", -g["b"], ["sign flipped"])
+    cases["dense W: zero"] = _case(d.DENSE, g, "W", 0 * g["W"], ["yours is zero where numerical is not"])
     cases["dense W: half L2"] = _case(
-        _DENSE, g, "W", g0["W"] + _LAM * W, ["half the L2 term's gradient", "2λW"], ["missing L2 term", "cannot tell"]
+        d.DENSE, g, "W", g0["W"] + _LAM * W, ["half the L2 term's gradient", "2λW"], ["missing L2 term", "cannot tell"]
     )
-    cases["dense W: missing L2"] = _case(_DENSE, g, "W", g0["W"], ["a missing L2 term", "λ/m ≈ 0.1"], ["half"])
-    cases["dense W: L2 counted twice"] = _case(_DENSE, g, "W", g0["W"] + 4 * _LAM * W, ["counted twice"], ["bias"])
+    cases["dense W: missing L2"] = _case(d.DENSE, g, "W", g0["W"], ["a missing L2 term", "λ/m ≈ 0.1"], ["half"])
+    cases["dense W: L2 counted twice"] = _case(d.DENSE, g, "W", g0["W"] + 4 * _LAM * W, ["counted twice"], ["bias"])
     cases["dense W: extra L2 on a weight"] = _case(
-        _DENSE, g0, "W", g0["W"] + 0.1 * W, ["an extra L2 term (λ/m ≈ 0.1)"], ["bias", "twice"]
+        d.DENSE, g0, "W", g0["W"] + 0.1 * W, ["an extra L2 term (λ/m ≈ 0.1)"], ["bias", "twice"]
     )
     cases["dense b: extra L2 on a bias"] = _case(
-        _DENSE, g, "b", g["b"] + 0.1 * b, ["an extra L2 term (λ/m ≈ 0.1)", "e.g. on a bias"]
+        d.DENSE, g, "b", g["b"] + 0.1 * b, ["an extra L2 term (λ/m ≈ 0.1)", "e.g. on a bias"]
     )
     cases["dense W: C vs F order"] = _case(
-        _DENSE, g, "W", g["W"].ravel(order="F").reshape(6, 5), ["entries permuted", "transpose where a reshape"]
+        d.DENSE, g, "W", g["W"].ravel(order="F").reshape(6, 5), ["entries permuted", "transpose where a reshape"]
     )
     cases["dense W: reshape for transpose"] = _case(
-        _DENSE, g, "W", g["W"].reshape(5, 6).T, ["entries permuted", "reshape where a transpose"]
+        d.DENSE, g, "W", g["W"].reshape(5, 6).T, ["entries permuted", "reshape where a transpose"]
     )
     cases["dense b: mean where a vector was due"] = _case(
-        _DENSE, g, "b", np.full(5, g["b"].mean()), ["constant along axis 0", "mean of numerical"]
+        d.DENSE, g, "b", np.full(5, g["b"].mean()), ["constant along axis 0", "mean of numerical"]
     )
     cases["dense W: sum over the wrong axis"] = _case(
-        _DENSE, g, "W", np.broadcast_to(g["W"].sum(0), (6, 5)), ["constant along axis 0", "sum of numerical"]
+        d.DENSE, g, "W", np.broadcast_to(g["W"].sum(0), (6, 5)), ["constant along axis 0", "sum of numerical"]
     )
-    wide = {"W": _DENSE["W"], "b": _DENSE["b"], "X": _R.standard_normal((12, 6))}  # batch 12 > widths: full rank
-    gw, gw0 = _grads(_wide_cost, wide), _grads(lambda p: _wide_cost(p, 0.0), wide)
+    wide = {"W": d.DENSE["W"], "b": d.DENSE["b"], "X": d.rng.standard_normal((12, 6))}  # batch 12 > widths
+    gw, gw0 = _grads(d.wide_cost, wide), _grads(lambda p: d.wide_cost(p, 0.0), wide)
     cases["dense W: missing or half L2, batch too large to tell"] = _case(
         wide,
         gw,
@@ -193,105 +190,107 @@ def _build() -> dict[str, Case]:
         ["a missing L2 term (λ/m ≈ 0.05)", "or half the L2 term's gradient", "cannot tell"],
     )
     cases["dense W: extra L2 on a bias named by its path"] = _case(
-        _DENSE, g0, "W", g0["W"] + 0.1 * W, ["an extra L2 term (λ/m ≈ 0.1), e.g. on a bias"], path="layers[0].bias"
+        d.DENSE, g0, "W", g0["W"] + 0.1 * W, ["an extra L2 term (λ/m ≈ 0.1), e.g. on a bias"], path="layers[0].bias"
     )
-    keep = _R.random((3, 6)) < 0.7
-    drop = {"x": _DX, "W": _DENSE["W"]}
-    gd = _grads(lambda p: jnp.sum(jnp.tanh((p["x"] * keep / 0.7) @ p["W"]) * _DY), drop)
-    d_a = np.asarray(jax.grad(lambda a: jnp.sum(jnp.tanh(a @ _DENSE["W"]) * _DY))(_DX * keep / 0.7))
+    keep = d.rng.random((3, 6)) < 0.7
+    drop = {"x": d.DX, "W": d.DENSE["W"]}
+    gd = _grads(lambda p: jnp.sum(jnp.tanh((p["x"] * keep / 0.7) @ p["W"]) * d.DY), drop)
+    d_a = np.asarray(jax.grad(lambda a: jnp.sum(jnp.tanh(a @ d.DENSE["W"]) * d.DY))(d.DX * keep / 0.7))
     other = np.roll(keep, 1, axis=1)  # the backprop's mask, as if drawn from another key
     cases["dense x: dropout mask from another key"] = _case(
         drop, gd, "x", d_a * other / 0.7, ["zero on different entries"]
     )
     wrong = g["W"].copy()
     wrong[4, 1] += 1.0
-    cases["dense W: one entry"] = _case(_DENSE, g, "W", wrong, ["1 isolated entry is wrong"])
+    cases["dense W: one entry"] = _case(d.DENSE, g, "W", wrong, ["1 isolated entry is wrong"])
 
     # conv
-    g = _grads(_conv_cost, _CONV)
+    g = _grads(d.conv_cost, d.CONV)
     x = g["x"]
-    cases["conv x: off by one (columns)"] = _case(_CONV, g, "x", _rolled(x, 1, 1), ["off by one along axis 1"])
-    cases["conv x: off by one (rows)"] = _case(_CONV, g, "x", _rolled(x, -1, 0, 3.0), ["off by one along axis 0"])
+    cases["conv x: off by one (columns)"] = _case(d.CONV, g, "x", _rolled(x, 1, 1), ["off by one along axis 1"])
+    cases["conv x: off by one (rows)"] = _case(d.CONV, g, "x", _rolled(x, -1, 0, 3.0), ["off by one along axis 0"])
     bordered = x.copy()
     bordered[0], bordered[-1], bordered[:, 0], bordered[:, -1] = 0, 0, 0, 0
     cases["conv x: padding's gradient dropped"] = _case(
-        _CONV, g, "x", bordered, ["yours is zero on 28 entries where numerical is not", "border"]
+        d.CONV, g, "x", bordered, ["yours is zero on 28 entries where numerical is not", "border"]
     )
     window = x.copy()
     window[2:5, 3:6] += 0.5
-    cases["conv x: one window wrong"] = _case(_CONV, g, "x", window, ["wrong only in", "[2:5, 3:6]"])
+    cases["conv x: one window wrong"] = _case(d.CONV, g, "x", window, ["wrong only in", "[2:5, 3:6]"])
     rows = x.copy()
     rows[[0, 7]] *= 2.0
-    cases["conv x: edge rows wrong"] = _case(_CONV, g, "x", rows, ["wrong only in", "rows 0, 7"])
-    cases["conv k: kernel flipped"] = _case(_CONV, g, "k", g["k"][::-1, ::-1], ["flipped along axes (0, 1)"])
-    cases["conv k: transposed"] = _case(_CONV, g, "k", g["k"].T, ["transposed: yours ≈ numerical.T"])
-    cases["conv k: missing 1/9"] = _case(_CONV, g, "k", 9 * g["k"], ["constant factor: yours ≈ 9 × numerical"])
+    cases["conv x: edge rows wrong"] = _case(d.CONV, g, "x", rows, ["wrong only in", "rows 0, 7"])
+    cases["conv k: kernel flipped"] = _case(d.CONV, g, "k", g["k"][::-1, ::-1], ["flipped along axes (0, 1)"])
+    cases["conv k: transposed"] = _case(d.CONV, g, "k", g["k"].T, ["transposed: yours ≈ numerical.T"])
+    cases["conv k: missing 1/9"] = _case(d.CONV, g, "k", 9 * g["k"], ["constant factor: yours ≈ 9 × numerical"])
 
     # batchnorm
-    g = _grads(_bn_cost, _BN)
+    g = _grads(d.bn_cost, d.BN)
     cases["bn gamma: one mean for all features"] = _case(
-        _BN, g, "gamma", np.full(4, g["gamma"].mean()), ["constant along axis 0", "mean of numerical"]
+        d.BN, g, "gamma", np.full(4, g["gamma"].mean()), ["constant along axis 0", "mean of numerical"]
     )
-    cases["bn beta: mean for sum"] = _case(_BN, g, "beta", g["beta"] / 6, ["constant factor", "6 × yours"])
-    cases["bn gamma: sign"] = _case(_BN, g, "gamma", -g["gamma"], ["sign flipped"])
+    cases["bn beta: mean for sum"] = _case(d.BN, g, "beta", g["beta"] / 6, ["constant factor", "6 × yours"])
+    cases["bn gamma: sign"] = _case(d.BN, g, "gamma", -g["gamma"], ["sign flipped"])
     cases["bn x: sum over features"] = _case(
-        _BN, g, "x", np.broadcast_to(g["x"].sum(1, keepdims=True), (6, 4)), ["constant along axis 1", "sum of"]
+        d.BN, g, "x", np.broadcast_to(g["x"].sum(1, keepdims=True), (6, 4)), ["constant along axis 1", "sum of"]
     )
-    cases["bn x: features swapped"] = _case(_BN, g, "x", g["x"][:, [0, 2, 1, 3]], ["columns 1 and 2", "swapped"])
+    cases["bn x: features swapped"] = _case(d.BN, g, "x", g["x"][:, [0, 2, 1, 3]], ["columns 1 and 2", "swapped"])
 
     # softmax cross-entropy
-    g, g0 = _grads(_sm_cost(_LAM), _SM), _grads(_sm_cost(0.0), _SM)
-    cases["softmax W: missing 1/m"] = _case(_SM, g, "W", 4 * g["W"], ["constant factor: yours ≈ 4 × numerical"])
-    cases["softmax W: class index off by one"] = _case(_SM, g, "W", _rolled(g["W"], 1, 1), ["off by one along axis 1"])
-    cases["softmax b: zero"] = _case(_SM, g, "b", 0 * g["b"], ["yours is zero where numerical is not"])
+    g, g0 = _grads(d.sm_cost(_LAM), d.SM), _grads(d.sm_cost(0.0), d.SM)
+    cases["softmax W: missing 1/m"] = _case(d.SM, g, "W", 4 * g["W"], ["constant factor: yours ≈ 4 × numerical"])
+    cases["softmax W: class index off by one"] = _case(d.SM, g, "W", _rolled(g["W"], 1, 1), ["off by one along axis 1"])
+    cases["softmax b: zero"] = _case(d.SM, g, "b", 0 * g["b"], ["yours is zero where numerical is not"])
     cases["softmax W: half L2"] = _case(
-        _SM, g, "W", g0["W"] + _LAM * _SM["W"], ["half the L2 term's gradient"], ["cannot tell"]
+        d.SM, g, "W", g0["W"] + _LAM * d.SM["W"], ["half the L2 term's gradient"], ["cannot tell"]
     )
-    cases["softmax W: F order"] = _case(_SM, g, "W", g["W"].ravel(order="F").reshape(5, 6), ["entries permuted"])
+    cases["softmax W: F order"] = _case(d.SM, g, "W", g["W"].ravel(order="F").reshape(5, 6), ["entries permuted"])
 
     # embedding
-    g, g0 = _grads(_emb_cost(0.1), _EMB), _grads(_emb_cost(0.0), _EMB)
-    E = _EMB["E"]
+    g, g0 = _grads(d.emb_cost(0.1), d.EMB), _grads(d.emb_cost(0.0), d.EMB)
+    E = d.EMB["E"]
     cases["embedding: half L2"] = _case(
-        _EMB, g, "E", g0["E"] + 0.1 * E, ["half the L2 term's gradient"], ["cannot tell"]
+        d.EMB, g, "E", g0["E"] + 0.1 * E, ["half the L2 term's gradient"], ["cannot tell"]
     )
-    cases["embedding: missing L2"] = _case(_EMB, g, "E", g0["E"], ["a missing L2 term (λ/m ≈ 0.2)"], ["half"])
-    cases["embedding: rows off by one"] = _case(_EMB, g0, "E", _rolled(g0["E"], 1, 0), ["off by one along axis 0"])
+    cases["embedding: missing L2"] = _case(d.EMB, g, "E", g0["E"], ["a missing L2 term (λ/m ≈ 0.2)"], ["half"])
+    cases["embedding: rows off by one"] = _case(d.EMB, g0, "E", _rolled(g0["E"], 1, 0), ["off by one along axis 0"])
     once = g0["E"].copy()
-    once[3] = jax.grad(lambda e: jnp.tanh(e @ _EV) * _EW[1])(E[3])  # `.set` where `.add` was due
-    cases["embedding: repeated token not accumulated"] = _case(_EMB, g0, "E", once, ["wrong only in", "row 3"])
+    once[3] = jax.grad(lambda e: jnp.tanh(e @ d.EV) * d.EW[1])(E[3])  # `.set` where `.add` was due
+    cases["embedding: repeated token not accumulated"] = _case(d.EMB, g0, "E", once, ["wrong only in", "row 3"])
     mask = (_PAD_IDS != 0).astype(float)
-    gp, gu = _grads(_emb_cost(0.0, _PAD_IDS, mask), _EMB), _grads(_emb_cost(0.0, _PAD_IDS), _EMB)
-    cases["embedding: padding mask forgotten"] = _case(_EMB, gp, "E", gu["E"], ["forgotten mask", "row 0"])
+    gp, gu = _grads(d.emb_cost(0.0, _PAD_IDS, mask), d.EMB), _grads(d.emb_cost(0.0, _PAD_IDS), d.EMB)
+    cases["embedding: padding mask forgotten"] = _case(d.EMB, gp, "E", gu["E"], ["forgotten mask", "row 0"])
 
     # attention
-    g = _grads(_att_cost, _ATT)
+    g = _grads(d.att_cost, d.ATT)
     leak = g["B"] + np.where(_CAUSAL, 0.0, noise.standard_normal((4, 4)))
     cases["attention B: causal mask forgotten"] = _case(
-        _ATT, g, "B", leak, ["forgotten mask", "upper triangle above the diagonal"]
+        d.ATT, g, "B", leak, ["forgotten mask", "upper triangle above the diagonal"]
     )
     cases["attention V: transpose re-reshaped"] = _case(
-        _ATT, g, "V", g["V"].T.reshape(4, 3), ["entries permuted", "transpose where a reshape"]
+        d.ATT, g, "V", g["V"].T.reshape(4, 3), ["entries permuted", "transpose where a reshape"]
     )
-    cases["attention K: missing 1/√d"] = _case(_ATT, g, "K", np.sqrt(3) * g["K"], ["constant factor: yours ≈ 1.732"])
-    cases["attention K: rows swapped"] = _case(_ATT, g, "K", g["K"][[0, 2, 1, 3]], ["rows 1 and 2", "swapped"])
-    cases["attention V: step off by one"] = _case(_ATT, g, "V", _rolled(g["V"], 1, 0), ["off by one along axis 0"])
+    cases["attention K: missing 1/√d"] = _case(d.ATT, g, "K", np.sqrt(3) * g["K"], ["constant factor: yours ≈ 1.732"])
+    cases["attention K: rows swapped"] = _case(d.ATT, g, "K", g["K"][[0, 2, 1, 3]], ["rows 1 and 2", "swapped"])
+    cases["attention V: step off by one"] = _case(d.ATT, g, "V", _rolled(g["V"], 1, 0), ["off by one along axis 0"])
     win = g["B"].copy()
     win[1:3, 0:2] += 0.3
-    cases["attention B: one window wrong"] = _case(_ATT, g, "B", win, ["wrong only in", "[1:3, 0:2]"])
+    cases["attention B: one window wrong"] = _case(d.ATT, g, "B", win, ["wrong only in", "[1:3, 0:2]"])
     return cases
 
 
-def _negatives() -> dict[str, Case]:
+@functools.cache
+def _negatives(seed: int = 0) -> dict[str, Case]:
     """Correct gradients (finite-difference-sized noise), noisy and unrelated ones: no rule may fire."""
-    rng = np.random.default_rng(7)
+    d = _Layers(seed)
+    rng = np.random.default_rng(seed + 7)
     grads = {
-        "dense W": (_grads(_dense_cost(_LAM), _DENSE)["W"], _DENSE["W"]),
-        "conv x": (_grads(_conv_cost, _CONV)["x"], _CONV["x"]),
-        "bn x": (_grads(_bn_cost, _BN)["x"], _BN["x"]),
-        "softmax W": (_grads(_sm_cost(_LAM), _SM)["W"], _SM["W"]),
-        "embedding E": (_grads(_emb_cost(0.1), _EMB)["E"], _EMB["E"]),
-        "attention K": (_grads(_att_cost, _ATT)["K"], _ATT["K"]),
+        "dense W": (_grads(d.dense_cost(_LAM), d.DENSE)["W"], d.DENSE["W"]),
+        "conv x": (_grads(d.conv_cost, d.CONV)["x"], d.CONV["x"]),
+        "bn x": (_grads(d.bn_cost, d.BN)["x"], d.BN["x"]),
+        "softmax W": (_grads(d.sm_cost(_LAM), d.SM)["W"], d.SM["W"]),
+        "embedding E": (_grads(d.emb_cost(0.1), d.EMB)["E"], d.EMB["E"]),
+        "attention K": (_grads(d.att_cost, d.ATT)["K"], d.ATT["K"]),
     }
     out = {}
     for name, (g, theta) in grads.items():
@@ -304,17 +303,37 @@ def _negatives() -> dict[str, Case]:
         for what, yours in variants.items():
             out[f"{name}: {what}"] = Case(yours.ravel(), g.ravel(), theta.ravel(), g.shape, name.split()[-1], ())
     # A bug with no recognizable shape: batchnorm's input gradient without the two centering terms.
-    g = _grads(_bn_cost, _BN)["x"]
-    x = _BN["x"]
+    g = _grads(d.bn_cost, d.BN)["x"]
+    x = d.BN["x"]
     sd = np.sqrt(x.var(0) + 1e-5)
     xh = (x - x.mean(0)) / sd
-    d_xh = np.asarray(jax.grad(lambda h: jnp.sum(jnp.tanh(_BN["gamma"] * h + _BN["beta"]) * _BT))(xh))
+    d_xh = np.asarray(jax.grad(lambda h: jnp.sum(jnp.tanh(d.BN["gamma"] * h + d.BN["beta"]) * d.BT))(xh))
     out["bn x: centering terms left out"] = Case((d_xh / sd).ravel(), g.ravel(), x.ravel(), g.shape, "x", ())
     return out
 
 
-CASES = _build()
-NEGATIVES = _negatives()
+# The planted bugs and their negatives are drawn afresh for each of these seeds (the layers' data,
+# parameters, masks and noise); a rule tuned to one draw shows up as a failure at another. Seeds 9,
+# 10, 18 and 19 are draws where a sweep over seeds 0-19 found a misnamed bug (and 16, like 10).
+SEEDS = (0, 9, 10, 18, 19)
+CASES = _build(0)
+NEGATIVES = _negatives(0)
+
+# Misnamed today (diagnose.py), with what it says instead.
+_MISNAMED = {
+    ("embedding: repeated token not accumulated", 9): "constant factor: yours ≈ 0.3479 × numerical",
+    ("embedding: repeated token not accumulated", 18): "constant factor: yours ≈ 1.588 × numerical",
+    ("dense W: sum over the wrong axis", 10): "no diagnosis",
+    ("bn gamma: one mean for all features", 19): "yours is ≈ 0 where numerical is not",
+}
+
+
+def _planted_params():
+    for name in CASES:
+        for seed in SEEDS:
+            said = _MISNAMED.get((name, seed))
+            marks = [pytest.mark.xfail(strict=True, reason=f"diagnose says: {said}")] if said else []
+            yield pytest.param(name, seed, marks=marks, id=f"{name}-seed{seed}")
 
 
 def diagnosis_of(case: Case, describe=diagnose.describe_leaf) -> str | None:
@@ -341,18 +360,20 @@ def as_checked(case: Case, dtype: str) -> Case:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_planted_bug_gets_the_right_words(name, dtype):
-    case = as_checked(CASES[name], dtype)
+@pytest.mark.parametrize(("name", "seed"), list(_planted_params()))
+def test_planted_bug_gets_the_right_words(name, seed, dtype):
+    case = as_checked(_build(seed)[name], dtype)
     text = diagnosis_of(case)
-    assert right_words(case, text), f"{name}: {text!r}"
+    assert right_words(case, text), f"{name} (seed {seed}): {text!r}"
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", list(NEGATIVES))
-def test_correct_or_noisy_gradient_gets_no_diagnosis(name, dtype):
-    case = as_checked(NEGATIVES[name], dtype)
-    assert diagnosis_of(case) is None, f"{name}: {diagnosis_of(case)!r}"
+def test_correct_or_noisy_gradient_gets_no_diagnosis(name, dtype, seed):
+    case = as_checked(_negatives(seed)[name], dtype)
+    text = diagnosis_of(case)
+    assert text is None, f"{name} (seed {seed}): {text!r}"
 
 
 def test_generic_l2_difference_is_not_forced_into_one_reading():
