@@ -59,11 +59,12 @@ MAX_POSITIONS = 64
 
 
 def _windows_fit(eqn) -> bool:
-    """Whether a convolution's change can be read as windows of one input channel: no input
-    dilation (a transposed convolution) and a non-empty output."""
+    """Whether a convolution's change can be read as windows of one input channel: a non-empty
+    output. An input dilation (a transposed convolution) is the interior padding of
+    ``_canonical``: the windows read the dilated channel as the convolution does."""
     conv = compat.conv_params(eqn)
     shape = eqn.outvars[0].aval.shape
-    return all(d == 1 for d in conv.lhs_dilation) and all(shape[a] > 0 for a in conv.out_spec[2:])
+    return all(shape[a] > 0 for a in conv.out_spec[2:])
 
 
 def _plain_conv(eqn) -> bool:
@@ -78,7 +79,7 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
 
     A kernel entry (spatial k, in-channel c, out-channel o) changes output channel o only, by
     δ times input channel c seen through a kernel that is one at k: the channel's window at k
-    (``_shifted_channel``), or for a transposed convolution a single-channel convolution. An
+    (``_shifted_channel``; for a transposed convolution, of the dilated channel). An
     input entry changes the outputs whose window covers it, through every kernel: the
     convolution of a one-hot image.
     """
@@ -104,10 +105,12 @@ def _conv_onehot(eqn, bases, oh: OneHot, side: int):
 
 def _canonical(eqn, x, spec):
     """One channel of a convolution's input (``x``: its array without the feature axis) as
-    (N, spatial...), padded as the convolution pads it."""
+    (N, spatial...), dilated and padded as the convolution dilates and pads it (``lax.pad``'s
+    interior padding is the input dilation: d − 1 zeros between entries, then the edges)."""
     rest = [a for a in range(len(spec)) if a != spec[1]]
     x = jnp.transpose(x, [rest.index(spec[0])] + [rest.index(a) for a in spec[2:]])
-    padding = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in compat.conv_params(eqn).padding]
+    conv = compat.conv_params(eqn)
+    padding = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(conv.padding, conv.lhs_dilation)]
     return jax.lax.pad(x, jnp.zeros((), x.dtype), padding)
 
 
