@@ -138,10 +138,10 @@ def _short_verdict(report: GradCheckReport) -> str:
 def _verdict(report: GradCheckReport) -> str:
     failed = [leaf.path for leaf in report.failed_leaves]
     unresolved = [leaf.path for leaf in report.inconclusive_leaves]
-    n = len(report.leaves)
+    n = len(report.leaves) - len(report.not_checked)
     if failed:
         text = f"FAILED: {report.what} disagrees with the numerical one in {_names(failed)}"
-        text += f" ({len(failed)} of {n} leaves"
+        text += f" ({len(failed)} of {n} leaves" + (" checked" if report.not_checked else "")
         return text + (f"; {len(unresolved)} inconclusive)" if unresolved else ")")
     return (
         f"INCONCLUSIVE (not a pass): no disagreement, but {_names(unresolved)} could not be resolved "
@@ -161,7 +161,7 @@ def _dtype(report: GradCheckReport) -> str:
 
 def _table(report: GradCheckReport, room: int) -> list[str]:
     """The per-leaf table: failing and inconclusive leaves first, then the others, in ``room`` lines."""
-    order = sorted(report.leaves, key=lambda leaf: {"fail": 0, "inconclusive": 1}.get(leaf.status, 2))
+    order = sorted(report.leaves, key=lambda leaf: {"fail": 0, "inconclusive": 1, "not checked": 3}.get(leaf.status, 2))
     rows = min(len(order), room - 1, MAX_ROWS)
     hidden = order[rows:]
     if hidden and rows == room - 1 and rows > 1:
@@ -193,7 +193,7 @@ def _row(leaf: LeafReport) -> tuple[str, ...]:
         leaf.path,
         str(leaf.shape),
         status,
-        f"{leaf.difference:.2e}",
+        f"{leaf.difference:.2e}" if leaf.status != "not checked" else "-",
         where,
         "" if w is None else _num(w.yours),
         "" if w is None else _num(w.numerical),
@@ -332,8 +332,8 @@ def assert_grad_correct(
       allow_inconclusive: an inconclusive check (no disagreement found, but some leaf could not
         be resolved to 1%, e.g. float32 with ``x64=False``) passes with an
         :class:`InconclusiveWarning` instead of raising. A failed check still raises.
-      **kwargs: passed to :func:`check_grad` (``x64``, ``mode``, ``method``, ``eps``, ...,
-        and keyword arguments for your functions).
+      **kwargs: passed to :func:`check_grad` (``x64``, ``mode``, ``method``, ``eps``, ``only``
+        (the leaves to check), ..., and keyword arguments for your functions).
 
     Raises:
       AssertionError: (or ``exception_type``) when the check fails or is inconclusive.

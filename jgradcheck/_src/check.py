@@ -40,9 +40,9 @@ from jgradcheck._src.problem import (
     promotion_note,
 )
 from jgradcheck._src.registry import recorded
-from jgradcheck._src.report import GradCheckReport
+from jgradcheck._src.report import GradCheckReport, LeafReport
 from jgradcheck._src.schedule import check_leaves
-from jgradcheck._src.tree import check_live
+from jgradcheck._src.tree import Only, check_live, is_floating, only_scope, path_str, selector
 from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, join_grad, rewrite
 
 PyTree = Any
@@ -86,6 +86,7 @@ def check_grad(
     max_refine: int = 4096,
     seed: int = 0,
     strategy: str = "delta",
+    only: Only = None,
     **kwargs: Any,
 ) -> GradCheckReport:
     """Checks your gradient of ``cost_fn`` against central finite differences, entry by entry.
@@ -156,6 +157,11 @@ def check_grad(
         whose change is dense anyway are re-evaluated whole, and a unit-test-sized check on a
         CPU compiles J alone and calls it once per perturbation; ``report.evaluated`` says
         which ran.
+      only: the leaves to check, the others are not perturbed (and yours may leave them out):
+        a pattern on the leaf path as the report prints it (``"W1"``, ``"layers[0].*"``; a
+        subtree ``"layers[0]"`` selects its leaves; ``*`` and ``?`` are wildcards, brackets
+        literal), a list of patterns, or a predicate ``(path, leaf) -> bool``. The report lists
+        the others as "not checked" (their rows have ``status == "not checked"``).
 
     Returns:
       A :class:`GradCheckReport`; ``report.passed`` is the verdict, ``str(report)`` the table.
@@ -165,7 +171,7 @@ def check_grad(
         ``(loss, aux)`` pair), not finite at ``params``, or not deterministic; your gradient is a
         scalar (swapped arguments), or its structure or a leaf's shape differs from ``params``;
         a leaf of ``params`` or ``args`` is a deleted (donated) array; no floating leaves; a bad
-        option.
+        option; ``only`` matches no floating leaf (the message lists them).
       TypeError: ``cost_fn`` is not callable; called under ``jax.jit``, ``jax.vmap`` or
         ``jax.grad``; a non-array leaf that is not hashable; one of your functions needs an
         argument named like an option (``eps``: bind it with ``functools.partial``).
@@ -193,7 +199,8 @@ def check_grad(
         "check_grad", params=params, args=args, kwargs=kwargs, **({} if callable(grad_fn) else {"grad_fn": grad_fn})
     )
     clashes = option_clashes("check_grad", {"cost_fn": cost_fn, "grad_fn": grad_fn}, (params, *args), kwargs, given)
-    rw = rewrite(cost_fn, grad_fn, params, args, kwargs)
+    select = selector(only, params)
+    rw = rewrite(cost_fn, grad_fn, params, args, kwargs, select)
     cost_fn, grad_fn, params, args = rw.cost_fn, rw.grad_fn, rw.params, rw.args
     if mode not in ("auto", "full", "screen", "sample"):
         raise ValueError(MSG_MODE.format(mode=mode))
@@ -217,7 +224,7 @@ def check_grad(
     opts = Options(eps, method, float(safety), float(rtol), float(atol), True, int(max_refine))
 
     def run(x64: bool) -> GradCheckReport:
-        with precision_scope(x64), _explain_kwargs(kwargs):
+        with precision_scope(x64), _explain_kwargs(kwargs), only_scope(select):
             problem = prepare(cost_fn, params, args, x64, check_determinism)
             yours = Yours(grad_fn, problem)  # compiles and runs while the check compiles its programs
             engine = make_engine(problem, devices, chunk_size, strategy)
@@ -247,7 +254,7 @@ def check_grad(
                 slopes = screen.taylor_slopes(
                     engine, problem, grads, noise if isinstance(noise, float) else noise.get(), seed
                 )
-        return build_report(
+        report = build_report(
             problem,
             grads,
             per_leaf,
@@ -259,9 +266,38 @@ def check_grad(
             top_k,
             time.perf_counter() - start,
         )
+        return not_checked(report, params, select)
 
     report = without_promotion_if_needed(run, x64, "cost_fn", params, args)
     return conjugate_diagnosis(report) if rw.complex_mask is not None else report
+
+
+def not_checked(report: GradCheckReport, params: PyTree, select: Any) -> GradCheckReport:
+    """The report with a row for each floating leaf that ``only=`` left out (after the checked ones)."""
+    if select is None:
+        return report
+    rows = tuple(
+        LeafReport(
+            path=path_str(p),
+            shape=tuple(np.shape(x)),
+            dtype=str(getattr(x, "dtype", "float")),
+            difference=math.nan,
+            passed=True,
+            checked=0,
+            how="not checked",
+            n_failed=0,
+            n_kinks=0,
+            worst=None,
+            resolution=math.nan,
+            status="not checked",
+        )
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        if is_floating(x) and not select(path_str(p), x)
+    )
+    if not rows:
+        return report
+    values = None if report.entry_values is None else (*report.entry_values, *(None,) * len(rows))
+    return dataclasses.replace(report, leaves=report.leaves + rows, entry_values=values)
 
 
 def without_promotion_if_needed(
@@ -430,6 +466,7 @@ def numerical_grad(
     progress: bool | None = None,
     strategy: str = "delta",
     float64: bool = False,
+    only: Only = None,
     **kwargs: Any,
 ) -> PyTree:
     """The finite-difference gradient of ``cost_fn`` at ``params``, shaped like ``params``.
@@ -450,6 +487,8 @@ def numerical_grad(
       strategy: ``"delta"`` or ``"vmap"``; see :func:`check_grad`.
       float64: return the float64 estimates as NumPy arrays (full precision on the host)
         instead of arrays typed and placed like ``params``.
+      only: the leaves to differentiate (see :func:`check_grad`); the others are not
+        perturbed and come back as NaN.
       **kwargs: keyword arguments passed on to ``cost_fn`` (see :func:`check_grad`).
 
     Returns:
@@ -481,9 +520,15 @@ def numerical_grad(
     check_live("numerical_grad", params=params, args=args, kwargs=kwargs)
     option_clashes("numerical_grad", {"cost_fn": cost_fn}, (params, *args), kwargs, given)
     original = params
+    select = selector(only, params)
     rw = rewrite(cost_fn, None, params, args, kwargs)
     cost_fn, params, args = rw.cost_fn, rw.params, rw.args
-    with precision_scope(x64), _explain_kwargs(kwargs), _explain_promotion(x64, params, args):
+    with (
+        precision_scope(x64),
+        _explain_kwargs(kwargs),
+        _explain_promotion(x64, params, args),
+        only_scope(select),
+    ):
         problem = prepare(cost_fn, params, args, x64, check_determinism=False)
         problem.j0 = float("nan")  # refinement (which needs J(θ)) is off here
         engine = make_engine(problem, devices, chunk_size, strategy)
@@ -495,9 +540,16 @@ def numerical_grad(
         out = [coords[i].numerical.reshape(f.shape) for i, f in enumerate(problem.floats)]
         bar.close()
     it = iter(out)
+
+    def skipped(leaf: Any) -> Any:  # a leaf only= left out: not differentiated
+        nan = np.full(np.shape(leaf), np.nan)
+        return nan if float64 else _like(nan, leaf)
+
     leaves = [
         (next(it) if float64 else _like(next(it), leaf))
         if k == "float"
+        else skipped(leaf)
+        if select is not None and is_floating(leaf)
         else np.zeros(np.shape(leaf), jax.dtypes.float0)
         for leaf, k in zip(jax.tree_util.tree_leaves(params), problem.layout.kinds)
     ]

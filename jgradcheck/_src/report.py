@@ -114,12 +114,16 @@ class LeafReport:
         above 1e-2 the leaf is inconclusive.
       diagnosis: what the discrepancy looks like, in plain words (failing leaves only).
       taylor_slope: fitted slope of the Taylor remainder, if requested (≈2 correct, ≈1 wrong).
-      status: ``"ok"``, ``"fail"`` (an entry disagrees beyond its error estimate) or
+      status: ``"ok"``, ``"fail"`` (an entry disagrees beyond its error estimate),
         ``"inconclusive"`` (no entry failed, but some could not be resolved to 1% of the
-        gradient: low precision, noise, steps that do not converge, NaN/Inf; see ``note``).
+        gradient: low precision, noise, steps that do not converge, NaN/Inf; see ``note``), or
+        ``"not checked"`` (left out by ``only=``: not perturbed, yours not compared).
       n_unresolved: entries that passed too coarsely to count, or could not be evaluated.
       note: how entries were judged when the first step would not do, and for an inconclusive
         leaf, the resolution reached and what to do.
+      scale: the gradient scale ``resolution`` is relative to (root-mean-square of the leaf's
+        derivatives, yours or numerical, whichever is larger).
+      zero: every derivative compared, yours and numerical, is 0 to within its error bound.
     """
 
     path: str
@@ -138,6 +142,8 @@ class LeafReport:
     status: str = "ok"
     n_unresolved: int = 0
     note: str | None = None
+    scale: float = 0.0
+    zero: bool = False
 
     @property
     def size(self) -> int:
@@ -240,6 +246,11 @@ class GradCheckReport:
     def inconclusive(self) -> bool:
         return self.status == "inconclusive"
 
+    @property
+    def not_checked(self) -> tuple[str, ...]:
+        """The floating leaves ``only=`` left out: not perturbed, yours not compared there."""
+        return tuple(leaf.path for leaf in self.leaves if leaf.status == "not checked")
+
     def leaf(self, path: str) -> LeafReport:
         """The row for ``path`` (e.g. ``"W2"``)."""
         for row in self.leaves:
@@ -303,6 +314,8 @@ class GradCheckReport:
         )
         if self.evaluated:
             lines.append(f"  evaluated: {self.evaluated}")
+        if self.not_checked:
+            lines.append(f"  not checked (left out by only=, not perturbed): {', '.join(self.not_checked)}")
         lines.append("")
         lines.extend(_leaf_table(self.leaves))
         notes = [leaf for leaf in self.leaves if leaf.note]
@@ -369,6 +382,8 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
             else (f"[{', '.join(map(str, w.index))}]" if w.index else ("dir" if leaf.how == "screened" else "[]"))
         )
         checked = f"{leaf.checked}/{leaf.size}" if leaf.how != "screened" else f"{leaf.checked} dirs"
+        if leaf.status == "not checked":
+            checked = "-"
         diag = leaf.diagnosis or ""
         if leaf.taylor_slope is not None:
             diag = (diag + "; " if diag else "") + f"Taylor slope {leaf.taylor_slope:.2f}"
@@ -377,7 +392,7 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
                 leaf.path,
                 str(leaf.shape),
                 leaf.dtype,
-                f"{leaf.difference:.2e}",
+                f"{leaf.difference:.2e}" if leaf.status != "not checked" else "-",
                 status,
                 checked,
                 where,

@@ -7,7 +7,11 @@ PRNG keys (jax-ml/jax#6136, #29593).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -147,6 +151,78 @@ class Layout:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+MSG_ONLY_NONE = (
+    "only={only!r} matches no floating leaf of params. Its floating leaves are: {paths}. A pattern names a "
+    "leaf as the report prints it ('W1', 'layers[0].w'), or a subtree ('layers[0]'); * and ? are wildcards "
+    "('layers[*].w'), brackets are literal."
+)
+MSG_ONLY_TYPE = (
+    "only= takes a leaf path pattern ('W1', 'layers[0].*'), a list of them, or a function (path, leaf) -> bool; "
+    "got {kind}."
+)
+
+Only = str | Sequence[str] | Callable[[str, Any], bool] | None
+
+# The leaves a check perturbs (``only=``), for ``split`` of params during this check; None: all of them.
+_SELECTED: contextvars.ContextVar[Callable[[str, Any], bool] | None] = contextvars.ContextVar(
+    "jgradcheck_selected", default=None
+)
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """``*`` and ``?`` are wildcards; everything else, brackets included, is literal (``layers[0].w``)."""
+    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    # The pattern names the leaf itself or a subtree of it: "layers[0]" selects "layers[0].w".
+    return re.compile(f"(?:{body})(?:[.\\[].*)?", re.DOTALL)
+
+
+def selector(only: Only, params: PyTree) -> Callable[[str, Any], bool] | None:
+    """``only=`` as a predicate on (printed path, leaf), checked against params' floating leaves.
+
+    Args:
+      only: None (every leaf), a pattern or list of patterns on the printed leaf path, or a
+        predicate ``(path, leaf) -> bool``.
+      params: the parameters, to check that the selection is not empty.
+
+    Returns:
+      None for every leaf, or the predicate.
+
+    Raises:
+      ValueError: the selection has no floating leaf (the message lists them).
+      TypeError: ``only`` is of another type.
+    """
+    if only is None:
+        return None
+    if callable(only):
+        select = only
+    elif isinstance(only, str) or (isinstance(only, Sequence) and only and all(isinstance(p, str) for p in only)):
+        patterns = [_glob(p) for p in ([only] if isinstance(only, str) else only)]
+
+        def select(path: str, leaf: Any) -> bool:
+            return any(g.fullmatch(path) for g in patterns)
+
+    else:
+        raise TypeError(MSG_ONLY_TYPE.format(kind=f"{type(only).__name__} {only!r}"[:80]))
+    floats = [
+        (path_str(p), leaf)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if is_floating(leaf) or _is_complex(leaf)
+    ]
+    if not any(select(p, leaf) for p, leaf in floats):
+        raise ValueError(MSG_ONLY_NONE.format(only=only, paths=", ".join(p for p, _ in floats) or "none"))
+    return select
+
+
+@contextlib.contextmanager
+def only_scope(select: Callable[[str, Any], bool] | None) -> Iterator[None]:
+    """Within: ``split`` of params leaves the floating leaves that ``select`` rejects unperturbed."""
+    token = _SELECTED.set(select)
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
 def split(
     tree: PyTree, name: str, float_dtype: Any | None, *, python_floats: bool
 ) -> tuple[Layout, list[jax.Array], list[Any]]:
@@ -158,9 +234,13 @@ def split(
       float_dtype: dtype to cast floating leaves to, or None to keep each leaf's dtype.
       python_floats: whether Python floats are checked leaves (params) or constants (args).
 
+    Within :func:`only_scope`, the floating leaves of params that ``only=`` leaves out are
+    dynamic arrays (cast like the others, never perturbed).
+
     Raises:
       TypeError: a complex leaf, or a non-array leaf that cannot be a static constant.
     """
+    select = _SELECTED.get() if python_floats else None
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths, kinds, statics, floats, arrays = [], [], [], [], []
     for path, leaf in flat:
@@ -169,6 +249,11 @@ def split(
         if _is_complex(leaf) and python_floats:  # complex data in args rides along like any array
             raise TypeError(MSG_COMPLEX.format(name=name, path=p, dtype=getattr(leaf, "dtype", "complex")))
         if is_floating(leaf) and (_is_array(leaf) or python_floats):
+            if select is not None and not select(p, leaf):
+                want = float_dtype or jax.dtypes.canonicalize_dtype(np.dtype(getattr(leaf, "dtype", np.float64)))
+                arrays.append(jnp.asarray(np.asarray(leaf, dtype=want)))
+                kinds.append("array")
+                continue
             if float_dtype is not None and np.dtype(getattr(leaf, "dtype", np.float64)) != float_dtype:
                 # Cast on the host: an eager astype would compile a small program per shape.
                 floats.append(jnp.asarray(np.asarray(leaf, dtype=float_dtype)))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgradcheck._src.report import GradCheckReport
-from jgradcheck._src.tree import conform, is_floating
+from jgradcheck._src.tree import conform, is_floating, path_str
 
 PyTree = Any
 
@@ -101,9 +101,13 @@ class Form:
     floating: tuple[bool, ...]
 
     @classmethod
-    def of(cls, params: PyTree) -> Form:
+    def of(cls, params: PyTree, select: Any = None) -> Form:
+        """params' form; with ``select`` (``only=``), only the leaves it keeps must be in yours."""
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        return cls(treedef, tuple(tuple(p) for p, _ in flat), tuple(is_floating(x) or is_complex(x) for _, x in flat))
+        floating = tuple(
+            (is_floating(x) or is_complex(x)) and (select is None or bool(select(path_str(p), x))) for p, x in flat
+        )
+        return cls(treedef, tuple(tuple(p) for p, _ in flat), floating)
 
     def __call__(self, yours: PyTree) -> PyTree:
         return conform(yours, self.treedef, self.paths, self.floating)
@@ -183,10 +187,18 @@ class Rewritten:
     complex_mask: tuple[bool, ...] | None
 
 
-def rewrite(cost_fn: Any, grad_fn: Any, params: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rewritten:
+def rewrite(
+    cost_fn: Any,
+    grad_fn: Any,
+    params: PyTree,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    select: Any = None,
+) -> Rewritten:
     """Keywords become a trailing argument; complex leaves become real pairs (see module doc); your
-    gradient is read in params' structure (:func:`jgradcheck._src.tree.conform`)."""
-    form = Form.of(params) if grad_fn is not None else None
+    gradient is read in params' structure (:func:`jgradcheck._src.tree.conform`), where only the
+    leaves ``select`` keeps (``only=``) must be present."""
+    form = Form.of(params, select) if grad_fn is not None else None
     if grad_fn is not None and not callable(grad_fn):
         grad_fn = form(grad_fn) if form is not None else grad_fn
     cplx = has_complex(params)
