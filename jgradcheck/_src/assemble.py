@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jgradcheck._src import diagnose, numerics
+from jgradcheck._src import diagnose, numerics, precision
 from jgradcheck._src.engine import Engine
 from jgradcheck._src.estimate import Coords
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport, LeafValues
@@ -43,11 +43,23 @@ def _scale(numerical: np.ndarray) -> float:
     return float(np.sqrt(np.mean(numerical**2))) if numerical.size else 0.0
 
 
-def _advice(causes: set[str], problem, opts) -> str:
-    """What to do about an unresolved leaf, from what limited its error estimate."""
+def _advice(causes: set[str], problem, opts, leaf: int | None = None) -> str:
+    """What to do about an unresolved leaf, from what limited its error estimate: the cost's
+    narrowest float on the leaf's path to J where it is narrower than the check's."""
     tips = []
+    narrow = None
+    if leaf is not None:
+        try:
+            narrow = precision.path_precision(problem).where[leaf]
+        except Exception:  # reading the jaxpr is advice only: never fail a report over it
+            narrow = None
     if "noise" in causes:
-        if "off" in problem.precision:
+        if narrow:
+            tips.append(
+                f"J is computed in {narrow} on this leaf's path, so its values are rounded to that "
+                "precision whatever x64 says: compute that section in float32 or wider to check it finely"
+            )
+        elif "off" in problem.precision:
             tips.append("run with x64=True")
         else:
             tips.append(
@@ -149,6 +161,14 @@ def build_report(
         scale = max(_scale(c.numerical[compared]), _scale(gi[compared])) or global_scale
         # Every entry that passed must have been compared finely enough to see a 1% error.
         fd = c.fd_tol if c.fd_tol.size else c.tol
+        # A derivative that is 0 to within what the differences resolve, yours and numerical alike
+        # (tanh'' at 0: exactly 0 against round-off), has no scale of its own to be relative to: it
+        # is judged against the scale of the other derivatives in the check.
+        zero = bool(compared.any()) and bool(
+            np.all(np.maximum(np.abs(c.numerical), np.abs(gi))[compared] <= fd[compared])
+        )
+        if zero:
+            scale = max(scale, global_scale)
         unresolved = (c.status == "ok") & ~(fd <= numerics.RESOLUTION_BOUND * scale)
         if scale == 0:  # every derivative, yours and numerical, is exactly 0 everywhere: nothing to be relative to
             unresolved[:] = False
@@ -201,7 +221,7 @@ def build_report(
             notes.append(
                 f"{numerics.plural(int(unresolved.sum()), 'entry', 'entries')} "
                 f"{'agrees' if unresolved.sum() == 1 else 'agree'} only to within "
-                f"{numerics.percent(resolution)} of its gradient: {_advice(causes, problem, opts)}"
+                f"{numerics.percent(resolution)} of its gradient: {_advice(causes, problem, opts, i)}"
             )
         if c.how.size:
             n_small = int(np.sum(c.how == "smaller step"))
@@ -248,6 +268,8 @@ def build_report(
                 status=status,
                 n_unresolved=int(unresolved.sum()) + int(unverifiable.size),
                 note="; ".join(notes) or None,
+                scale=scale,
+                zero=zero and not unverifiable.size,
             )
         )
     # The classic relative difference over everything compared: entries, and screened leaves' directions.

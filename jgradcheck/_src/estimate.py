@@ -82,6 +82,7 @@ class _Search:
     how: np.ndarray
     kink_near: np.ndarray  # a kink crossed by the larger steps, not by the one judged with
     kink_at: np.ndarray  # a kink at θ (within the smallest step that can still see it)
+    noise: np.ndarray  # J's noise per entry as the ladder saw it (never below the noise it was given)
 
 
 def _kink_reach(
@@ -221,6 +222,7 @@ def _search(
         np.full(k, "", object),
         deepest >= up - 1,
         at,
+        np.broadcast_to(np.asarray(noise, np.float64), (k,)).copy(),
     )
     rows = np.arange(k)
     best = np.argmin(np.where(usable, error, np.inf), axis=0)
@@ -350,7 +352,9 @@ def check_entries(
         w = numerics.STENCILS[opts.method][1]
         numerical = sum(wi * J[o] for o, wi in zip(offsets, w)) / h
     roundoff = nz * numerics.roundoff_factor(opts.method) / h
-    floor = numerics.grad_rounding(g, g_eps, g_scale)
+    floor = np.maximum(
+        numerics.grad_rounding(g, g_eps, g_scale), precision.entry_grad_rounding(problem, group, idx, g_eps)
+    )
     fd_tol = opts.safety * roundoff
     unread = engine.unread(group)
     if unread is not None:  # J does not read these entries: the difference is exactly 0
@@ -433,9 +437,20 @@ def check_entries(
                 opts.safety,
                 progress,
             )
-            # A verdict that rested on the truncation estimate, a kink or NaN takes the search's
-            # estimate; one that was only coarse takes it where it is finer.
-            ok = np.isfinite(found.estimate) & (must[a] | (opts.safety * found.error < fd2[a]))
+            # The ladder may have seen more noise than assumed (J's values equal at small steps, an
+            # entry's own noise): the first two looks' bounds grow by the same factor.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                grow = np.where(nz[s] > 0, np.maximum(found.noise / nz[s], 1.0), 1.0)
+            round2[a] *= grow
+            fd2[a] = opts.safety * (round2[a] + trunc[a])
+            tol2[a] = fd2[a] + floor[s] + user2[a]
+            ok2[a] = (gap[a] <= tol2[a]) & np.isfinite(g[s]) & np.isfinite(best[a])
+            fd_tol[s] *= grow
+            # The look with the smallest error bound gives the verdict: the search's best level, or
+            # the 2h look where it is finer (a bf16 cost whose smaller steps only add round-off) and
+            # usable (finite, no kink straddled); the first look only where it was merely coarse.
+            two_h = np.isfinite(best[a]) & ~kink[a]
+            ok = np.isfinite(found.estimate) & (opts.safety * found.error < np.where(two_h, fd2[a], np.inf))
             t = s[ok]
             numerical[t] = found.estimate[ok]
             fd_tol[t] = opts.safety * found.error[ok]
@@ -447,6 +462,9 @@ def check_entries(
             # rest keep the 2h look (a failure that stands) or cannot be checked (NaN).
             # Only coarse, and no finer for the search: the finer of the first two looks stands.
             keep1 = ~ok & ~must[a] & (fd_tol[s] <= fd2[a])
+            k1 = s[keep1]
+            tol[k1] = fd_tol[k1] + floor[k1] + opts.atol + opts.rtol * np.abs(numerical[k1])
+            status[k1] = np.where(np.abs(g[k1] - numerical[k1]) <= tol[k1], "ok", "fail")
             rest = ~ok & ~keep1
             at = rest & (found.kink_at | kink[a]) & must[a]
             for sel, val in ((rest, None), (at, "kink")):

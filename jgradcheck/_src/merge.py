@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from jgradcheck._src.numerics import RESOLUTION_BOUND
 from jgradcheck._src.report import Entry, GradCheckReport, Grade, LeafReport
 
 
@@ -34,6 +35,40 @@ def _prefixed(e: Entry, prefix: str) -> Entry:
     return dataclasses.replace(e, path=prefix + e.path)
 
 
+def _judge_zeros(rows: dict[str, LeafReport]) -> dict[str, LeafReport]:
+    """A derivative that is 0 to within its error bound (tanh'' at 0: an exact 0 against round-off)
+    is judged against the scale of the other derivatives in the same check, not its own.
+
+    Why: relative to its own scale (the round-off itself) no bound is fine enough; relative to the
+    function's other derivatives (the first derivative, the other outputs) the same bound says
+    that an error of 1% of their size would have been seen. Where every derivative is that small
+    (sin'(π/2) alone), there is nothing to be relative to and the row stays inconclusive.
+    """
+    others = [r.scale for r in rows.values() if not r.zero and math.isfinite(r.scale) and r.scale > 0]
+    if not others:
+        return rows
+    scale = max(others)
+    out = {}
+    for path, row in rows.items():
+        if row.zero and row.status == "inconclusive" and row.n_failed == 0 and row.scale < scale:
+            resolution = row.resolution * row.scale / scale
+            if resolution <= RESOLUTION_BOUND:
+                # The classic difference, relative to the same scale: ‖numerical − yours‖ over it.
+                gap = row.worst.abs_error if row.worst is not None else 0.0
+                row = dataclasses.replace(
+                    row,
+                    difference=min(row.difference, gap / scale) if math.isfinite(gap) else row.difference,
+                    status="ok",
+                    passed=True,
+                    resolution=resolution,
+                    scale=scale,
+                    n_unresolved=0,
+                    note=f"0 to within {resolution:.1e} of the scale of the other derivatives checked",
+                )
+        out[path] = row
+    return out
+
+
 def merge_reports(
     reports: Sequence[GradCheckReport], prefixes: Sequence[str] | None = None, top_k: int = 10
 ) -> GradCheckReport:
@@ -60,6 +95,8 @@ def merge_reports(
             e = _prefixed(e, prefix)
             kinks.setdefault((e.path, e.index), e)
         warnings.update(dict.fromkeys(r.warnings))
+    before = dict(rows)
+    rows = _judge_zeros(rows)
     worst.sort(key=lambda e: -_ratio(e))
     seen: set[tuple[str, tuple[int, ...], str | None]] = set()
     unique = []
@@ -68,11 +105,18 @@ def merge_reports(
         if key not in seen:
             seen.add(key)
             unique.append(e)
-    difference = max((r.difference for r in reports), key=lambda d: (math.isnan(d), d))
+    def _difference(k: int, r: GradCheckReport) -> float:
+        # A check with a row judged against the others' scale: its rows' differences, as judged.
+        paths = [(prefixes[k] if prefixes else "") + row.path for row in r.leaves]
+        if any(rows[p] is not before.get(p) and rows[p].zero for p in paths):
+            return max((rows[p].difference for p in paths), key=lambda d: (math.isnan(d), d))
+        return r.difference
+
+    difference = max((_difference(k, r) for k, r in enumerate(reports)), key=lambda d: (math.isnan(d), d))
     diagnoses = list(dict.fromkeys(r.diagnosis for r in reports if r.diagnosis))
     first = reports[0]
     return GradCheckReport(
-        passed=all(r.passed for r in reports),
+        passed=all(row.passed for row in rows.values()),
         difference=difference,
         grade=Grade.of(difference),
         leaves=tuple(rows.values()),

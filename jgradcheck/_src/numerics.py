@@ -137,6 +137,12 @@ def no_information(
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: entries with no lost level
         ref = np.nanmedian(np.where(moving, np.abs(d), np.nan), axis=0)
         grid = np.nanmax(np.where(lost, steps * ref[None, :], np.nan), axis=0)
+        # The smallest change J was seen to make is at most a few of its grid's steps: where smaller
+        # steps were lost, the levels just above them moved by a quantum or two (a cancellation
+        # against a term near 1 that no probe of two coordinates saw), so their slopes are round-off,
+        # not a derivative, and kinks must not be read into them.
+        seen = np.nanmin(np.where(moving, np.abs(jp - jm), np.nan), axis=0)
+        grid = np.where(lost.any(axis=0), np.fmax(grid, 0.5 * seen), grid)
     return np.where(lost, np.nan, d), np.maximum(noise, np.nan_to_num(grid, nan=0.0))
 
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 import numpy as np
 
-from jgradcheck._src import numerics
+from jgradcheck._src import compat, numerics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,3 +131,68 @@ def entry_eps(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarr
     sizes = np.array([int(problem.floats[i].size) for i in group])
     leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
     return np.asarray([pp.eps[i] for i in group], np.float64)[leaf]
+
+
+# Your gradient given as values in a narrower dtype than the check's (a float32 pytree from
+# jax.grad, the classic flow of a precomputed gradient) is off by the rounding of the sums that
+# made it: that grows with the terms summed (a batch mean of residuals that cancel after training),
+# not with the gradient's own size. It is measured, not guessed: JAX's own gradient of the same
+# cost in your dtype against the check's, times this margin (another summation order, your own
+# backward pass, rounds differently but by about as much).
+GRAD_ROUNDING_MARGIN = 4.0
+
+
+def measured_grad_rounding(problem: Any) -> tuple[float, ...]:
+    """Per float leaf: how far a gradient of J computed in the parameters' own dtypes is off.
+
+    ``GRAD_ROUNDING_MARGIN`` times the largest difference, over the leaf, between ``jax.grad`` of
+    the cost at the parameters in their own dtypes (float32, as you ran it) and at the check's
+    dtype (cached on the problem). A cost ``jax.grad`` cannot differentiate gives 0: the
+    ulp-based bound (``numerics.grad_rounding``) alone applies.
+    """
+    cached = problem.__dict__.get("_grad_rounding")
+    if cached is None:
+        try:
+            cached = tuple(_measure(problem))
+        except Exception:  # a cost jax.grad cannot take, or one that needs its own dtypes
+            cached = (0.0,) * len(problem.floats)
+        problem.__dict__["_grad_rounding"] = cached
+    return cached
+
+
+def _measure(problem: Any) -> list[float]:
+    low = [jnp.dtype(d) for d in problem.orig_dtypes]
+    narrow = max(low, key=lambda d: float(jnp.finfo(d).eps))
+    wide64 = any(jnp.finfo(d).bits > 32 for d in low)
+
+    def grads(floats: list[Any], arg_floats: list[Any]) -> list[np.ndarray]:
+        def cost(fl: list[Any]) -> Any:
+            args = problem.args_layout.merge(arg_floats, problem.arg_arrays)
+            return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+
+        return [np.asarray(g, np.float64).ravel() for g in jax.grad(cost)(floats)]
+
+    with compat.enable_x64(True):
+        fine = grads(list(problem.floats), list(problem.arg_floats))
+    with compat.enable_x64(wide64):
+        rough = grads(
+            [jnp.asarray(f, d) for f, d in zip(problem.floats, low)],
+            [jnp.asarray(a, narrow) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in problem.arg_floats],
+        )
+    out = []
+    for f, r in zip(fine, rough):
+        ok = np.all(np.isfinite(f)) and np.all(np.isfinite(r))
+        out.append(GRAD_ROUNDING_MARGIN * float(np.max(np.abs(f - r), initial=0.0)) if ok else 0.0)
+    return out
+
+
+def entry_grad_rounding(problem: Any, group: tuple[int, ...], idx: np.ndarray, grad_eps: np.ndarray) -> np.ndarray:
+    """Per entry of a group's concatenated leaves: the measured rounding of its leaf's gradient,
+    where your gradient's dtype (``grad_eps``, per entry) is narrower than the check's; else 0."""
+    narrower = np.asarray(grad_eps, np.float64) > numerics.machine_eps(problem.dtype)
+    if not narrower.any():
+        return np.zeros(np.asarray(idx).size)
+    sizes = np.array([int(problem.floats[i].size) for i in group])
+    leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+    measured = measured_grad_rounding(problem)
+    return np.where(narrower, np.asarray([measured[i] for i in group], np.float64)[leaf], 0.0)

@@ -83,10 +83,9 @@ def noise_from(v: np.ndarray, problem: Problem, check_determinism: bool) -> floa
     if check_determinism and not abs(j1 - j0) <= 64 * numerics.machine_eps(problem.dtype) * max(abs(j0), abs(j1)):
         raise ValueError(MSG_NONDETERMINISTIC.format(a=repr(j0), b=repr(j1)))
     problem.j0 = j0
-    # Never below rounding at J's magnitude near θ (|J(θ)| itself may be 0).
-    floor = numerics.machine_eps(problem.dtype) * max(
-        float(np.max(np.abs(v[np.isfinite(v)]))), np.finfo(np.float64).tiny
-    )
+    # Never below rounding at J's magnitude at θ (|J(θ)| itself may be 0). Not the probe lines'
+    # largest value: in a low-precision dtype they reach ~θ away, where J may be several times larger.
+    floor = numerics.machine_eps(problem.dtype) * max(abs(j0), abs(j1), np.finfo(np.float64).tiny)
     lines = [v[s : s + 9] for s in range(2, len(v) - 8, 9)]
     per_spacing = [lines[i : i + 2] for i in range(0, len(lines), 2)]
     for pair in per_spacing:
