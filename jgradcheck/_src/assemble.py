@@ -55,9 +55,10 @@ def _advice(causes: set[str], problem, opts, leaf: int | None = None) -> str:
             narrow = None
     if "noise" in causes:
         if narrow:
+            wider = "float64" if narrow.startswith("float32") else "float32 or wider"
             tips.append(
                 f"J is computed in {narrow} on this leaf's path, so its values are rounded to that "
-                "precision whatever x64 says: compute that section in float32 or wider to check it finely"
+                f"precision whatever x64 says: compute that section in {wider} to check it finely"
             )
         elif "off" in problem.precision:
             tips.append("run with x64=True")
