@@ -15,8 +15,9 @@ import numpy as np
 
 from jgradcheck._src import numerics, screen
 from jgradcheck._src.assemble import build_report
+from jgradcheck._src.blocking import blocking_warnings
 from jgradcheck._src.engine import Engine, Progress
-from jgradcheck._src.jaxpr_scan import invisible_to_fd, walk_eqns
+from jgradcheck._src.jaxpr_scan import walk_eqns
 from jgradcheck._src.modes import run_mode
 from jgradcheck._src.options import (
     MSG_METHOD,
@@ -245,8 +246,8 @@ def check_grad(
             )
             grads, _ = yours.get()
             warnings = list(
-                invisible_to_fd(
-                    problem.trace, promoted_pytree=x64 and not callable(grad_fn) and "promoted" in problem.precision
+                blocking_warnings(
+                    problem, promoted_pytree=x64 and not callable(grad_fn) and "promoted" in problem.precision
                 )
             )
             slopes = None
