@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jgradcheck import check_grad, check_rules
@@ -236,3 +237,73 @@ def test_mlp_single_entry_error_found(dtype, rel):
         r = check_grad(cost, bad, p, X, Y)
         assert status(r) == "failed" and failed_leaves(r) == {"W1"}
         assert r.worst[0].path == "W1" and r.worst[0].index == (2, 3)
+
+
+# The same floors in screen mode: the step and J's grid from the leaf's path, your float32
+# gradient's measured rounding.
+@pytest.mark.parametrize("seed", range(2))
+def test_screen_mode_sees_a_planted_error_through_a_float32_softmax(seed):
+    p = _attention_params(seed)
+    g = jax.grad(_attention_cost)
+
+    def bad(p):
+        d = dict(g(p))
+        d["k"] = d["k"] * 1.02
+        return d
+
+    r = check_grad(_attention_cost, bad, p, mode="screen")
+    assert status(r) == "failed" and failed_leaves(r) == {"k"}, str(r)
+
+
+def test_screen_mode_float32_gradient_values():
+    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    X, Y = jax.random.normal(k[0], (32, 6)), jax.random.normal(k[1], (32, 3))
+    p = {"W1": jax.random.normal(k[2], (6, 16)), "W2": jax.random.normal(k[3], (16, 3))}
+
+    def cost(p, X, Y):
+        return jnp.mean((jnp.tanh(X @ p["W1"]) @ p["W2"] - Y) ** 2)
+
+    g32 = jax.jit(jax.grad(cost))(p, X, Y)
+    assert status(check_grad(cost, g32, p, X, Y, mode="screen")) == "passed"
+    bad = dict(g32)
+    bad["W2"] = bad["W2"] * (1 + 1e-3)
+    r = check_grad(cost, bad, p, X, Y, mode="screen")
+    assert status(r) == "failed" and failed_leaves(r) == {"W2"}
+
+
+# 7. After training, your gradient as float32 values (the classic flow): its rounding grows with the
+# terms its sums cancel, not with its size; measured, so a correct one passes and 1% of a leaf fails.
+@pytest.mark.parametrize("seed", range(4))
+def test_trained_float32_gradient_values(seed):
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    X = jax.random.normal(k[0], (64, 4))
+    Y = jnp.sin(X @ jax.random.normal(k[1], (4, 2)))
+    p = {
+        "W1": 0.5 * jax.random.normal(k[2], (4, 16)),
+        "b1": jnp.zeros(16),
+        "W2": 0.5 * jax.random.normal(k[3], (16, 2)),
+        "b2": jnp.zeros(2),
+    }
+
+    def cost(p, X, Y):
+        return jnp.mean((jnp.tanh(X @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"] - Y) ** 2)
+
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def train(p):
+        def step(carry, _):
+            p, s = carry
+            u, s = opt.update(jax.grad(cost)(p, X, Y), s)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(step, (p, opt.init(p)), None, length=300)[0][0]
+
+    p = train(p)
+    g = jax.jit(jax.grad(cost))(p, X, Y)
+    r = check_grad(cost, g, p, X, Y)
+    assert status(r) == "passed", str(r)
+    bad = dict(g)
+    bad["W1"] = bad["W1"] * 1.01
+    r = check_grad(cost, bad, p, X, Y)
+    assert status(r) == "failed" and failed_leaves(r) == {"W1"}, str(r)

@@ -177,7 +177,6 @@ def _search(
     up = numerics.STEP_UP_LEVELS
     ladder = numerics.step_ladder(h)  # (U + L + 1, k): 16h, 4h, h, h/4, ...; row U is h
     rows_new = [j for j in range(ladder.shape[0]) if j != up]
-    n_new = len(rows_new)
     # The larger steps stop at a fraction of the coordinate's scale (numerics.step_cap).
     allowed = (ladder[rows_new] <= numerics.step_cap(theta)[None, :]) | (np.asarray(rows_new) > up)[:, None]
     pts = np.stack([np.stack([_points(theta, ladder[j], (o,), dtype) for o in (1, -1)]) for j in rows_new])

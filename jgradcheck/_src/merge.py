@@ -105,6 +105,7 @@ def merge_reports(
         if key not in seen:
             seen.add(key)
             unique.append(e)
+
     def _difference(k: int, r: GradCheckReport) -> float:
         # A check with a row judged against the others' scale: its rows' differences, as judged.
         paths = [(prefixes[k] if prefixes else "") + row.path for row in r.leaves]

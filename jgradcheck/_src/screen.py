@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from jgradcheck._src import numerics
+from jgradcheck._src import estimate, numerics, precision
 
 # Leaves up to this size that fail screening are checked entry by entry in full.
 LOCATE_FULL_MAX = 4096
@@ -91,8 +91,10 @@ def _lines(engine, problem, leaf: int, dirs: list[np.ndarray], ts: np.ndarray):
     return values, deltas
 
 
-def _step(problem) -> float:
-    return float(_pow2(np.array(numerics.machine_eps(problem.dtype) ** (1 / 3))))
+def _step(problem, leaf: int) -> float:
+    """∛eps of the narrowest float on the leaf's path to J (``precision.path_precision``)."""
+    eps = max(numerics.machine_eps(problem.dtype), precision.path_precision(problem).eps[leaf])
+    return float(_pow2(np.array(eps ** (1 / 3))))
 
 
 def _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs):
@@ -102,19 +104,27 @@ def _judge(engine, problem, leaf, g, g_eps, noise, opts, dirs):
     with 2h, judged against the finite-difference error estimate: round-off from the noise of
     J, truncation from |D(h) − D(2h)| / 3, and your gradient's own rounding.
     """
-    h = _step(problem)
+    h = _step(problem, leaf)
     ts = np.array([h, -h, 2 * h, -2 * h])
     values, deltas = _lines(engine, problem, leaf, dirs, ts)
+    # The same floors as entry by entry (estimate.check_entries): J's grid in the dtype it is
+    # computed in along this leaf's path, and your gradient's measured rounding in its own dtype.
+    path_eps = precision.path_precision(problem).eps[leaf]
+    measured = precision.entry_grad_rounding(problem, (leaf,), np.zeros(1, np.int64), np.array([g_eps]))[0]
     ys, ns, tols = [], [], []
     for d, v, dl in zip(dirs, values, deltas):
         n_h = (v[0] - v[1]) / (2 * h)
         n_2h = (v[2] - v[3]) / (4 * h)
         numerical = (4 * n_h - n_2h) / 3
-        roundoff = noise * numerics.roundoff_factor("central4") / h
+        nz = float(estimate.quantum_floor(noise, np.array(path_eps), problem.j0, v))
+        roundoff = nz * numerics.roundoff_factor("central4") / h
         trunc = abs(n_h - n_2h) / 3
         (sup, dp), (_, dm) = dl[0], dl[1]
         floor = (
-            float(numerics.grad_rounding(np.abs(g[sup]) @ np.abs(d[sup]), g_eps, 0.0))
+            max(
+                float(numerics.grad_rounding(np.abs(g[sup]) @ np.abs(d[sup]), g_eps, 0.0)),
+                measured * float(np.sum(np.abs(d[sup]))),
+            )
             + opts.atol
             + opts.rtol * abs(numerical)
         )
