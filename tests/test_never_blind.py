@@ -64,14 +64,14 @@ def test_low_precision_parameters_never_pass_a_bug(dtype, bug):
 @pytest.mark.parametrize("dtype", _LOW, ids=["bfloat16", "float16"])
 def test_low_precision_parameters_right_gradient_is_inconclusive_with_a_reason(dtype):
     report = jgradcheck.check_grad(_f, lambda w: 2 * w, _W.astype(dtype), x64=False)
-    assert report.passed or report.inconclusive, str(report)
-    if report.inconclusive:
-        text = str(report)
-        assert "INCONCLUSIVE" in text and "x64=True" in text
-        assert report.leaf("<root>").status == "inconclusive"
-        row = next(line for line in text.splitlines() if line.strip().startswith("<root>"))
-        assert "inconclusive" in row  # the leaf row, not "FAIL"
-        assert "FAIL" not in text
+    # J is rounded to 8 (bfloat16) or 11 (float16) bits: no step resolves 1% of this gradient.
+    assert report.status == "inconclusive", str(report)
+    text = str(report)
+    assert "INCONCLUSIVE" in text and "x64=True" in text
+    assert report.leaf("<root>").status == "inconclusive"
+    row = next(line for line in text.splitlines() if line.strip().startswith("<root>"))
+    assert "inconclusive" in row  # the leaf row, not "FAIL"
+    assert "FAIL" not in text
 
 
 def test_inconclusive_assertion_says_so():
@@ -111,7 +111,7 @@ def test_steep_cost_wrong_gradient_fails(x64):
 def test_an_enormous_truncation_estimate_is_inconclusive_not_a_pass():
     """A step you chose, far too large for the curvature: no pass can rest on it."""
     report = jgradcheck.check_grad(_steep, lambda b: 1.01 * _steep_grad(b), jnp.array([1e-6, -1e-6]), eps=1e-5)
-    assert not report.passed, str(report)
+    assert report.status == "inconclusive", str(report)
 
 
 # --- domain edges -------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_domain_edge_right_gradient_passes_and_is_reported(cost, grad, x64):
     assert report.passed, str(report)
     assert report.difference < 1e-6
     text = str(report)
-    assert "smaller step" in text or "one-sided" in text
+    assert "smaller step" in text  # x = 1e-7: θ - h leaves the domain; smaller steps stay inside it
     assert "0 isolated" not in text
     wrong = jgradcheck.check_grad(cost, lambda x: 1.05 * grad(x), x)
     assert wrong.status == "failed"
