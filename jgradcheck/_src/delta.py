@@ -276,6 +276,8 @@ def _slab_saving(eqn, bases, ds) -> float:
     d = ds[live[0]]
     if isinstance(d, Strided):
         return float(d.stride)
+    if eqn.primitive.name == "conv_general_dilated" and not _channel_rule_fits(eqn, bases):
+        return 1.0  # the change is made dense there (``delta_rules._slab_rule``)
     return float(jnp.shape(bases[live[0]])[d.axis]) if isinstance(d, Slab) else 1.0
 
 
@@ -307,19 +309,62 @@ def dense_work(closed, flat, leaves: Sequence[int]) -> tuple[float, list[tuple[A
     """Work of one perturbed evaluation of the group ``leaves`` (every leaf carrying a change,
     as in the engine) where the change does not stay small, and the equations where it is
     dense, in order; found by tracing the delta interpreter (nothing is compiled or run)."""
+    w, log, _ = measure(closed, flat, leaves)
+    return w, log
+
+
+def measure(closed, flat, leaves: Sequence[int]) -> tuple[float, list[tuple[Any, float]], float]:
+    """``dense_work``, and the work of the grouped convolutions vmap makes of the traced
+    delta program (``grouped_work``: its convolutions whose input and kernel both move with
+    the perturbation)."""
     log: list[tuple[Any, float]] = []
     token = _DENSE_LOG.set(log)
     leaves = list(leaves)
     try:
         sizes = [math.prod(jnp.shape(flat[g])) for g in leaves]
-        jax.make_jaxpr(
+        traced = jax.make_jaxpr(
             lambda i, v: perturbed_cost(
                 closed.jaxpr, closed.consts, flat, leaves, sizes, i, v, [flat[g] for g in leaves]
             )
         )(np.int32(0), jnp.zeros((), jnp.result_type(flat[leaves[0]])))
     finally:
         _DENSE_LOG.reset(token)
-    return sum(w for _, w in log), log
+    return sum(w for _, w in log), log, grouped_work(traced.jaxpr, range(len(traced.jaxpr.invars)))
+
+
+def grouped_work(jaxpr, moving: Sequence[int]) -> float:
+    """Work (``work``) of the convolutions of ``jaxpr`` whose input and kernel both depend on
+    the inputs at positions ``moving``: under vmap over those inputs each becomes a grouped
+    convolution with one group per perturbation, which XLA:CPU runs hundreds of times slower
+    than its multiply-adds suggest (a (3, 3, 8, 8) conv_transpose kernel: 13 s per 512
+    perturbations, against 0.2 s for the whole cost under vmap). Calls are followed into their
+    bodies; any other body (a loop, a branch) is taken to depend wholly on a moving input."""
+    return _grouped(jaxpr, {v for k, v in enumerate(jaxpr.invars) if k in set(moving)})[0]
+
+
+def _grouped(jaxpr, moving: set) -> tuple[float, list[bool]]:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        dep = [not isinstance(v, jex.Literal) and v in moving for v in eqn.invars]
+        if not any(dep):
+            continue
+        outs = [True] * len(eqn.outvars)
+        try:
+            call = compat.call_params(eqn) if eqn.primitive.name in _CALLS else None
+        except compat.Unsupported:
+            call = None
+        if call is not None:
+            inner = {v for v, d in zip(call.body.invars, dep[call.skip :]) if d}
+            w, outs = _grouped(call.body, inner)
+            total += w
+        elif eqn.primitive.name == "conv_general_dilated" and all(dep[:2]):
+            total += work(eqn)
+        else:
+            for sub in compat.subjaxprs(compat.params(eqn)):
+                body = compat.open_jaxpr(sub)[0]
+                total += _grouped(body, set(body.invars))[0] * max(1, compat.scan_length(eqn))
+        moving.update(v for v, d in zip(eqn.outvars, outs) if d)
+    return total, [not isinstance(v, jex.Literal) and v in moving for v in jaxpr.outvars]
 
 
 def _eval_eqn(eqn, bases, ds):
@@ -536,6 +581,7 @@ def perturbed_cost(jaxpr, consts, args, group_invars, sizes, index, value, bases
 # interpreter above, so they are imported last).
 from jgradcheck._src.delta_rules import (  # noqa: E402
     _bilinear,
+    _channel_rule_fits,
     _conv_onehot,
     _plain_conv,
     _same_slab_rule,

@@ -67,6 +67,14 @@ def _windows_fit(eqn) -> bool:
     return all(shape[a] > 0 for a in conv.out_spec[2:])
 
 
+def _channel_rule_fits(eqn, bases) -> bool:
+    """Whether ``_channel_conv`` takes a change in one input channel of this convolution: a
+    non-empty output and a kernel of at most ``MAX_POSITIONS`` positions."""
+    rhs_spec = compat.conv_params(eqn).rhs_spec
+    positions = math.prod(jnp.shape(bases[1])[a] for a in rhs_spec[2:])
+    return _windows_fit(eqn) and positions <= MAX_POSITIONS
+
+
 def _plain_conv(eqn) -> bool:
     """A convolution without feature or batch groups (each output channel reads every input
     channel through its own kernel slice), the case the one-hot and slab rules cover."""
@@ -341,15 +349,15 @@ def _slab_rule(eqn, name, bases, ds, i, out_base):
             values_shape = out_shape[:merged] + (out_shape[merged] // shape_i[sl.axis],) + out_shape[merged + 1 :]
             return [(out_base[0], Strided(merged, sl.index, shape_i[sl.axis], sl.values.reshape(values_shape)))]
     if name == "conv_general_dilated" and _plain_conv(eqn):
-        conv = compat.conv_params(eqn)
-        lhs_spec, rhs_spec = conv.lhs_spec, conv.rhs_spec
-        positions = math.prod(jnp.shape(bases[1])[a] for a in rhs_spec[2:])
-        if i == 0 and sl.axis == lhs_spec[1] and _windows_fit(eqn) and positions <= MAX_POSITIONS:
+        lhs_spec = compat.conv_params(eqn).lhs_spec
+        if i == 0 and sl.axis == lhs_spec[1] and _channel_rule_fits(eqn, bases):
             return [(out_base[0], _channel_conv(eqn, sl.values, bases[1], sl.index))]
-        if i == 0 and sl.axis == lhs_spec[1]:  # one input channel: its kernel slice, all outputs
-            values = jnp.expand_dims(sl.values, sl.axis)
-            kernel = jax.lax.dynamic_slice_in_dim(bases[1], sl.index, 1, rhs_spec[1])
-            return [(out_base[0], _bind(eqn, values.astype(bases[0].dtype), kernel)[0])]
+        if i == 0 and sl.axis == lhs_spec[1]:
+            # Too many positions to unroll: the convolution of the change made dense, through the
+            # shared kernel. Not the channel's kernel slice: that slice moves with the change, and
+            # under vmap a per-perturbation kernel is a grouped convolution (on XLA:CPU hundreds
+            # of times slower than the dense one: a conv_transpose check took minutes).
+            return [(out_base[0], _bind(eqn, _dense(bases[0], sl), bases[1])[0])]
     if name == "transpose":
         perm = list(compat.permutation(eqn))
         inner = [p - (p > sl.axis) for p in perm if p != sl.axis]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jgradcheck._src.delta import dense_work, eval_delta, fallback_note, perturbed_cost, work
+from jgradcheck._src.delta import eval_delta, fallback_note, grouped_work, measure, perturbed_cost, work
 from jgradcheck._src.effects import callbacks, clean
 from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.progress import Progress
@@ -197,6 +197,17 @@ INTERPRET_ALWAYS = False
 # Tests clear this to evaluate entries J never reads too (``reads.py``).
 SKIP_UNREAD = True
 COMPILE_SECONDS = 0.5
+# The measured guard (``Engine._race``): a delta group whose remaining evaluations would take
+# more than ``GUARD_SECONDS`` at its measured speed is timed against whole re-evaluation,
+# unless the work model puts the whole cost ``PROBE_FACTOR`` times slower than that measured
+# speed or more. The factor leaves room for the model's error: it counts attention about 4x
+# pessimistic (``_SPEED``'s comment), and 1.5x the whole cost's time is the most a check may take.
+GUARD_SECONDS = 1.0
+PROBE_FACTOR = 8.0
+# Tests clear this to run the strategy the cost model chose without timing it.
+MEASURE_STRATEGIES = True
+# The clock the guard reads (tests replace it to decide a race without timing anything).
+_clock = time.perf_counter
 
 
 def plan_groups(trace: Any, flat: Sequence[Any], leaves: Sequence[int], small: int) -> list[tuple[int, ...]]:
@@ -251,7 +262,7 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
     alone: list[tuple[float, Any, int]] = []
     whole: dict[str, list[int]] = {}  # by dtype: leaves re-evaluated whole anyway
     for i in leaves:
-        w, loops, log = _dense_work(trace, flat, [i])
+        w, loops, log, _ = _dense_work(trace, flat, [i])
         if w >= DENSE_REEVAL * total and not loops:
             # Dense through nearly all of J: the whole cost is re-evaluated for this leaf
             # (``Engine.strategy_for``), so all such leaves share that one program.
@@ -291,19 +302,25 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
     return plan + [tuple(sorted(g)) for g in whole.values()]
 
 
-def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[float, bool, Any]:
+def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[float, bool, Any, float]:
     """``dense_work`` of one evaluation of ``group`` (multiply-adds where the change is dense,
-    and where), and whether a loop is among those places; (0, False, []) when the interpreter
-    cannot trace a primitive (no preference: its own error comes when it runs)."""
+    and where), whether a loop is among those places, and the work of the grouped convolutions
+    in the delta program (``delta.measure``); (0, False, [], 0) when the interpreter cannot
+    trace a primitive (no preference: its own error comes when it runs)."""
     try:
-        w, log = dense_work(trace, flat, group)
+        w, log, grouped = measure(trace, flat, group)
     except Exception:  # noqa: BLE001 - see the docstring
-        return 0.0, False, []
-    return w, any(e.primitive.name in ("scan", "while") for e, _ in log), log
+        return 0.0, False, [], 0.0
+    return w, any(e.primitive.name in ("scan", "while") for e, _ in log), log, grouped
 
 
 # Strategy and work per evaluation by (program, group, threshold), remembered as ``_PLANS`` is.
 _CHOSEN: dict[Any, tuple[str, float]] = {}
+# (program, group, devices) whose delta program ``Engine._race`` timed; (program, group) whose
+# delta program was dropped, ``_CHOSEN`` then saying "vmap": "timed" slower than whole
+# re-evaluation (``_race``), or "grouped" (``delta.grouped_work``, ``Engine.strategy_for``).
+_RACED: dict[Any, bool] = {}
+_DROPPED: dict[Any, str] = {}
 # Guards each engine's state and the caches below (checks may run in several of your threads).
 _LOCK = threading.Lock()
 # Chunk sizes each (program, group, strategy, devices, chunk option) was compiled with.
@@ -312,6 +329,27 @@ _CHUNKS: dict[Any, set[int]] = {}
 # (program, group, strategy, devices): the chunk reuse then weighs padding at the measured
 # speed, not the work model's (about 4x pessimistic on attention).
 _SPEED: dict[Any, float] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any, most: int = 256) -> None:
+    """``cache[key] = value``, dropping the oldest entry past ``most``."""
+    if key not in cache and len(cache) >= most:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+class _Capped:
+    """Forwards at most ``most`` ticks to ``progress`` (and every stop request): entries a
+    timing race evaluates twice count once."""
+
+    def __init__(self, progress: Any, most: int):
+        self.progress, self.left = progress, most
+        self.enabled = progress.enabled
+
+    def update(self, n: int) -> None:
+        n = min(n, self.left)
+        self.left -= n
+        self.progress.update(n)
 
 
 def _names(paths: list[str], most: int = 6) -> str:
@@ -394,6 +432,10 @@ class Engine:
         self._work: dict[tuple[int, ...], float] = {}  # multiply-adds per evaluation, by group
         self._unread: dict[tuple[int, ...], np.ndarray | None] = {}
         self.ran: dict[int, str] = {}  # float leaf -> how its perturbations were evaluated
+        # Groups timed by ``_race``: (seconds per evaluation of the delta program, of the whole
+        # cost under vmap); leaves whose delta program was dropped, and why.
+        self.timed: dict[tuple[int, ...], tuple[float, float]] = {}
+        self.dropped: dict[int, str] = {}  # float leaf -> "timed" or "grouped", as ``_DROPPED``
         self.skipped: dict[int, int] = {}  # float leaf -> evaluations skipped (entries never read)
         self.consts = [rep(c) for c in self.program.consts]
         self.flat = jax.tree_util.tree_leaves(inputs)
@@ -419,8 +461,10 @@ class Engine:
     def strategy_for(self, group: tuple[int, ...]) -> str:
         """``"loop"`` for a unit-test-sized group on one CPU (``_loops``); ``"vmap"`` for a
         group whose change is dense through ``DENSE_REEVAL`` of J's work outside loops (the
-        interpreter would only add its bookkeeping) or whose evaluations cost less than a
-        compilation; else the engine's."""
+        interpreter would only add its bookkeeping), whose evaluations cost less than a
+        compilation, or whose delta program has more grouped convolutions than the whole cost
+        under vmap (``delta.grouped_work``: a rule is then dropped for the group); else the
+        engine's (``_race`` then times the delta program against whole re-evaluation)."""
         if self.strategy != "delta" or INTERPRET_ALWAYS:
             return self.strategy
         total = self.total_work
@@ -434,12 +478,17 @@ class Engine:
         with self._lock:
             key = (self.program, group, DENSE_REEVAL)
             if key not in _CHOSEN:
-                w, loops, _ = _dense_work(self.trace, self.flat, group)
+                w, loops, _, grouped = _dense_work(self.trace, self.flat, group)
                 dense = w >= DENSE_REEVAL * total and not loops
-                if len(_CHOSEN) >= 256:
-                    _CHOSEN.pop(next(iter(_CHOSEN)))
-                _CHOSEN[key] = ("vmap", total) if dense else ("delta", w)
+                if not dense and grouped > grouped_work(self.trace.jaxpr, group):
+                    # A rule made a grouped convolution whole re-evaluation does not have: dropped.
+                    _remember(_DROPPED, (self.program, group), "grouped")
+                    dense = True
+                _remember(_CHOSEN, key, ("vmap", total) if dense else ("delta", w))
             strategy, self._work[group] = _CHOSEN[key]
+            why = _DROPPED.get((self.program, group))
+            if why is not None:
+                self.dropped.update(dict.fromkeys(group, why))
             return strategy
 
     def _loops(self, entries: int) -> bool:
@@ -452,14 +501,15 @@ class Engine:
             and 2 * entries * (LOOP_CALL_SECONDS + self.total_work / WORK_RATE) < LOOP_SECONDS
         )
 
-    def _quick(self, group: tuple[int, ...]) -> bool:
+    def _quick(self, group: tuple[int, ...], strategy: str) -> bool:
         """Whether this group's evaluations are so cheap that compiling fast matters more."""
         entries = sum(int(self.floats[g].size) for g in group)
-        return self.devices[0].platform == "cpu" and 2 * entries * self._per_eval(group) < QUICK_SECONDS
+        return self.devices[0].platform == "cpu" and 2 * entries * self._per_eval(group, strategy) < QUICK_SECONDS
 
-    def _per_eval(self, group: tuple[int, ...]) -> float:
-        """Estimated seconds of one evaluation of ``group`` (its strategy's work at ``WORK_RATE``)."""
-        return self._work.get(group, self.total_work) / WORK_RATE
+    def _per_eval(self, group: tuple[int, ...], strategy: str) -> float:
+        """Estimated seconds of one evaluation of ``group`` by ``strategy`` (its work at ``WORK_RATE``)."""
+        work = self.total_work if strategy == "vmap" else self._work.get(group, self.total_work)
+        return work / WORK_RATE
 
     def _chunk(self, group: tuple[int, ...], strategy: str, count: int, copy_bytes: int) -> int:
         """Perturbations per vmap step for a call of ``count``: a power of two, as many as fit
@@ -475,7 +525,7 @@ class Engine:
             have = _CHUNKS.setdefault(key, set())
             if len(_CHUNKS) > 256:
                 _CHUNKS.pop(next(iter(_CHUNKS)))
-            per_eval = _SPEED.get((self.program, group, strategy, n_dev), self._per_eval(group))
+            per_eval = _SPEED.get((self.program, group, strategy, n_dev), self._per_eval(group, strategy))
             for c in sorted(c for c in have if c >= want):
                 if (math.ceil(count / c) * c - count) * per_eval < COMPILE_SECONDS:
                     return c
@@ -528,15 +578,92 @@ class Engine:
         count = int(idx.shape[0])
         if count == 0:
             return np.zeros((0,), np.float64)
-        leaves = [self.floats[g] for g in group]
-        dtype = np.dtype(leaves[0].dtype)
-        group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
         strategy = self.strategy_for(group)
         if strategy == "loop":
             return self._loop(group, idx, vals, progress)
+        if strategy == "delta" and self._unmeasured(group):
+            return self._race(group, idx, vals, progress)
+        return self._blocks(group, strategy, idx, vals, progress)
+
+    def _unmeasured(self, group: tuple[int, ...]) -> bool:
+        """Whether the delta program of this group has not yet been timed against whole
+        re-evaluation (``_race``) in this process."""
+        if not MEASURE_STRATEGIES or INTERPRET_ALWAYS or self.strategy != "delta":
+            return False
+        with self._lock:
+            return (self.program, group, len(self.devices)) not in _RACED
+
+    def _race(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
+        """The delta program, timed on its first chunks against whole re-evaluation; the cheaper
+        evaluates this call, and every later call of the group's program.
+
+        The cost model (``dense_work`` at ``WORK_RATE``) counts multiply-adds where the change
+        turns dense, not how fast XLA runs what a rule produces: a rule may be slower than the
+        whole cost it replaces (a per-perturbation kernel, which vmap makes a grouped
+        convolution, ran a conv_transpose check 200x slower). So the delta program's first
+        chunk is run (it compiles there) and its second timed. When the rest would take more
+        than ``GUARD_SECONDS`` and the model does not rule out that the whole cost under vmap
+        is faster (``PROBE_FACTOR``), whole re-evaluation is timed the same way, on its own
+        chunk size; the faster one at run speed (both programs are compiled by then) evaluates
+        every entry of the call, so one call never mixes the two strategies' round-off. A
+        delta program measured slower is dropped for this program (``_DROPPED``): later calls
+        and checks re-evaluate the whole cost, and the report says why.
+        """
+        count = int(idx.shape[0])
+        key = (self.program, group, len(self.devices))
+        chunk = self._chunk(group, "delta", count, 0)
+        if count < 3 * chunk:  # too few chunks to time one and still gain from the answer
+            return self._blocks(group, "delta", idx, vals, progress)
+        first = self._blocks(group, "delta", idx[:chunk], vals[:chunk], progress)
+        started = _clock()
+        second = self._blocks(group, "delta", idx[chunk : 2 * chunk], vals[chunk : 2 * chunk], progress)
+        per_delta = max(_clock() - started, 0.0) / chunk
+        rest = count - 2 * chunk
+        if rest * per_delta <= GUARD_SECONDS or self.total_work / WORK_RATE > PROBE_FACTOR * per_delta:
+            with self._lock:
+                _remember(_RACED, key, True)
+                _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
+            return np.concatenate(
+                [first, second, self._blocks(group, "delta", idx[2 * chunk :], vals[2 * chunk :], progress)]
+            )
+        group_bytes = sum(int(self.floats[g].size) for g in group) * np.dtype(self.floats[group[0]].dtype).itemsize
+        quiet = _Capped(progress, 0)  # its entries were counted by the delta chunks
+        chunk_v = min(self._chunk(group, "vmap", count, group_bytes), count // 2)
+        whole = [self._blocks(group, "vmap", idx[:chunk_v], vals[:chunk_v], quiet)]
+        started = _clock()
+        whole.append(self._blocks(group, "vmap", idx[chunk_v : 2 * chunk_v], vals[chunk_v : 2 * chunk_v], quiet))
+        per_whole = max(_clock() - started, 0.0) / chunk_v
+        dropped = (count - 2 * chunk_v) * per_whole < rest * per_delta
+        with self._lock:
+            _remember(_RACED, key, True)
+            _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
+            _remember(_SPEED, (self.program, group, "vmap", len(self.devices)), per_whole)
+            self.timed[group] = (per_delta, per_whole)
+            if dropped:
+                _remember(_DROPPED, (self.program, group), "timed")
+                _remember(_CHOSEN, (self.program, group, DENSE_REEVAL), ("vmap", self.total_work))
+                self._work[group] = self.total_work
+                self.dropped.update(dict.fromkeys(group, "timed"))
+        if not dropped:
+            rest_d = self._blocks(group, "delta", idx[2 * chunk :], vals[2 * chunk :], _Capped(progress, rest))
+            return np.concatenate([first, second, rest_d])
+        whole.append(self._blocks(group, "vmap", idx[2 * chunk_v :], vals[2 * chunk_v :], _Capped(progress, rest)))
+        return np.concatenate(whole)
+
+    def _blocks(
+        self, group: tuple[int, ...], strategy: str, idx: np.ndarray, vals: np.ndarray, progress: Any
+    ) -> np.ndarray:
+        """J at the perturbations ``idx``/``vals`` of ``group`` by ``strategy`` ("delta" or
+        "vmap"), in blocks of the group's compiled program."""
+        count = int(idx.shape[0])
+        if count == 0:
+            return np.zeros((0,), np.float64)
+        leaves = [self.floats[g] for g in group]
+        dtype = np.dtype(leaves[0].dtype)
+        group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
         chunk = self._chunk(group, strategy, count, group_bytes if strategy == "vmap" else 0)
         # Blocks of a fixed shape per chunk size; the last computes only the chunks it needs.
-        quick = self._quick(group)
+        quick = self._quick(group, strategy)
         per_block = 1 if quick else max(1, BLOCK_EVALS // chunk)
         n_blocks = math.ceil(count / (per_block * chunk))
         padded = per_block * chunk * n_blocks
@@ -555,7 +682,7 @@ class Engine:
             left = count - b * per_block * chunk
             if b == 1:  # the program is compiled once the first block is done: time the rest
                 outs[0].block_until_ready()
-                started = time.perf_counter()
+                started = _clock()
             out = block(
                 self.program,
                 group,
@@ -571,12 +698,10 @@ class Engine:
             outs.append(out)
         if n_blocks > 1:
             outs[-1].block_until_ready()
-            speed = (time.perf_counter() - started) / (count - per_block * chunk)
+            speed = (_clock() - started) / (count - per_block * chunk)
         with self._lock:
             if n_blocks > 1:
-                if len(_SPEED) >= 256:
-                    _SPEED.pop(next(iter(_SPEED)))
-                _SPEED[(self.program, group, strategy, len(self.devices))] = speed
+                _remember(_SPEED, (self.program, group, strategy, len(self.devices)), speed)
             self.evaluations += count
             for g in group:
                 self.ran[g] = strategy
@@ -613,11 +738,14 @@ class Engine:
         words = {
             "delta": "changes only (delta)",
             "vmap": "whole cost re-evaluated",
+            "timed": "whole cost re-evaluated, timed faster than changes only",
+            "grouped": "whole cost re-evaluated, changes only would run grouped convolutions",
             "loop": "whole cost, one compiled call per perturbation",
         }
+        ran = {i: self.dropped.get(i, how) if how == "vmap" else how for i, how in self.ran.items()}
         parts = []
-        for how in ("delta", "vmap", "loop"):
-            leaves = [paths[i] for i in sorted(self.ran) if self.ran[i] == how]
+        for how in ("delta", "vmap", "timed", "grouped", "loop"):
+            leaves = [paths[i] for i in sorted(ran) if ran[i] == how]
             if leaves:
                 parts.append(f"{words[how]}: {_names(leaves)}")
             if leaves and how == "delta":  # equations whose params this JAX lays out otherwise, or ""
