@@ -239,7 +239,7 @@ def check_grad(
             mode_note = (
                 chosen
                 if mode != "auto"
-                else f"{chosen} (auto: n = {n:,} {'<=' if chosen == 'full' else '>'} full_max_size = {full_max_size:,})"
+                else f"{chosen} (auto: {n:,} entries {'≤' if chosen == 'full' else '>'} full_max_size {full_max_size:,})"
             )
             per_leaf = run_mode(
                 chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n

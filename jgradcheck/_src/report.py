@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import math
 import os
+import textwrap
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -81,15 +82,15 @@ class Entry:
 
     def __str__(self) -> str:
         name = self.name if self.output is None else f"d {self.output} / d {self.name}"
-        s = f"{name}: yours={self.yours:.6e}  numerical={self.numerical:.6e}  |diff|={self.abs_error:.2e}"
+        s = f"{name}: yours {_fmt(self.yours)}  numerical {_fmt(self.numerical)}"
         if self.status == "kink":
-            return s + f"  kink: one-sided slopes {self.left:.4e} (left) and {self.right:.4e} (right)"
+            return s + f"  kink: slope {_fmt(self.left)} on the left, {_fmt(self.right)} on the right"
         if self.error_estimate > 0 and math.isfinite(self.abs_error):
-            s += f"  ({self.abs_error / self.error_estimate:.1e} x tolerance)"
+            s += f"  {self.abs_error / self.error_estimate:.1e} × tolerance"
         if self.how == "kink nearby":
-            s += f"  kink within reach of the step: slopes {self.left:.4e} (left) and {self.right:.4e} (right) there"
-        elif self.how:
-            s += f"  ({self.how})"
+            s += f"  near a kink: slopes {_fmt(self.left)} left, {_fmt(self.right)} right"
+        elif self.how == "one-sided":
+            s += "  (one-sided: J is NaN/Inf on the other side)"
         return s
 
 
@@ -308,29 +309,30 @@ class GradCheckReport:
                 "  (every entry agrees within its finite-difference error estimate; the classic fixed "
                 "scale does not know that error)"
             )
-        lines.append(
-            f"  ran in {self.precision}, {self.method} differences, mode {self.mode}, "
-            f"{self.evaluations:,} cost evaluations on {', '.join(self.devices)} in {self.seconds:.2f} s"
-        )
+        lines += _wrap(f"ran in {self.precision}, {self.method} differences, mode {self.mode}")
+        lines.append(f"  {self.evaluations:,} cost evaluations on {', '.join(self.devices)} in {self.seconds:.2f} s")
         if self.evaluated:
-            lines.append(f"  evaluated: {self.evaluated}")
+            lines += _wrap(f"evaluated: {self.evaluated}")
         if self.not_checked:
-            lines.append(f"  not checked (left out by only=, not perturbed): {', '.join(self.not_checked)}")
+            lines += _wrap(f"not checked (left out by only=, not perturbed): {', '.join(self.not_checked)}")
         lines.append("")
-        lines.extend(_leaf_table(self.leaves))
+        table, long = _leaf_table(self.leaves)
+        lines.extend(table)
+        if long:
+            lines += [""] + [w for path, text in long for w in _wrap(f"{path}: {text}")]
         notes = [leaf for leaf in self.leaves if leaf.note]
         if notes:
-            lines += [""] + [f"  {leaf.path}: {leaf.note}" for leaf in notes]
+            lines += [""] + [w for leaf in notes for w in _wrap(f"{leaf.path}: {leaf.note}")]
         if self.diagnosis:
-            lines += ["", f"  diagnosis: {self.diagnosis}"]
+            lines += [""] + _wrap(f"diagnosis: {self.diagnosis}")
         failing = [e for e in self.worst if e.status == "fail"]
         if failing and not all(e.output is not None for e in failing):
             if self.what == "your gradient":
                 head = "  worst entries (yours = your gradient, numerical = finite differences):"
-            else:  # vector checks: input entries of uᵀJ for the cotangents u (see report.mode)
+            else:  # vector checks: each input entry's derivative of the outputs summed with random weights
                 head = (
-                    f"  worst input entries of uᵀJ for the cotangents u (yours = {self.what}, "
-                    "numerical = finite differences of ⟨u, f⟩):"
+                    f"  worst input entries (yours = {self.what}, numerical = finite differences;\n"
+                    "  each the derivative of the outputs summed with random weights, see report.mode):"
                 )
             lines += ["", head]
             lines += [f"    {e}" for e in failing]
@@ -338,22 +340,35 @@ class GradCheckReport:
             lines += ["", "  disagreeing Jacobian entries (d output / d input; yours vs numerical finite differences):"]
             lines += [f"    {e}" for e in self.jacobian]
         if self.kinks:
-            lines += [
-                "",
-                f"  kinks (non-differentiable points at θ, accepted where yours lies between the slopes, "
-                f"or within reach of the step, judged with steps on one side): {len(self.kinks)}",
-            ]
+            lines += [""] + _wrap(
+                f"kinks: {len(self.kinks)} (points where J has no derivative, at θ or closer to it than "
+                "the step; accepted where yours lies between the slopes on the left and on the right)"
+            )
             lines += [f"    {e}" for e in self.kinks[:5]]
         if self.warnings:
-            lines += [""] + [f"  warning: {w}" for w in self.warnings]
+            lines += [""] + [w for text in self.warnings for w in _wrap(f"warning: {text}")]
         return "\n".join(lines)
+
+
+# Report lines fit this many columns (the leaf table may be wider; its long diagnoses go below it).
+WIDTH = 100
+# A diagnosis longer than this is written below the table, not in its row.
+SHORT_DIAGNOSIS = 48
+
+
+def _wrap(text: str) -> list[str]:
+    """One prose line of the report: indented by two, wrapped at WIDTH, continued by four."""
+    return textwrap.wrap(
+        text, WIDTH, initial_indent="  ", subsequent_indent="    ", break_long_words=False, break_on_hyphens=False
+    ) or [""]
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4e}" if math.isfinite(x) else str(x)
 
 
-def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
+def _leaf_table(leaves: tuple[LeafReport, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The table's lines, and the (path, diagnosis) too long for a row (written below it)."""
     header = (
         "leaf",
         "shape",
@@ -367,6 +382,7 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
         "diagnosis",
     )
     rows = []
+    long: list[tuple[str, str]] = []
     for leaf in leaves:
         status = {"ok": "ok", "fail": "FAIL"}.get(leaf.status, leaf.status)
         if leaf.n_failed:
@@ -387,6 +403,9 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
         diag = leaf.diagnosis or ""
         if leaf.taylor_slope is not None:
             diag = (diag + "; " if diag else "") + f"Taylor slope {leaf.taylor_slope:.2f}"
+        if len(diag) > SHORT_DIAGNOSIS:
+            long.append((leaf.path, diag))
+            diag = "(below)"
         rows.append(
             (
                 leaf.path,
@@ -406,4 +425,4 @@ def _leaf_table(leaves: tuple[LeafReport, ...]) -> list[str]:
     for r in [header, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(r[:-1], widths)]
         out.append(("  " + "  ".join(cells) + "  " + r[-1]).rstrip())
-    return out
+    return out, long
