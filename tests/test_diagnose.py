@@ -193,6 +193,7 @@ def _build(seed: int = 0) -> dict[str, Case]:
         d.DENSE, g0, "W", g0["W"] + 0.1 * W, ["an extra L2 term (λ/m ≈ 0.1), e.g. on a bias"], path="layers[0].bias"
     )
     keep = d.rng.random((3, 6)) < 0.7
+    keep[2, 1] = False  # at least one dropped unit (else the rolled mask is the same: no bug planted)
     drop = {"x": d.DX, "W": d.DENSE["W"]}
     gd = _grads(lambda p: jnp.sum(jnp.tanh((p["x"] * keep / 0.7) @ p["W"]) * d.DY), drop)
     d_a = np.asarray(jax.grad(lambda a: jnp.sum(jnp.tanh(a @ d.DENSE["W"]) * d.DY))(d.DX * keep / 0.7))
