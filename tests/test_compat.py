@@ -186,3 +186,15 @@ def test_enable_x64_is_scoped():
     with compat.enable_x64(True):
         assert jnp.zeros(()).dtype == jnp.float64
     assert bool(jax.config.read("jax_enable_x64")) == before
+
+
+def test_two_traces_of_one_cost_read_the_same_where_a_callback_is_a_new_function():
+    # jax before 0.10.1 prints a callback's address in the jaxpr: the same cost traced twice
+    # (a fresh lambda each time) must still read as one program, or the check calls it random.
+    def cost(w):
+        z = jax.pure_callback(lambda a: np.cos(a), jax.ShapeDtypeStruct(w.shape, w.dtype), w)
+        return jnp.sum(z * w)
+
+    keep = [jax.make_jaxpr(cost)(jnp.ones(3)) for _ in range(2)]  # both alive: two addresses
+    assert compat.jaxpr_text(keep[0]) == compat.jaxpr_text(keep[1])
+    assert compat.jaxpr_text("<function f at 0x7f00aa>") == "<function f at 0xXXXXXX>"

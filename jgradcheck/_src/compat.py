@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -109,6 +110,16 @@ def subjaxprs(prm: Mapping[str, Any]) -> Iterator[Any]:
 
     for value in prm.values():
         yield from walk(value)
+
+
+_ADDRESS = re.compile(r" at 0x([0-9a-fA-F]+)")
+
+
+def jaxpr_text(jaxpr: Any) -> str:
+    """A jaxpr's text with object addresses masked (``<function f at 0xXXXX>``), as jax prints
+    it from 0.10.1 on; before, a callback or a reduction's ``lambda`` printed its address, so
+    two traces of the same cost read as two programs."""
+    return _ADDRESS.sub(lambda m: " at 0x" + "X" * len(m.group(1)), str(jaxpr))
 
 
 def has_subjaxprs(eqn: Any) -> bool:
