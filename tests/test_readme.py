@@ -43,4 +43,35 @@ def test_every_readme_block_runs_as_shown(capsys):
     assert "[jgradcheck] Assertion assert_grad_correct failed: layer 1" in out
     assert "jgradcheck: FAILED - your VJP disagrees with the numerical one in w" in out
     assert "constant factor: yours ≈ 0.5 × numerical (numerical ≈ 2 × yours)" in out
-    assert out.rstrip().endswith("True")  # the Hessian-vector product passes
+    # The Hessian-vector product, then the NNX, linen and equinox models pass.
+    assert [line for line in out.splitlines() if line in ("True", "False")] == ["True"] * 4
+
+
+def test_reading_a_report_explains_every_column_and_status():
+    import jgradcheck
+    from jgradcheck._src.report import _leaf_table
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Reading a report") : text.index("## Frameworks")]
+    report = jgradcheck.check_grad(
+        lambda p: (p["w"] ** 2).sum(), lambda p: {"w": 2 * p["w"]}, {"w": 1.0 + __import__("numpy").arange(3.0)}
+    )
+    header = _leaf_table(report.leaves)[0][0].split("  ")
+    for column in [c.strip() for c in header if c.strip()]:
+        assert f"`{column}`" in section, column
+    for word in (
+        "PASSED",
+        "FAILED",
+        "INCONCLUSIVE",
+        "FAIL (k)",
+        "inconclusive (k)",
+        "+k kink",
+        "not checked",
+        "× tolerance",
+        "near a kink",
+        "one-sided",
+        "allow_inconclusive",
+        "evaluated:",
+        "(below)",
+    ):
+        assert word in section, word
