@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 class Grade(enum.Enum):
     """The classic gradient-checking recipe's graded scale for the relative difference; each member carries its message."""
 
-    GREAT = "great (classic gradient-check scale: ~1e-7)"
-    DOUBLE_CHECK = "double-check (classic gradient-check scale: ~1e-5)"
-    BUG = "bug (classic gradient-check scale: >= 1e-3)"
+    GREAT = "great (classic scale: ~1e-7)"
+    DOUBLE_CHECK = "double-check (classic scale: ~1e-5)"
+    BUG = "bug (classic scale: >= 1e-3)"
 
     @classmethod
     def of(cls, difference: float) -> Grade:
@@ -302,7 +302,7 @@ class GradCheckReport:
     def __str__(self) -> str:
         lines = [self.summary()]
         lines.append(
-            f"  difference |numerical - yours| / (|numerical| + |yours|) = {self.difference:.2e}: {self.grade.value}"
+            f"  difference ‖numerical - yours‖ / (‖numerical‖ + ‖yours‖) = {self.difference:.2e}: {self.grade.value}"
         )
         if self.passed and self.grade is not Grade.GREAT:
             lines.append(
