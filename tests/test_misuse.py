@@ -2,8 +2,8 @@
 
 Misuse (called under jit, a donated array, an integer leaf in check_hvp, swapped or (loss, aux)
 costs, an option-named keyword) raises an error that names the argument and the fix; functions
-whose outputs hold ±inf/NaN are checked on their finite entries; costs that hard-code float32
-are checked without promotion, and the report says so.
+whose outputs hold ±inf/NaN are checked on their finite entries; costs that hard-code float32 or
+draw random masks are checked in float64 on the program as the user runs it (promote.py).
 """
 
 from __future__ import annotations
@@ -117,9 +117,11 @@ def test_variadic_reduce_with_typed_init_values():
         return lax.reduce((a, b), init, lambda x, y: (x[0] + y[0], x[1] * y[1]), (0,))
 
     r = jgradcheck.check_rules(f, 1.1 * jnp.ones((3, 4), jnp.float32), 0.9 * jnp.ones((3, 4), jnp.float32))
-    assert r.passed, r
-    assert any("promotion to float64 turned off" in w for w in r.warnings), r.warnings
-    assert "float32" in r.precision
+    assert r.status == "passed", r
+    # Checked in float64 on the program as run (its typed init values kept), not with promotion off.
+    assert any("widened to float64" in w for w in r.warnings), r.warnings
+    assert not any("promotion to float64 turned off" in w for w in r.warnings), r.warnings
+    assert r.precision.startswith("float64"), r.precision
 
 
 def _scan_cost(params, xs):
@@ -140,12 +142,14 @@ def _scan_problem():
     return params, jnp.asarray(rng.standard_normal((5, 3, 4)), jnp.float32)
 
 
-def test_scan_with_float32_carry_is_checked_without_promotion():
+@pytest.mark.parametrize("given", ["function", "values"])
+def test_scan_with_float32_carry_is_checked_in_float64(given):
     params, xs = _scan_problem()
-    r = jgradcheck.check_grad(_scan_cost, jax.grad(_scan_cost), params, xs)
-    assert r.passed, r
-    assert any("promotion to float64 turned off" in w and "scan" in w for w in r.warnings), r.warnings
-    assert "promotion to float64 off" in r.precision
+    grad = jax.grad(_scan_cost) if given == "function" else jax.grad(_scan_cost)(params, xs)
+    r = jgradcheck.check_grad(_scan_cost, grad, params, xs)
+    assert r.status == "passed", r
+    assert r.precision.startswith("float64 (your float32 program as traced"), r.precision
+    assert not any("promotion" in w for w in r.warnings), r.warnings
 
 
 def test_scan_with_float32_carry_still_catches_a_bug():
@@ -153,19 +157,58 @@ def test_scan_with_float32_carry_still_catches_a_bug():
 
     def wrong(p, xs):
         g = jax.grad(_scan_cost)(p, xs)
-        return {"U": g["U"], "W": 1.1 * g["W"]}
+        return {"U": g["U"], "W": 1.01 * g["W"]}
 
     r = jgradcheck.check_grad(_scan_cost, wrong, params, xs)
-    assert not r.passed
-    assert not next(row for row in r.leaves if row.path == "W").passed
+    assert r.status == "failed", r
+    assert [row.path for row in r.leaves if not row.passed] == ["W"]
 
 
-def test_numerical_grad_says_what_to_do_with_a_float32_carry():
+def test_numerical_grad_of_a_float32_carry():
     params, xs = _scan_problem()
-    with pytest.raises(TypeError, match="x64=False"):
-        jgradcheck.numerical_grad(_scan_cost, params, xs)
-    g = jgradcheck.numerical_grad(_scan_cost, params, xs, x64=False)
-    assert g["U"].shape == (8, 8)
+    g = jgradcheck.numerical_grad(_scan_cost, params, xs)
+    want = jax.grad(_scan_cost)(params, xs)
+    assert g["U"].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g["U"]), np.asarray(want["U"]), rtol=1e-4, atol=1e-5)
+
+
+# --- 9. dropout from a fixed key: the classic flow of a precomputed gradient -------------------
+
+
+def _dropout_problem(dtype: str):
+    rng = np.random.default_rng(4)
+    params = {"W1": _array(rng.standard_normal((4, 6)), dtype), "W2": _array(rng.standard_normal((6, 2)), dtype)}
+    X = _array(rng.standard_normal((10, 4)), dtype)
+
+    def cost(p, X, key):
+        h = jnp.tanh(X @ p["W1"])
+        keep = jax.random.uniform(key, h.shape) < 0.8  # the draw depends on the default float dtype
+        h = jnp.where(keep, h / 0.8, 0.0)
+        return jnp.mean((h @ p["W2"]) ** 2)
+
+    return cost, params, X
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("given", ["values", "function"])
+def test_precomputed_dropout_gradient_passes(dtype, given):
+    cost, params, X = _dropout_problem(dtype)
+    key = jax.random.PRNGKey(7)
+    with jax.enable_x64(dtype == "float64"):  # as the user runs it
+        grads = jax.grad(cost)(params, X, key)
+    r = jgradcheck.check_grad(cost, grads if given == "values" else jax.grad(cost), params, X, key)
+    assert r.status == "passed", r
+    assert r.precision.startswith("float64"), r.precision
+    assert not any("masks may differ" in w for w in r.warnings), r.warnings
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_gradient_from_another_key_fails(dtype):
+    cost, params, X = _dropout_problem(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        grads = jax.grad(cost)(params, X, jax.random.PRNGKey(8))  # the backward pass drew other masks
+    r = jgradcheck.check_grad(cost, grads, params, X, jax.random.PRNGKey(7))
+    assert r.status == "failed", r
 
 
 # --- 3. called under a JAX transformation -------------------------------------------------------

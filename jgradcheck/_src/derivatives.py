@@ -41,6 +41,7 @@ from jgradcheck._src.vector import (
     MSG_NO_PRIMALS,
     MSG_ORDER,
     jvp_yours,
+    real_primals,
     vector_check,
     vjp_yours,
 )
@@ -246,22 +247,29 @@ def _check_rule(
     """check_vjp and check_jvp: your ``rule`` (or JAX's own, with ``fn`` bound) through the vector walk."""
     if not primals:
         raise TypeError(MSG_NO_PRIMALS.format(fn=name, other="vjp_fn" if jax_rule is jax.vjp else "jvp_fn"))
-    if rule is jax_rule:
-        rule = functools.partial(jax_rule, fn)
 
-    def build(inputs, P, outs, U, fn_out):
-        return yours(rule, inputs, P, outs, U, fn_out)
+    def build_for(f: Callable[..., Any]) -> Callable[..., Any]:
+        bound = functools.partial(jax_rule, f) if rule is jax_rule else rule
 
-    return vector_check(name, what, fn, build, primals, (), cotangents, options)
+        def build(inputs, P, outs, U, fn_out):
+            return yours(bound, inputs, P, outs, U, fn_out)
+
+        return build
+
+    # JAX's own rules can be checked on fn widened to float64 as you run it (promote.py).
+    rebuild = build_for if rule is jax_rule else None
+    return vector_check(name, what, fn, build_for(fn), primals, (), cotangents, options, rebuild=rebuild)
 
 
 def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]) -> Callable[..., Any]:
     """JAX's first derivative of ``fn`` in ``mode``, along a fixed random direction, as a
     function of the primals (its own derivatives are JAX's second-order rules)."""
-    out = jax.eval_shape(fn, *primals)
+    with _wide_scope(primals):
+        out = jax.eval_shape(fn, *primals)
     rng = np.random.default_rng([seed, 0x2D])
     if mode == "rev":
-        ct = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), out)
+        # NumPy arrays: a float64 direction made outside x64 would be truncated to float32.
+        ct = jax.tree_util.tree_map(lambda s: np.asarray(rng.standard_normal(s.shape), s.dtype), out)
 
         @functools.wraps(fn)
         def rev(*p: Any) -> Any:
@@ -274,7 +282,7 @@ def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]
     tangent = tuple(
         jax.tree_util.tree_map(
             lambda x: (
-                jnp.asarray(rng.standard_normal(np.shape(x)), jnp.result_type(x))
+                np.asarray(rng.standard_normal(np.shape(x)), jnp.result_type(x))
                 if is_floating(x)
                 else np.zeros(np.shape(x), jax.dtypes.float0)
             ),
@@ -291,12 +299,18 @@ def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]
     return fwd
 
 
+def _wide_scope(primals: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
+    """x64 where some primal is float64: traced outside it, JAX would truncate them with a warning."""
+    from jgradcheck._src import compat
+
+    wide = any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(primals))
+    return compat.enable_x64(True) if wide else contextlib.nullcontext()
+
+
 def _has_custom_vjp(fn: Callable[..., Any], primals: Sequence[Any]) -> bool:
     from jgradcheck._src.jaxpr_scan import walk_eqns
 
-    # Float64 primals are traced as float64 (outside x64, JAX would truncate them with a warning).
-    wide = any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(primals))
-    with jax.enable_x64(True) if wide else contextlib.nullcontext():
+    with _wide_scope(primals):
         jaxpr = jax.make_jaxpr(fn)(*primals)
     return any(e.primitive.name.startswith("custom_vjp") for e in walk_eqns(jaxpr.jaxpr))
 
@@ -350,6 +364,8 @@ def check_rules(
         raise ValueError(MSG_MODES.format(modes=modes))
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(MSG_ORDER.format(order=order))
+    if "fwd" in modes:
+        real_primals("check_rules", fn, primals)
     seed = int(options.get("seed", 0))
     no_fwd = "fwd" in modes and _has_custom_vjp(fn, primals)
     reports, prefixes, notes = [], [], []

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgradcheck._src import numerics
+from jgradcheck._src import compat, numerics, promote
 from jgradcheck._src.delta import work
 from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, is_floating, path_str, split
@@ -101,8 +101,6 @@ class GradFn(Protocol):
 @contextlib.contextmanager
 def precision_scope(x64: bool):
     """Scoped precision: float64 if asked, and "highest" matmuls (no TF32 on GPUs, jax#11628)."""
-    from jgradcheck._src import compat  # only this function of problem.py reads JAX internals
-
     with contextlib.ExitStack() as stack:
         if x64:
             stack.enter_context(compat.enable_x64(True))  # jax.experimental's on jax 0.4
@@ -153,6 +151,9 @@ class Problem:
     precision: str
     batch_sizes: tuple[int, ...]
     trace: Any
+    # Your inputs as your program sees them, where the check runs that program widened
+    # (promote.py) instead of feeding it float64 inputs; your gradient then runs the same way.
+    as_run: tuple[list[Any], ...] | None = None
     _groups: list[tuple[int, ...]] | None = None
     _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -227,7 +228,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
     """Splits and promotes the inputs and traces the cost (no compilation: that comes once, later)."""
     if not callable(cost_fn):
         raise TypeError(MSG_NOT_CALLABLE.format(kind=type(cost_fn).__name__))
-    cost_fn = hashable(cost_fn)
+    cost_fn = user_cost = hashable(cost_fn)
     target = np.float64 if x64 else None
     layout, floats, arrays = split(params, "params", target, python_floats=True)
     if not floats:
@@ -235,13 +236,31 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         raise ValueError(MSG_NO_FLOAT.format(dtypes=", ".join(dtypes) or "none"))
     args_layout, arg_floats, arg_arrays = split(tuple(args), "args", target, python_floats=False)
     orig = tuple(
-        str(getattr(leaf, "dtype", "float32" if not jax.config.read("jax_enable_x64") else "float64"))
+        str(getattr(leaf, "dtype", "float64" if promote.user_x64() else "float32"))
         for leaf, k in zip(jax.tree_util.tree_leaves(params), layout.kinds)
         if k == "float"
     )
     dtype = jnp.result_type(*[f.dtype for f in floats])
     inputs = (floats, arrays, arg_floats, arg_arrays)
-    trace = _trace(cost_fn, layout, args_layout, inputs)
+    as_run = _as_run_inputs(params, args) if x64 else None
+    widened: str | None = None
+    try:
+        trace = _trace(cost_fn, layout, args_layout, inputs)
+    except TypeError as err:
+        if isinstance(err.__cause__, jax.errors.JAXTypeError):  # not traceable: MSG_UNTRACEABLE
+            raise
+        # Promotion changed the program (a float32 carry or init value, int64 next to int32):
+        # run the program as written, its arithmetic in float64.
+        built = _widened_or_none(cost_fn, layout, args_layout, inputs, as_run)
+        if built is None:
+            raise
+        (trace, cost_fn), widened = built, _first_lines(str(err), 1)
+    else:
+        if as_run is not None and promote.draws_random(trace):
+            # jax.random draws other bits for float64: keep the draws of the program as you run it.
+            built = _widened_or_none(cost_fn, layout, args_layout, inputs, as_run)
+            if built is not None:
+                (trace, cost_fn), widened = built, "random"
     out = trace.out_avals[0] if len(trace.out_avals) == 1 else None
     if out is None or out.shape != ():
         shape = out.shape if out is not None else f"a tuple of {len(trace.out_avals)} outputs"
@@ -249,12 +268,22 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         raise ValueError(MSG_NOT_SCALAR.format(shape=shape))
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(MSG_NOT_REAL.format(dtype=out.dtype))
-    if check_determinism and not all(
-        _same_trace(trace, _trace(cost_fn, layout, args_layout, inputs)) for _ in range(2)
-    ):
+
+    def again() -> Any:
+        if widened is None:
+            return _trace(cost_fn, layout, args_layout, inputs)
+        built = _widened_or_none(user_cost, layout, args_layout, inputs, as_run)
+        return built[0] if built is not None else trace
+
+    if check_determinism and not all(_same_trace(trace, again()) for _ in range(2)):
         raise ValueError(MSG_NONDETERMINISTIC_TRACE)
     kinds = sorted(set(orig))
-    if x64:
+    if x64 and widened is not None:
+        precision = (
+            f"float64 (your {', '.join(k for k in kinds if k != 'float64')} program as traced, its arithmetic "
+            f"widened to float64; {'random draws' if widened == 'random' else 'typed values'} as you run it)"
+        )
+    elif x64:
         precision = "float64" + (
             f" (promoted from {', '.join(k for k in kinds if k != 'float64')})" if kinds != ["float64"] else ""
         )
@@ -280,8 +309,57 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         precision,
         tuple(dict.fromkeys(batch)),
         trace,
+        as_run=as_run if widened is not None else None,
     )
     return problem
+
+
+def _as_run_inputs(params: PyTree, args: Sequence[Any]) -> tuple[list[Any], ...] | None:
+    """The inputs as your program sees them (your dtypes, your x64 setting), where promotion
+    would widen some floating input; None where every one is float64 already."""
+    # A float64 leaf means you run the program under x64 (a scoped jax.enable_x64, or the flag).
+    wide = any(getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves((params, args)))
+    with compat.enable_x64(wide or promote.user_x64()):
+        _, fl, ar = split(params, "params", None, python_floats=True)
+        _, afl, aar = split(tuple(args), "args", None, python_floats=False)
+    if all(np.dtype(x.dtype) in (np.float64, np.complex128) for x in (*fl, *afl)):
+        return None
+    return fl, ar, afl, aar
+
+
+def _widened_or_none(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple, as_run: Any) -> Any:
+    """The cost's program as you run it, its arithmetic widened to float64 (promote.py), traced
+    at the promoted ``inputs``; None where that cannot be built (the caller keeps its path)."""
+    if as_run is None:
+        return None
+
+    def f(fl, ar, af, aa):
+        return cost_fn(layout.merge(fl, ar), *args_layout.merge(af, aa))
+
+    try:
+        wide = promote.widened(f, *as_run)
+        return jax.make_jaxpr(wide)(*inputs), _as_cost(wide, layout, args_layout)
+    except Exception:  # noqa: BLE001 - the program as run fails too, or has a body promote.py cannot rebuild
+        return None
+
+
+def _as_cost(wide: Callable[..., Any], layout: Layout, args_layout: Layout) -> Callable[..., Any]:
+    """``J(params, *args)`` from the widened program over (floats, arrays, arg floats, arg arrays):
+    what reads ``problem.cost_fn`` (the measured rounding of a float32 gradient) then sees the same
+    program, the same random draws, as the check's evaluations."""
+
+    def parts(tree: PyTree, lay: Layout) -> tuple[list[Any], list[Any]]:
+        leaves = jax.tree_util.tree_leaves(tree)
+        return [x for x, k in zip(leaves, lay.kinds) if k == "float"], [
+            x for x, k in zip(leaves, lay.kinds) if k == "array"
+        ]
+
+    program = jax.jit(wide)  # one compiled program, not one dispatch per equation
+
+    def cost(params: PyTree, *args: Any) -> Any:
+        return program(*parts(params, layout), *parts(tuple(args), args_layout))
+
+    return hashable(cost)
 
 
 def _not_scalar(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> None:
@@ -380,6 +458,10 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
     """Calls your gradient jitted (one compile instead of one per operation in eager mode);
     falls back to eager execution if it is not traceable (Python control flow on values)."""
 
+    if problem.as_run is not None:
+        wide = _widened_grad(grad_fn, problem)
+        if wide is not None:
+            return wide
     try:
         small = sum(work(e) for e in problem.trace.jaxpr.eqns) < QUICK_GRAD_WORK
         jitted = _grad_jit_quick if small and jax.default_backend() == "cpu" else _grad_jit
@@ -390,6 +472,20 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
         jax.errors.TracerIntegerConversionError,
     ):
         return grad_fn(problem.params(), *problem.args())
+
+
+def _widened_grad(grad_fn, problem: Problem) -> PyTree | None:
+    """Your gradient run as the cost is (its program as you run it, arithmetic widened: the same
+    random draws); None where it cannot be traced so (then it runs on the promoted inputs)."""
+
+    def g(fl, ar, af, aa):
+        return _grad_call(grad_fn, problem.layout, problem.args_layout, fl, ar, af, aa)
+
+    try:
+        wide = promote.widened(g, *problem.as_run)
+        return jax.jit(wide)(*problem.inputs)
+    except Exception:  # noqa: BLE001 - not traceable as run: the promoted inputs' path says why
+        return None
 
 
 def user_gradient(grad_fn, problem: Problem) -> tuple[list[np.ndarray], list[float]]:

@@ -6,6 +6,7 @@ See :mod:`jgradcheck._src.derivatives` for what is checked and why through proje
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgradcheck._src import numerics
+from jgradcheck._src import numerics, promote
 from jgradcheck._src.check import check_grad, option_clashes, without_promotion_if_needed
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.problem import hashable, precision_scope
@@ -64,6 +65,16 @@ MSG_ALL_NONFINITE = (
     "difference. Check at primals where fn is finite (inside the domain of log, sqrt or asin; a mask that "
     "keeps some entries)."
 )
+MSG_WIDENED = (
+    "fn ran as traced at your inputs' dtypes with its arithmetic widened to float64: with float64 inputs its "
+    "program changes ({error}), as where it hard-codes a dtype (a float32 scan carry or init value)"
+)
+MSG_COMPLEX_PRIMAL = (
+    "{fn} checks forward mode on real inputs only, but {name} is {dtype}: a JVP's tangent of a complex input "
+    "is complex, and finite differences step its real and imaginary parts apart. Check reverse mode "
+    "(check_vjp, or check_rules(..., modes=('rev',))), or split the input: fn_ri = lambda re, im: "
+    "fn(jax.lax.complex(re, im)) at (jnp.real(z), jnp.imag(z))."
+)
 MSG_MODES = "modes must be a non-empty subset of ('fwd', 'rev'); got {modes!r}."
 MSG_ORDER = "order must be 1 or 2; got {order!r}."
 MSG_NO_FWD = (
@@ -94,6 +105,16 @@ def _check_options(fn: str, options: dict[str, Any]) -> None:
     for name in options:
         if name not in allowed:
             raise TypeError(MSG_OPTION.format(fn=fn, name=name, options=", ".join(allowed)))
+
+
+def real_primals(kind: str, fn: Callable[..., Any], primals: Sequence[Any]) -> None:
+    """A complex primal gets MSG_COMPLEX_PRIMAL, not JAX's float0 tangent error."""
+    inputs = _Inputs.of(fn, primals)
+    for k, p in enumerate(primals):
+        for path, x in jax.tree_util.tree_flatten_with_path(p)[0]:
+            if jnp.iscomplexobj(x):
+                name = inputs.label(k) + (path_str(path) if path else "")
+                raise TypeError(MSG_COMPLEX_PRIMAL.format(fn=kind, name=name, dtype=jnp.result_type(x)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,24 +551,77 @@ def vector_check(
     cotangents: int | None,
     options: dict[str, Any],
     out_name: str = "out",
+    rebuild: Callable[[Callable[..., Any]], Callable[..., _Yours]] | None = None,
 ) -> GradCheckReport:
     """The shared walk of every vector check (see the module docstring).
 
-    Outputs that are ±inf or NaN at the primals are left out (the report says how many); where
-    promotion to float64 breaks ``fn`` (a float32 init value or scan carry), the check runs again
-    without it and says so.
+    Outputs that are ±inf or NaN at the primals are left out (the report says how many). Where
+    promotion to float64 breaks ``fn`` (a float32 init value or scan carry) and the derivative
+    checked is JAX's own (``rebuild(fn)`` gives its ``build`` for another fn), fn is checked as
+    you run it with its arithmetic widened to float64 (promote.py); otherwise, or where that
+    cannot be done, the check runs again without promotion and says so.
     """
     _check_options(kind, options)
     if cotangents is not None and (isinstance(cotangents, bool) or not isinstance(cotangents, int) or cotangents < 1):
         raise ValueError(f"cotangents must be a positive integer or None; got {cotangents!r}.")
     check_live(kind, primals=tuple(primals), args=tuple(args))
+    if kind == "check_jvp":
+        real_primals(kind, fn, primals)
     option_clashes(kind, {"fn": fn}, (*primals, *args), {}, options)
 
-    def run(x64: bool) -> GradCheckReport:
+    def run(x64: bool, f: Callable[..., Any] = fn, b: Callable[..., _Yours] = build) -> GradCheckReport:
         opts = {**options, "x64": x64} if "x64" in options or not x64 else options
-        return _vector_check(fn, build, primals, args, cotangents, opts, out_name, what)
+        return _vector_check(f, b, primals, args, cotangents, opts, out_name, what)
 
-    return without_promotion_if_needed(run, bool(options.get("x64", True)), "fn", tuple(primals), tuple(args))
+    x64 = bool(options.get("x64", True))
+    if not x64 or rebuild is None:
+        return without_promotion_if_needed(run, x64, "fn", tuple(primals), tuple(args))
+    try:
+        return run(True)
+    except TypeError as e:
+        first = e
+    # Promotion changed fn's program (a float32 carry or init value, int64 beside int32 indices):
+    # check fn as you run it, its arithmetic widened to float64 (promote.py), with JAX's rules of that.
+    wide = _widened_fn(fn, primals, args)
+    if wide is not None:
+        try:
+            report = run(True, wide, rebuild(wide))
+        except Exception:  # noqa: BLE001 - fall back to the inputs' own dtypes below
+            pass
+        else:
+            return dataclasses.replace(report, warnings=(*report.warnings, MSG_WIDENED.format(error=_head(first))))
+    return without_promotion_if_needed(
+        lambda x64: _raise(first) if x64 else run(False), True, "fn", tuple(primals), tuple(args)
+    )
+
+
+def _raise(error: BaseException) -> Any:
+    raise error
+
+
+def _head(error: BaseException) -> str:
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def _widened_fn(fn: Callable[..., Any], primals: Sequence[Any], args: Sequence[Any]) -> Callable[..., Any] | None:
+    """fn as traced at your dtypes with its arithmetic widened, or None: no input to widen, a
+    custom rule (inlining it would check JAX's derivative instead of the rule), a body
+    promote.py cannot rebuild, or fn fails as you run it too."""
+    if all(
+        getattr(x, "dtype", None) in (np.float64, np.complex128)
+        for x in jax.tree_util.tree_leaves(primals)
+        if is_floating(x)
+    ):
+        return None
+    try:
+        closed, _ = promote.trace_as_run(fn, *primals, *args)
+        if promote.has_custom_rules(closed):
+            return None
+        wide = promote.widened(fn, *primals, *args)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    return functools.wraps(fn)(wide) if hasattr(fn, "__name__") else wide
 
 
 def _vector_check(
