@@ -136,3 +136,15 @@ def test_check_hvp_takes_only():
     p = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.5, -1.0])}
     assert jgradcheck.check_hvp(J, hvp, p, only="a").passed
     assert [leaf.path for leaf in jgradcheck.check_hvp(J, hvp, p, only="b").failed_leaves] == ["b"]
+
+
+def test_check_jvp_and_check_rules_take_only():
+    def f(x, w):
+        return jnp.sin(x * w)
+
+    x, w = jnp.array([0.3, 0.5]), jnp.array([1.0, 2.0])
+    report = jgradcheck.check_jvp(f, lambda p, t: jax.jvp(f, p, t), x, w, only="w")
+    assert report.passed and report.not_checked == ("x",)
+    report = jgradcheck.check_rules(f, x, w, only="w")
+    assert report.passed
+    assert report.not_checked == ("fwd:x", "rev:x")
