@@ -52,10 +52,11 @@ class Entry:
       status: ``"fail"``, ``"kink"`` (non-differentiable point; yours lies between the one-sided
         slopes ``left`` and ``right``), ``"inconclusive"`` (within a tolerance too coarse to
         see a 1% error), ``"nan"`` (J is NaN/Inf at every step tried) or ``"ok"``.
-      left: backward one-sided slope (kinks, at θ or within reach of the step).
-      right: forward one-sided slope (kinks, at θ or within reach of the step).
+      left: the slope on the left of θ (kinks at θ, or closer to θ than the step).
+      right: the slope on the right of θ (kinks at θ, or closer to θ than the step).
       how: how the entry was judged when the first step would not do: ``"smaller step"``,
-        ``"one-sided"`` (a domain edge), ``"kink nearby"`` (a kink within reach of the first
+        ``"larger step"`` (J's rounding hid the change over the first step),
+        ``"one-sided"`` (a domain edge), ``"kink nearby"`` (a kink closer to θ than the first
         step: judged with steps that stay on one side of it), or ``""``.
       output: for a Jacobian entry (vector checks), the output it is the derivative of, e.g.
         ``out[2, 1]``; ``yours`` and ``numerical`` are then ∂output/∂input.
