@@ -371,3 +371,52 @@ def test_no_ratio_against_a_numerical_zero():
     assert "×" not in (text or ""), text
     text = describe_leaf(numerical, yours, np.ones(3), (3,), 3)
     assert "×" not in (text or ""), text
+
+
+def _wide_target(dtype: str):
+    rng = np.random.default_rng(0)
+    X, Y = _array(rng.standard_normal((32, 6)), dtype), _array(rng.standard_normal((32, 3)), dtype)
+    params = {"W": _array(rng.standard_normal((6, 3)), dtype), "b": _array(np.zeros(3), dtype)}
+
+    def cost(p, X, Y):
+        return jnp.mean((X @ p["W"] + p["b"] - Y) ** 2)  # a mean over all 32 × 3 entries
+
+    def residual(p, X, Y):
+        return 2 * (X @ p["W"] + p["b"] - Y)
+
+    return cost, residual, params, X, Y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_size_label_is_what_the_cost_averages_over(dtype):
+    cost, residual, params, X, Y = _wide_target(dtype)
+
+    def per_row(p, X, Y):  # divides by the 32 rows where the cost divides by 96 entries
+        r = residual(p, X, Y) / X.shape[0]
+        return {"W": X.T @ r, "b": r.sum(0)}
+
+    r = jgradcheck.check_grad(cost, per_row, params, X, Y)
+    assert r.status == "failed", r
+    assert "m = 3" not in r.diagnosis, r.diagnosis  # 3 is Y's width, not a count the cost averages over
+    assert "averages over m = 96 entries, your gradient divides by 32" in r.diagnosis, r.diagnosis
+
+    def no_mean(p, X, Y):
+        r = residual(p, X, Y)
+        return {"W": X.T @ r, "b": r.sum(0)}
+
+    r = jgradcheck.check_grad(cost, no_mean, params, X, Y)
+    assert "batch size m = 96: a missing 1/m" in r.diagnosis, r.diagnosis
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_check_shows_the_derivative(dtype):
+    # Few outputs: each output in turn, scaled by 2 inside; the table shows erf'(1) itself.
+    r = jgradcheck.check_rules(lax.erf, _array(1.0, dtype))
+    assert r.status == "passed", r
+    want = 2 / np.sqrt(np.pi) * np.exp(-1.0)
+    for row in r.leaves:
+        assert row.worst.yours == pytest.approx(want, rel=1e-6), row
+        assert row.worst.numerical == pytest.approx(want, rel=1e-6), row
+    # Many outputs: projections on random cotangents, and the report says so.
+    r = jgradcheck.check_rules(lax.erf, _array(np.linspace(0.5, 1.0, 6), dtype))
+    assert "yours and numerical: uᵀJ" in r.mode, r.mode

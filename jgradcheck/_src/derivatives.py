@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,7 +68,21 @@ MSG_BWD_RETURN = (
 )
 
 
+def _timed(check: Callable[..., GradCheckReport]) -> Callable[..., GradCheckReport]:
+    """The report's ``seconds`` is the call's wall time (building yours, every projection's
+    check, locating failing outputs), not the sum of the scalar checks inside it."""
+
+    @functools.wraps(check)
+    def timed(*args: Any, **kwargs: Any) -> GradCheckReport:
+        start = time.perf_counter()
+        report = check(*args, **kwargs)
+        return dataclasses.replace(report, seconds=time.perf_counter() - start)
+
+    return timed
+
+
 @recorded
+@_timed
 def check_vjp(
     fn: Callable[..., Any],
     vjp_fn: Callable[..., Any] | tuple[Callable[..., Any], Callable[..., Any]],
@@ -200,6 +215,7 @@ def _zero_cotangent(primal: Any) -> Any:
 
 
 @recorded
+@_timed
 def check_jvp(
     fn: Callable[..., Any], jvp_fn: Callable[..., Any], *primals: Any, cotangents: int | None = None, **options: Any
 ) -> GradCheckReport:
@@ -316,6 +332,7 @@ def _has_custom_vjp(fn: Callable[..., Any], primals: Sequence[Any]) -> bool:
 
 
 @recorded
+@_timed
 def check_rules(
     fn: Callable[..., Any],
     *primals: Any,
@@ -394,6 +411,7 @@ def check_rules(
 
 
 @recorded
+@_timed
 def check_hvp(
     cost_fn: Callable[..., Any], hvp_fn: Callable[..., Any], params: PyTree, *args: Any, **options: Any
 ) -> GradCheckReport:

@@ -501,7 +501,12 @@ def describe_leaf(
 
 
 def common_factor(factors: list[float | None], batch_sizes: tuple[int, ...]) -> str | None:
-    """A finding across leaves: every leaf off by one common factor, e.g. a missing 1/m."""
+    """A finding across leaves: every leaf off by one common factor, e.g. a missing 1/m.
+
+    ``batch_sizes`` are the counts the cost averages over (``problem.averaged_counts``): only those
+    are called "the batch size m", and a factor that is m over another whole number k is a mean
+    over k entries where the cost takes it over m.
+    """
     if len(factors) < 2 or any(f is None for f in factors):
         return None
     fs = np.asarray(factors, dtype=np.float64)
@@ -514,4 +519,11 @@ def common_factor(factors: list[float | None], batch_sizes: tuple[int, ...]) -> 
             return msg + f", equal to the batch size m = {m}: a missing 1/m in your gradient (or an extra m)"
         if m > 1 and abs(c * m - 1) <= NEAR:
             return msg + f", 1/m with batch size m = {m}: your gradient divides by m twice, or the cost misses 1/m"
+    for m in batch_sizes:
+        k = m / c
+        if c > 1 and k > 1 and abs(k - round(k)) <= NEAR * k:
+            return msg + (
+                f": the cost averages over m = {m} entries, your gradient divides by {round(k)} (a mean over "
+                f"one axis where the cost's is over all {m}?)"
+            )
     return msg + ": a scale factor applied to the whole gradient"

@@ -289,11 +289,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         )
     else:
         precision = ", ".join(sorted({str(f.dtype) for f in floats})) + " (promotion to float64 off)"
-    batch: list[int] = []
-    for leaf in jax.tree_util.tree_leaves(args):
-        shape = getattr(leaf, "shape", ())
-        if shape:
-            batch += [int(shape[0]), int(shape[-1])]
+    batch = averaged_counts(trace)
     problem = Problem(
         cost_fn,
         layout,
@@ -307,11 +303,59 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         math.nan,
         dtype,
         precision,
-        tuple(dict.fromkeys(batch)),
+        batch,
         trace,
         as_run=as_run if widened is not None else None,
     )
     return problem
+
+
+# Unary steps between a sum and its division that keep it the same sum (a sign, a dtype).
+_SAME_SUM = {"neg", "convert_element_type", "copy", "copy_p"}
+
+
+def averaged_counts(closed: Any) -> tuple[int, ...]:
+    """The counts m the cost averages over: a ``reduce_sum`` divided by m (``jnp.mean``, or
+    ``jnp.sum(...) / m``), where m is the size of some of the summed axes. What a report may call
+    "the batch size m" (diagnose.common_factor), rather than any dimension of the data."""
+    from jgradcheck._src.jaxpr_scan import walk_eqns
+
+    made_by: dict[Any, Any] = {}
+    counts: list[int] = []
+    try:
+        eqns = list(walk_eqns(closed.jaxpr))
+    except Exception:  # noqa: BLE001 - an unfamiliar jaxpr: no count rather than a wrong one
+        return ()
+    for eqn in eqns:
+        for v in eqn.outvars:
+            made_by[v] = eqn
+    for eqn in eqns:
+        name = eqn.primitive.name
+        if name not in ("div", "mul") or len(eqn.invars) != 2 or not hasattr(eqn.invars[1], "val"):
+            continue
+        value = float(np.asarray(eqn.invars[1].val)) if np.size(eqn.invars[1].val) == 1 else math.nan
+        m = value if name == "div" else (1.0 / value if value else math.nan)
+        if not (math.isfinite(m) and m > 1 and abs(m - round(m)) < 1e-6 * m):
+            continue
+        src = made_by.get(eqn.invars[0])
+        while src is not None and src.primitive.name in _SAME_SUM:
+            src = made_by.get(src.invars[0])
+        if src is None or src.primitive.name != "reduce_sum":
+            continue
+        shape = tuple(getattr(src.invars[0].aval, "shape", ()))
+        axes = tuple(src.params.get("axes", ()))
+        sizes = [int(shape[a]) for a in axes if a < len(shape)]
+        if _product_of_some(sizes, round(m)):
+            counts.append(round(m))
+    return tuple(dict.fromkeys(counts))
+
+
+def _product_of_some(sizes: list[int], m: int) -> bool:
+    """Whether m is the product of some of ``sizes`` (the axes a mean divides by)."""
+    products = {1}
+    for n in sizes:
+        products |= {p * n for p in products}
+    return m in products
 
 
 def _as_run_inputs(params: PyTree, args: Sequence[Any]) -> tuple[list[Any], ...] | None:

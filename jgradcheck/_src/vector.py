@@ -675,8 +675,9 @@ def _vector_check(
         for j, r in enumerate(reports):
             o = int(rows[j])
             s = float(U[j, o])  # the cotangent's scale: the entries are s × J[o, i]
-            worst = tuple(
-                dataclasses.replace(
+
+            def entry(e: Entry, s: float = s, o: int = o) -> Entry:
+                return dataclasses.replace(
                     e,
                     yours=e.yours / s,
                     numerical=e.numerical / s,
@@ -685,16 +686,22 @@ def _vector_check(
                     right=e.right / s,
                     output=outs.name(o),
                 )
-                for e in r.worst
+
+            # Every value shown is the derivative itself, ∂out[o]/∂x[i]: the leaf rows too.
+            leaves = tuple(
+                dataclasses.replace(
+                    row, worst=None if row.worst is None else entry(row.worst), scale=row.scale / abs(s)
+                )
+                for row in r.leaves
             )
-            named.append(dataclasses.replace(r, worst=worst))
+            named.append(dataclasses.replace(r, worst=tuple(entry(e) for e in r.worst), leaves=leaves))
         merged = merge_reports(named, top_k=int(options.get("top_k", 10)))
         jac = tuple(e for e in merged.worst if e.status == "fail")
         how = f"; outputs one by one ({outs.size}: the full Jacobian entry by entry)"
     else:
         merged = merge_reports(reports, top_k=int(options.get("top_k", 10)))
         jac = _locate(merged, f, inputs, primals, args, outs, yours, x64, int(options.get("top_k", 10)), keep)
-        how = f"; {outs.size:,} outputs seen through {len(U)} random cotangents"
+        how = f"; {outs.size:,} outputs seen through {len(U)} random cotangents u (yours and numerical: uᵀJ)"
         if not merged.passed and yours.column is None:
             how += f" (too many outputs to name the output index: {outs.size:,} > {LOCATE_MAX_OUTPUTS:,})"
     # The custom-rule warnings of the scalar check speak of jax.grad of a cost: not what is checked here.
