@@ -54,7 +54,7 @@ def test_disabled_prints_nothing(stderr, capsys, tty):
     _overshoot(bar)
     assert s.getvalue() == ""
     assert capsys.readouterr() == ("", "")
-    assert bar.done == 800_020 and bar.total == 800_000 and not bar.enabled
+    assert bar.done == 800_020 and not bar.enabled
 
 
 def test_log_gets_a_few_plain_lines_that_never_pass_the_total(stderr):
@@ -68,9 +68,10 @@ def test_log_gets_a_few_plain_lines_that_never_pass_the_total(stderr):
     assert 2 <= len(lines) <= 11
     for line in lines:
         done, total = (int(x.replace(",", "")) for x in re.search(r"([\d,]+)/([\d,]+) evals", line).groups())
-        assert done <= total == 800_000
+        assert done <= total
     assert "-" not in out.replace("jgradcheck", "")  # no negative ETA
-    assert lines[-1].startswith("jgradcheck: 800,000/800,000 evals, done in")
+    # The second look's 20 evaluations are in the total.
+    assert lines[-1].startswith("jgradcheck: 800,020/800,020 evals, done in")
     assert "(10%)" in lines[0] and "(90%)" in lines[-2]
 
 
@@ -92,8 +93,8 @@ def test_terminal_without_tqdm_gets_the_one_line_bar(stderr, no_tqdm):
     out = s.getvalue()
     assert out.startswith("\rcheck [") and out.endswith("\n")
     last = out.strip().split("\r")[-1]
-    assert "800,000/800,000 evals" in last
-    assert "800,020" not in out
+    assert "800,020/800,020 evals" in last
+    assert "800,020/800,000" not in out
     assert "ETA -" not in out and "ETA 0.0 s" in last
 
 
@@ -108,6 +109,9 @@ def test_terminal_with_tqdm_uses_tqdm(stderr, monkeypatch):
         def update(self, n):
             self.n += n
 
+        def refresh(self):
+            pass
+
         def close(self):
             self.closed = True
 
@@ -117,7 +121,7 @@ def test_terminal_with_tqdm_uses_tqdm(stderr, monkeypatch):
     assert bar.kind == "tqdm"
     _overshoot(bar)
     (t,) = made
-    assert t.kw["total"] == 800_000 and t.n == 800_000 and t.closed  # clamped to the total
+    assert t.kw["total"] == 800_000 and t.total == 800_020 and t.n == 800_020 and t.closed  # the second look added
 
 
 def test_real_tqdm_on_a_terminal(stderr):
@@ -128,7 +132,7 @@ def test_real_tqdm_on_a_terminal(stderr):
     bar.update(600)
     bar.update(600)
     bar.close()
-    assert "1.00k/1.00k" in s.getvalue()
+    assert "1.20k/1.20k" in s.getvalue()  # the 200 beyond the plan are in the total
 
 
 def test_notebook_uses_tqdm_even_without_a_terminal(stderr, monkeypatch):
@@ -146,3 +150,31 @@ def test_close_twice_and_empty_total(stderr):
     bar.close()
     bar.close()
     assert s.getvalue().count("\n") == 1
+
+
+def test_second_look_announced_is_in_the_total(stderr, no_tqdm):
+    s = stderr(False)
+    bar = Progress(1000, enabled=True)
+    bar.update(1000)
+    bar.extend(500)  # a second look at suspect entries, planned once the first pass is in
+    bar.update(250)
+    bar.update(250)
+    bar.close()
+    out = s.getvalue()
+    assert "1,500/1,500 evals, done in" in out.splitlines()[-1]
+    assert "1,000/1,000" not in out  # the first pass was not shown as the end
+
+
+def test_eta_follows_the_recent_rate(monkeypatch, stderr):
+    clock = [0.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
+    stderr(False)
+    bar = Progress(2000, enabled=True)
+    for _ in range(10):  # 1,000 cheap evaluations in 10 s
+        clock[0] += 1.0
+        bar.update(100)
+    for _ in range(30):  # then 10 times costlier: 100 evaluations in 10 s
+        clock[0] += 1.0
+        bar.update(10)
+    # 700 left at 10 per second: 70 s, not the 700 × (40 s / 1,300) ≈ 22 s of the average since the start.
+    assert bar._eta(clock[0]) == pytest.approx(70.0)

@@ -6,13 +6,17 @@
 * otherwise (CI logs, files) a few plain lines, one per tenth of the work, with no carriage
   returns.
 
-Nothing is ever written unless ``enabled``. Counts shown never exceed the total: the engine
-may do more evaluations than planned (a second look at suspect entries), and a log that says
-"800,020/800,000" or "ETA -0.0s" helps no one.
+Nothing is ever written unless ``enabled``. The total is every evaluation the check does: the
+engine may do more than first planned (a second look at suspect entries), announced with
+:meth:`Progress.extend`, or found when they arrive (the total then grows to the count done:
+"800,020/800,000" or "ETA -0.0s" helps no one). The ETA is the work left at the rate measured
+over the recent work, not since the start: compilation, and leaves that cost more per entry than
+the first ones, would otherwise make it promise too little.
 """
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 from typing import Any, TextIO
@@ -21,6 +25,10 @@ from typing import Any, TextIO
 LINE_STEP = 0.1
 # Width of the built-in terminal bar, in characters.
 BAR_WIDTH = 30
+# The ETA's rate is measured over the updates of the last RATE_WINDOW_S seconds (at least the
+# last two): recent enough to follow a change in cost per evaluation, long enough to average
+# over the engine's blocks.
+RATE_WINDOW_S = 20.0
 
 
 def _isatty(stream: Any) -> bool:
@@ -52,10 +60,10 @@ class Progress:
     """Progress of ``total`` cost evaluations on stderr; silent unless ``enabled``.
 
     Attributes:
-      total: evaluations planned.
+      total: evaluations planned, second looks included (:meth:`extend`; never below ``done``
+        once shown).
       enabled: whether anything is shown.
-      done: evaluations reported so far through :meth:`update` (may pass ``total``; what is
-        shown is clamped to it).
+      done: evaluations reported so far through :meth:`update`.
       label: the prefix of every line.
       kind: ``"tqdm"``, ``"bar"`` (a terminal without tqdm), ``"lines"`` (not a terminal) or
         ``"off"``.
@@ -69,6 +77,7 @@ class Progress:
         self._shown = 0  # clamped count already shown (tqdm) or last tenth printed (lines)
         self._closed = False
         self._tqdm: Any = None
+        self._recent: collections.deque[tuple[float, int]] = collections.deque([(self.start, 0)])
         self.kind = "off"
         if not self.enabled:
             return
@@ -85,11 +94,24 @@ class Progress:
     def _clamped(self) -> int:
         return min(self.done, self.total)
 
+    def extend(self, n: int) -> None:
+        """Adds ``n`` evaluations to the total (a second look, planned once the first is in)."""
+        self.total += max(0, int(n))
+        if self.enabled and not self._closed and self.kind == "tqdm":
+            self._tqdm.total = self.total
+            self._tqdm.refresh()
+
     def update(self, n: int) -> None:
-        """Records ``n`` more evaluations and shows them."""
+        """Records ``n`` more evaluations and shows them (unannounced ones grow the total)."""
         self.done += int(n)
+        now = time.perf_counter()
+        self._recent.append((now, self.done))
+        while len(self._recent) > 2 and now - self._recent[1][0] > RATE_WINDOW_S:
+            self._recent.popleft()
         if not self.enabled or self._closed:
             return
+        if self.done > self.total:
+            self.extend(self.done - self.total)
         if self.kind == "tqdm":
             shown = self._clamped()
             if shown > self._shown:
@@ -101,8 +123,14 @@ class Progress:
             self._write_line()
 
     def _eta(self, elapsed: float) -> float:
-        frac = self._clamped() / max(1, self.total)
-        return max(0.0, elapsed * (1 - frac) / frac) if frac > 0 else float("nan")
+        """Seconds left: the evaluations left at the recent rate (see ``RATE_WINDOW_S``)."""
+        left = self.total - self._clamped()
+        if left <= 0:
+            return 0.0
+        (t0, d0), (t1, d1) = self._recent[0], self._recent[-1]
+        if d1 <= d0 or t1 <= t0:
+            return float("nan")
+        return left * (t1 - t0) / (d1 - d0)
 
     def _write_bar(self) -> None:
         elapsed = time.perf_counter() - self.start
