@@ -198,12 +198,17 @@ INTERPRET_ALWAYS = False
 SKIP_UNREAD = True
 COMPILE_SECONDS = 0.5
 # The measured guard (``Engine._race``): a delta group whose remaining evaluations would take
-# more than ``GUARD_SECONDS`` at its measured speed is timed against whole re-evaluation,
-# unless the work model puts the whole cost ``PROBE_FACTOR`` times slower than that measured
-# speed or more. The factor leaves room for the model's error: it counts attention about 4x
-# pessimistic (``_SPEED``'s comment), and 1.5x the whole cost's time is the most a check may take.
+# more than ``GUARD_SECONDS`` at its measured speed, and whose evaluations run no faster than
+# the work model's whole cost (``PROBE_RATIO`` x its multiply-adds at ``WORK_RATE``), is timed
+# against whole re-evaluation; whole re-evaluation takes over when it is ``SWITCH_MARGIN``
+# times faster (a check may take at most 1.5x its whole-cost time). Timing every group would
+# cost a compilation each: on a transformer block (2-core CPU, 2026-12-02) the attention
+# weights' delta programs ran within 1.0-1.3x of whole re-evaluation at 0.6-0.7x the model's
+# whole cost, and racing them added 5-7 s to a cold check; the conv_transpose kernel before
+# its rule was fixed ran 36x the model's whole cost.
 GUARD_SECONDS = 1.0
-PROBE_FACTOR = 8.0
+PROBE_RATIO = 1.0
+SWITCH_MARGIN = 1.5
 # Tests clear this to run the strategy the cost model chose without timing it.
 MEASURE_STRATEGIES = True
 # The clock the guard reads (tests replace it to decide a race without timing anything).
@@ -602,9 +607,9 @@ class Engine:
         whole cost it replaces (a per-perturbation kernel, which vmap makes a grouped
         convolution, ran a conv_transpose check 200x slower). So the delta program's first
         chunk is run (it compiles there) and its second timed. When the rest would take more
-        than ``GUARD_SECONDS`` and the model does not rule out that the whole cost under vmap
-        is faster (``PROBE_FACTOR``), whole re-evaluation is timed the same way, on its own
-        chunk size; the faster one at run speed (both programs are compiled by then) evaluates
+        than ``GUARD_SECONDS`` and runs no faster than the model's whole cost (``PROBE_RATIO``),
+        whole re-evaluation is timed the same way, on its own chunk size; it takes over when it
+        runs ``SWITCH_MARGIN`` times faster (both programs are compiled by then) and evaluates
         every entry of the call, so one call never mixes the two strategies' round-off. A
         delta program measured slower is dropped for this program (``_DROPPED``): later calls
         and checks re-evaluate the whole cost, and the report says why.
@@ -619,7 +624,7 @@ class Engine:
         second = self._blocks(group, "delta", idx[chunk : 2 * chunk], vals[chunk : 2 * chunk], progress)
         per_delta = max(_clock() - started, 0.0) / chunk
         rest = count - 2 * chunk
-        if rest * per_delta <= GUARD_SECONDS or self.total_work / WORK_RATE > PROBE_FACTOR * per_delta:
+        if rest * per_delta <= GUARD_SECONDS or per_delta < PROBE_RATIO * self.total_work / WORK_RATE:
             with self._lock:
                 _remember(_RACED, key, True)
                 _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
@@ -633,7 +638,7 @@ class Engine:
         started = _clock()
         whole.append(self._blocks(group, "vmap", idx[chunk_v : 2 * chunk_v], vals[chunk_v : 2 * chunk_v], quiet))
         per_whole = max(_clock() - started, 0.0) / chunk_v
-        dropped = (count - 2 * chunk_v) * per_whole < rest * per_delta
+        dropped = SWITCH_MARGIN * (count - 2 * chunk_v) * per_whole < rest * per_delta
         with self._lock:
             _remember(_RACED, key, True)
             _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
