@@ -10,7 +10,6 @@ import dataclasses
 import enum
 import math
 import os
-import textwrap
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -351,17 +350,16 @@ class GradCheckReport:
         return "\n".join(lines)
 
 
-# Report lines fit this many columns (the leaf table may be wider; its long diagnoses go below it).
-WIDTH = 100
 # A diagnosis longer than this is written below the table, not in its row.
 SHORT_DIAGNOSIS = 48
 
 
 def _wrap(text: str) -> list[str]:
-    """One prose line of the report: indented by two, wrapped at WIDTH, continued by four."""
-    return textwrap.wrap(
-        text, WIDTH, initial_indent="  ", subsequent_indent="    ", break_long_words=False, break_on_hyphens=False
-    ) or [""]
+    """One prose line of the report, indented by two.
+
+    Not wrapped: a phrase of a note or warning stays on one line, where a search finds it.
+    """
+    return ["  " + text]
 
 
 def _fmt(x: float) -> str:
