@@ -519,8 +519,10 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
 
 
 def _widened_grad(grad_fn, problem: Problem) -> PyTree | None:
-    """Your gradient run as the cost is (its program as you run it, arithmetic widened: the same
-    random draws); None where it cannot be traced so (then it runs on the promoted inputs)."""
+    """Your gradient run as the cost is: its program as you run it with the arithmetic widened
+    (the same random draws); where it cannot be traced so (Python control flow on values), run
+    as you run it, on your inputs in your dtypes (the same draws, your dtype's rounding: judged
+    as a precomputed gradient is). None where neither runs (then the promoted inputs' path says why)."""
 
     def g(fl, ar, af, aa):
         return _grad_call(grad_fn, problem.layout, problem.args_layout, fl, ar, af, aa)
@@ -528,7 +530,13 @@ def _widened_grad(grad_fn, problem: Problem) -> PyTree | None:
     try:
         wide = promote.widened(g, *problem.as_run)
         return jax.jit(wide)(*problem.inputs)
-    except Exception:  # noqa: BLE001 - not traceable as run: the promoted inputs' path says why
+    except Exception:  # noqa: BLE001 - not traceable: run it as you do
+        pass
+    wide64 = any(getattr(x, "dtype", None) == np.float64 for x in problem.as_run[0] + problem.as_run[2])
+    try:
+        with compat.enable_x64(wide64 or promote.user_x64()):
+            return g(*problem.as_run)
+    except Exception:  # noqa: BLE001 - see the docstring
         return None
 
 
