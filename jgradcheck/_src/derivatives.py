@@ -351,6 +351,11 @@ def check_rules(
     ``rev2:x``, ``fwd2:x``. A function with a ``custom_vjp`` rule has no forward mode: ``"fwd"``
     is then skipped with a warning (its reverse rule is still checked).
 
+    Where feeding float64 inputs changes ``fn``'s program (a float32 scan carry, typed init values
+    of a reduction, a Python int beside int32 indices), ``fn`` is checked as traced at your inputs'
+    dtypes with its arithmetic widened to float64 (JAX's rules of that program), and
+    ``report.warnings`` says so. Complex primals are checked in reverse mode only.
+
     Args:
       fn: ``fn(*primals)`` returning a pytree of real floating arrays.
       *primals: the point to check at.

@@ -2,7 +2,10 @@
 
 The first stage of a check. ``prepare`` splits ``params`` and ``args`` into floating leaves
 (perturbed, promoted to float64 under x64) and the rest (integer leaves, PRNG keys: carried
-along untouched) and traces the cost once (and twice more for the determinism check);
+along untouched) and traces the cost once (and twice more for the determinism check). Where
+float64 inputs would change the cost's program (it draws random masks, whose bits depend on the
+dtype; a float32 carry or init value no longer fits), the cost is traced as you run it and its
+arithmetic widened instead (promote.py), and your gradient function runs the same way;
 ``Problem.groups`` groups the leaves for compilation when first read. ``user_gradient`` calls
 your gradient (jitted when it can be) and validates it leaf by leaf against ``params``.
 """
