@@ -164,6 +164,47 @@ def test_scan_with_float32_carry_still_catches_a_bug():
     assert [row.path for row in r.leaves if not row.passed] == ["W"]
 
 
+def _scan_layer(w, xs):
+    def step(h, x):
+        h = jnp.tanh(h * w + x)
+        return h, h
+
+    return lax.scan(step, jnp.zeros(3, jnp.float32), xs)[1]
+
+
+@pytest.mark.parametrize("kind", ["vjp", "pair", "jvp"])
+def test_hand_written_rule_of_a_float32_carry(kind):
+    w = jnp.array([0.5, -0.3, 0.8], jnp.float32)
+    xs = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32)
+
+    def vjp(w, xs, scale=1.0):
+        out, pullback = jax.vjp(_scan_layer, w, xs)
+        return out, lambda c: (scale * pullback(c)[0], pullback(c)[1])
+
+    def fwd(w, xs):
+        return vjp(w, xs)
+
+    def bwd(res, c):
+        return res(c)
+
+    def bad_jvp(p, t):  # 1% off along w's tangent
+        along_w = jax.jvp(_scan_layer, p, (t[0], jnp.zeros_like(t[1])))[1]
+        return _scan_layer(*p), 1.01 * along_w + jax.jvp(_scan_layer, p, (jnp.zeros_like(t[0]), t[1]))[1]
+
+    if kind == "jvp":
+        check, good, bad = jgradcheck.check_jvp, lambda p, t: jax.jvp(_scan_layer, p, t), bad_jvp
+    elif kind == "pair":
+        check, good, bad = jgradcheck.check_vjp, (fwd, bwd), (lambda w, xs: vjp(w, xs, 1.01), bwd)
+    else:
+        check, good, bad = jgradcheck.check_vjp, vjp, functools.partial(vjp, scale=1.01)
+    r = check(_scan_layer, good, w, xs)
+    assert r.status == "passed", r
+    assert any("widened to float64" in x for x in r.warnings), r.warnings
+    r = check(_scan_layer, bad, w, xs)
+    assert r.status == "failed", r
+    assert [leaf.path for leaf in r.failed_leaves] == ["w"]
+
+
 def test_numerical_grad_of_a_float32_carry():
     params, xs = _scan_problem()
     g = jgradcheck.numerical_grad(_scan_cost, params, xs)

@@ -272,9 +272,42 @@ def _check_rule(
 
         return build
 
-    # JAX's own rules can be checked on fn widened to float64 as you run it (promote.py).
-    rebuild = build_for if rule is jax_rule else None
+    def rebuild(wide_fn: Callable[..., Any]) -> Callable[..., Any]:
+        # fn widened to float64 as you run it (promote.py): JAX's own rules of it, or yours
+        # widened the same way (the same program, random draws, typed values).
+        if rule is jax_rule:
+            return build_for(wide_fn)
+        wide_rule = _widened_rule(rule, jax_rule, fn, primals)
+
+        def build(inputs, P, outs, U, fn_out):
+            return yours(wide_rule, inputs, P, outs, U, fn_out)
+
+        return build
+
+    rebuild.custom_ok = rule is not jax_rule  # type: ignore[attr-defined]
     return vector_check(name, what, fn, build_for(fn), primals, (), cotangents, options, rebuild=rebuild)
+
+
+def _widened_rule(
+    rule: Callable[..., Any], jax_rule: Callable[..., Any], fn: Callable[..., Any], primals: Sequence[Any]
+) -> Callable[..., Any]:
+    """Your rule as traced at your inputs' dtypes, its arithmetic widened (promote.py): a JVP as one
+    function of (primals, tangents); a VJP as its output and its pullback, each a function of the
+    primals (and the cotangent). Raises where it cannot be traced so (the check then falls back)."""
+    from jgradcheck._src import promote
+
+    tangents = tuple(_zero_cotangent(p) for p in primals)
+    if jax_rule is jax.jvp:
+        return promote.widened(rule, tuple(primals), tangents)
+    out = jax.eval_shape(fn, *primals)
+    ct = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), out)
+    wide_out = promote.widened(lambda *p: rule(*p)[0], *primals)
+    wide_pull = promote.widened(lambda p, c: tuple(rule(*p)[1](c)), tuple(primals), ct)
+
+    def vjp_fn(*p: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
+        return wide_out(*p), lambda c: wide_pull(tuple(p), c)
+
+    return vjp_fn
 
 
 def _order2(fn: Callable[..., Any], mode: str, seed: int, primals: Sequence[Any]) -> Callable[..., Any]:

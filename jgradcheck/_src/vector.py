@@ -66,8 +66,9 @@ MSG_ALL_NONFINITE = (
     "keeps some entries)."
 )
 MSG_WIDENED = (
-    "fn ran as traced at your inputs' dtypes with its arithmetic widened to float64: with float64 inputs its "
-    "program changes ({error}), as where it hard-codes a dtype (a float32 scan carry or init value)"
+    "fn (and your rule with it) ran as traced at your inputs' dtypes with its arithmetic widened to float64: "
+    "with float64 inputs its program changes ({error}), as where it hard-codes a dtype (a float32 scan carry "
+    "or init value)"
 )
 MSG_COMPLEX_PRIMAL = (
     "{fn} checks forward mode on real inputs only, but {name} is {dtype}: a JVP's tangent of a complex input "
@@ -582,7 +583,7 @@ def vector_check(
         first = e
     # Promotion changed fn's program (a float32 carry or init value, int64 beside int32 indices):
     # check fn as you run it, its arithmetic widened to float64 (promote.py), with JAX's rules of that.
-    wide = _widened_fn(fn, primals, args)
+    wide = _widened_fn(fn, primals, args, custom_ok=getattr(rebuild, "custom_ok", False))
     if wide is not None:
         try:
             report = run(True, wide, rebuild(wide))
@@ -604,10 +605,13 @@ def _head(error: BaseException) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-def _widened_fn(fn: Callable[..., Any], primals: Sequence[Any], args: Sequence[Any]) -> Callable[..., Any] | None:
+def _widened_fn(
+    fn: Callable[..., Any], primals: Sequence[Any], args: Sequence[Any], custom_ok: bool = False
+) -> Callable[..., Any] | None:
     """fn as traced at your dtypes with its arithmetic widened, or None: no input to widen, a
-    custom rule (inlining it would check JAX's derivative instead of the rule), a body
-    promote.py cannot rebuild, or fn fails as you run it too."""
+    custom rule where JAX's derivative of fn is what is checked (inlining it would check JAX's
+    derivative instead of the rule; ``custom_ok`` where yours is checked against fn's values),
+    a body promote.py cannot rebuild, or fn fails as you run it too."""
     if all(
         getattr(x, "dtype", None) in (np.float64, np.complex128)
         for x in jax.tree_util.tree_leaves(primals)
@@ -616,7 +620,7 @@ def _widened_fn(fn: Callable[..., Any], primals: Sequence[Any], args: Sequence[A
         return None
     try:
         closed, _ = promote.trace_as_run(fn, *primals, *args)
-        if promote.has_custom_rules(closed):
+        if promote.has_custom_rules(closed) and not custom_ok:
             return None
         wide = promote.widened(fn, *primals, *args)
     except Exception:  # noqa: BLE001 - see the docstring
