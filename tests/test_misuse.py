@@ -205,6 +205,23 @@ def test_hand_written_rule_of_a_float32_carry(kind):
     assert [leaf.path for leaf in r.failed_leaves] == ["w"]
 
 
+def test_hvp_of_a_float32_carry():
+    params, xs = _scan_problem()
+    hvp = jax.jit(lambda p, v, xs: jax.jvp(lambda q: jax.grad(_scan_cost)(q, xs), (p,), (v,))[1])
+    r = jgradcheck.check_hvp(_scan_cost, hvp, params, xs)
+    assert r.status == "passed", r
+    assert any("widened to float64" in x for x in r.warnings), r.warnings
+
+    def bad(p, v, xs):
+        out = hvp(p, v, xs)
+        return {"U": out["U"], "W": 1.01 * out["W"]}
+
+    r = jgradcheck.check_hvp(_scan_cost, bad, params, xs)
+    assert r.status == "failed", r
+    # H's rows of W are off: in the columns of U and W alike, at the outputs grad.W only.
+    assert r.jacobian and all(e.output.startswith("grad.W[") for e in r.jacobian), r.jacobian
+
+
 def test_numerical_grad_of_a_float32_carry():
     params, xs = _scan_problem()
     g = jgradcheck.numerical_grad(_scan_cost, params, xs)

@@ -504,8 +504,29 @@ def check_hvp(
     def build(inputs, P, outs, U, fn_out):
         return jvp_yours(jvp_fn, inputs, P, outs, U, fn_out)
 
+    def rebuild(wide_fn: Callable[..., Any]) -> Callable[..., Any]:
+        # A cost that hard-codes float32: the gradient and your H·v widened as you run them.
+        from jgradcheck._src import promote
+
+        wide_jvp = promote.widened(jvp_fn, (params,), (_zero_cotangent(params),))
+
+        def build(inputs, P, outs, U, fn_out):
+            return jvp_yours(wide_jvp, inputs, P, outs, U, fn_out)
+
+        return build
+
+    rebuild.custom_ok = True  # type: ignore[attr-defined]
     return vector_check(
-        "check_hvp", "your Hessian-vector product", gradient, build, (params,), args, cotangents, options, "grad"
+        "check_hvp",
+        "your Hessian-vector product",
+        gradient,
+        build,
+        (params,),
+        args,
+        cotangents,
+        options,
+        "grad",
+        rebuild=rebuild,
     )
 
 
