@@ -6,8 +6,10 @@ what it must give. JAX's rules are right, so every case must pass, in float32 an
 the default promotion to float64; an operation the checks cannot take (a complex output) must
 raise the error that says what to do.
 
-The CI subset (``CI``, marked ``ci`` below) runs in every suite; the whole list when
-``JGRADCHECK_OPLIST=all`` is set (about three minutes on a 2-core CPU).
+Every case goes through check_rules (forward and reverse, some to order 2) and check_grad of a
+scalar cost built on it; a few hand-written rules through check_vjp and check_jvp. The CI subset
+(``ci=True``, about a minute on a 2-core CPU) runs in every suite; the whole list (about five
+minutes) with ``JGRADCHECK_OPLIST=all``.
 """
 
 from __future__ import annotations
@@ -323,6 +325,38 @@ def test_jax_rules_pass(case: Case, dtype: str):
     assert report.status == "passed", report
     # Checked in float64: promotion did not have to be turned off.
     assert not any("promotion to float64 turned off" in w for w in report.warnings), report.warnings
+
+
+# check_grad of a scalar cost built on each operation, against jax.grad: the promotion-sensitive
+# ones in CI (typed values, carries, literal indices), every one with JGRADCHECK_OPLIST=all.
+GRAD_CI = {"variadic_reduce", "scan_mixed", "dynamic_slice_literal_index", "cond", "reduce_window_max_inf", "rem"}
+GRAD_PARAMS = [
+    pytest.param(
+        c, d, id=f"{c.name}-{d}", marks=() if c.name in GRAD_CI or ALL else pytest.mark.skip("JGRADCHECK_OPLIST=all")
+    )
+    for c in CASES
+    for d in c.dtypes
+    if "rev" in c.modes
+]
+
+
+@pytest.mark.parametrize(("case", "dtype"), GRAD_PARAMS)
+def test_check_grad_of_jax_grad_passes(case: Case, dtype: str):
+    primals = _inputs(case, dtype)
+    floats = [k for k, x in enumerate(primals) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+    def cost(params, *others):
+        full = list(others)
+        for k, x in zip(floats, params):
+            full.insert(k, x)
+        leaves = jax.tree_util.tree_leaves(case.fn(*full))
+        # Finite outputs only (±inf where a window sees only padding), weighted so that none cancels.
+        return sum(jnp.sum(jnp.where(jnp.isfinite(y), jnp.sin(y) + 0.5 * y, 0.0)) for y in leaves)
+
+    params = [primals[k] for k in floats]
+    others = [x for k, x in enumerate(primals) if k not in floats]
+    report = jgradcheck.check_grad(cost, jax.grad(cost), params, *others)
+    assert report.status == "passed", report
 
 
 # Hand-written rules of a few of the operations above: check_vjp and check_jvp take them.
