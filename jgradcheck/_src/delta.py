@@ -13,8 +13,10 @@ cheap where the algebra allows:
 * linear operations (add, sub, neg, products with one dense delta, reductions, broadcasts,
   reshapes, selects) apply to the delta alone;
 * a convolution with a one-hot kernel entry changes one output channel: the input channel it
-  reads, shifted to that kernel position; one changed input channel (a slab) needs only that
-  channel's kernel slice (a sum over kernel positions);
+  reads, shifted to that kernel position (for a transposed convolution, of the dilated input);
+  one changed input channel (a slab) needs only that channel's kernel slice (a sum over kernel
+  positions). No rule convolves with a kernel that moves with the perturbation: under vmap
+  that is a grouped convolution, far slower on CPU than the whole cost (``grouped_work``);
 * a broadcast bias entry is a slab (one channel, one column), kept through bias adds,
   elementwise operations (also between two changes in the same slab, as x and x³ in GELU),
   reshapes that keep its axis, products and sums;

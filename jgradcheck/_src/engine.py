@@ -7,7 +7,10 @@ batched small ones. By default each perturbation goes through the delta interpre
 (``delta.py``), which computes only what the perturbation changes; a group whose change is
 dense through nearly all of J outside loops re-evaluates the whole cost instead, as the
 ``"vmap"`` strategy does everywhere (``Engine.ran`` records, per leaf, which ran; measured
-against each other in ``benchmarks/``). Evaluations run in chunks of ``chunk`` perturbations under
+against each other in ``benchmarks/``). So does a group whose delta program would run grouped
+convolutions the whole cost does not (``delta.grouped_work``), or whose delta program is timed
+slower than whole re-evaluation on its first chunks (``Engine._race``): a rule never makes a
+check much slower than re-evaluating the whole cost (``benchmarks/results_pathology.md``). Evaluations run in chunks of ``chunk`` perturbations under
 ``jax.lax.map``, so memory stays bounded by one chunk (never an n x n matrix), and in blocks of
 fixed shape per chunk size that compute only the chunks a call needs, so a progress bar can
 tick and every call of a group (the first pass, second looks, re-checks at new values) reuses
