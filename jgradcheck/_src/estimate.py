@@ -9,6 +9,7 @@ bugs. ``schedule.check_leaves`` runs the groups.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -253,7 +254,49 @@ def _search(
     return out
 
 
-def quantum_floor(noise: float, path_eps: np.ndarray, j0: float, vals: np.ndarray) -> np.ndarray:
+def path_noise(
+    engine: Engine, problem: Problem, group: tuple[int, ...], idx: np.ndarray, path_eps: np.ndarray, progress: Progress
+) -> np.ndarray:
+    """J's noise measured along each leaf of ``group`` whose path to J narrows (per entry of
+    ``idx``; NaN where none was measured or the leaf's path is as fine as the check).
+
+    Why: a float32 softmax inside a float64 check adds float32 round-off to J, but J's values are
+    float64: not a grid of spacing eps32·|J| but noise, usually a fraction of it (only part of J
+    passes through the narrow section). ECnoise on one-sided lines along one coordinate of the
+    leaf (``numerics.ecnoise``, at the first spacing whose lines look like noise) measures it. A
+    line that does not look like noise (a bfloat16 cast of J itself leaves J's values on a grid:
+    most of them equal) measures nothing, and the floor eps·|J| stands.
+    """
+    base = numerics.machine_eps(problem.dtype)
+    cache = problem.__dict__.setdefault("_path_noise", {})
+    sizes = np.array([int(problem.floats[i].size) for i in group])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+    out = np.full(np.asarray(idx).size, np.nan)
+    todo = [j for j, i in enumerate(group) if np.any((leaf == j) & (path_eps > base)) and i not in cache]
+    if todo:
+        theta = np.concatenate([problem.host(i) for i in group])
+        flat, pts = [], []
+        for j in todo:
+            at = starts[j] + int(np.argmax(np.abs(problem.host(group[j]))))  # a coordinate J surely reads
+            t = abs(float(theta[at]))
+            for f in numerics.NOISE_SPACING_FACTORS:
+                line = f * numerics.noise_spacing(problem.dtype) * max(1.0, t) * np.arange(1, 10)
+                flat.append(np.full(9, at))
+                pts.append((theta[at] + line).astype(theta.dtype))
+        vals = engine.costs(group, np.concatenate(flat), np.concatenate(pts), progress).reshape(len(todo), -1, 9)
+        for j, lines in zip(todo, vals):
+            found = [numerics.ecnoise(v) for v in lines if numerics.looks_like_noise(v)]
+            cache[group[j]] = found[0] if found else math.nan
+    for j, i in enumerate(group):
+        if i in cache:
+            out[leaf == j] = cache[i]
+    return out
+
+
+def quantum_floor(
+    noise: float, path_eps: np.ndarray, j0: float, vals: np.ndarray, measured: np.ndarray | None = None
+) -> np.ndarray:
     """Each entry's noise level: J's probed noise, and never below the spacing of J's values in
     the dtype J is computed in along the entry's path (a float32 softmax or a bfloat16 section in a
     float64 check: ``precision.path_precision``).
@@ -266,7 +309,10 @@ def quantum_floor(noise: float, path_eps: np.ndarray, j0: float, vals: np.ndarra
     v = np.abs(np.concatenate([[j0], np.ravel(vals)]))
     v = v[np.isfinite(v)]
     mag = float(np.max(v)) if v.size else 0.0
-    return np.maximum(noise, np.asarray(path_eps, np.float64) * mag)
+    floor = np.asarray(path_eps, np.float64) * mag
+    if measured is not None:  # J's noise measured along the narrow path (``path_noise``) replaces the floor
+        floor = np.where(np.isfinite(measured), measured, floor)
+    return np.maximum(noise, floor)
 
 
 def _coarse(fd_tol: np.ndarray, numerical: np.ndarray, g_scale: np.ndarray) -> np.ndarray:
@@ -337,7 +383,9 @@ def check_entries(
     if isinstance(noise, NoiseBox):
         noise = noise.deliver(all_vals[n_main:]) if carries_probe else noise.get()
     vals = all_vals[:n_main].reshape(len(offsets), k)
-    nz = quantum_floor(noise, path_eps, problem.j0, vals)
+    narrow = path_eps > numerics.machine_eps(dtype)
+    measured = path_noise(engine, problem, group, idx, path_eps, progress) if narrow.any() else None
+    nz = quantum_floor(noise, path_eps, problem.j0, vals, measured)
     g, g_eps, g_scale = yours()
     J = dict(zip(offsets, vals))
     P = dict(zip(offsets, pts.astype(np.float64).reshape(len(offsets), k)))
@@ -351,8 +399,12 @@ def check_entries(
         w = numerics.STENCILS[opts.method][1]
         numerical = sum(wi * J[o] for o, wi in zip(offsets, w)) / h
     roundoff = nz * numerics.roundoff_factor(opts.method) / h
-    floor = np.maximum(
-        numerics.grad_rounding(g, g_eps, g_scale), precision.entry_grad_rounding(problem, group, idx, g_eps)
+    floor = np.maximum.reduce(
+        [
+            numerics.grad_rounding(g, g_eps, g_scale),
+            precision.entry_grad_rounding(problem, group, idx, g_eps),
+            numerics.section_rounding(g, max(precision.path_precision(problem).eps, default=0.0), g_scale),
+        ]
     )
     fd_tol = opts.safety * roundoff
     unread = engine.unread(group)

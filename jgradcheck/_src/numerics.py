@@ -99,6 +99,20 @@ def grad_rounding(g: np.ndarray, g_eps: np.ndarray, scale: np.ndarray) -> np.nda
     return entry * np.abs(g) + rel * np.asarray(scale, np.float64)
 
 
+def section_rounding(g: np.ndarray, section_eps: float, scale: np.ndarray) -> np.ndarray:
+    """What a narrow section anywhere in J (a float32 softmax in a float64 check) leaves in any
+    gradient of J: one ulp of that dtype, relative to the entry and to its leaf's scale.
+
+    Why: such a J is defined only to that precision. Your gradient's program rounds the section's
+    values differently from the check's programs (another fusion, another order of the softmax's
+    sums), so every leaf whose gradient reads them, upstream or downstream, differs by a fraction of
+    an ulp of the section's dtype (measured: up to 0.3 ulp of float32 on a transformer block's MLP,
+    output and value weights, relative to the leaf's largest entry). Errors below one ulp of the
+    section cannot be told from that: 1e-7 of a float64 leaf behind a float32 softmax is not seen.
+    """
+    return section_eps * (np.abs(g) + np.asarray(scale, np.float64))
+
+
 # ... and at 4h, 16h, ... 4^6 h: where J's noise is far above what the step was chosen for (a
 # gradient ~1e-9 of J near a minimum, a cost quantized by cancellation), the best step is larger
 # than ∛eps; steps that adapt go up as far as truncation (and ``step_cap``) allows.

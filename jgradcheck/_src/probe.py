@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from jgradcheck._src import numerics
+from jgradcheck._src import numerics, precision
 from jgradcheck._src.engine import Engine
 from jgradcheck._src.problem import MSG_NONDETERMINISTIC, MSG_NONFINITE, Problem
 
@@ -50,11 +50,14 @@ def probe_entries(
     mask) would show no noise at all: the coordinates are drawn from the others."""
     theta = np.concatenate([problem.host(i) for i in group])
     rng = np.random.default_rng(seed)
-    if unread is not None and not unread.all():
-        read = np.flatnonzero(~unread)
-        js = read[rng.choice(read.size, size=2, replace=read.size < 2)]
-    else:
-        js = rng.choice(theta.size, size=2, replace=theta.size < 2)
+    pool = np.ones(theta.size, bool) if unread is None or unread.all() else ~unread
+    # J's noise along a path that narrows (a float32 softmax in a float64 check) is measured per
+    # leaf (estimate.path_noise): the noise for every other leaf is measured where the path does not.
+    wide = precision.entry_eps(problem, group, np.arange(theta.size)) <= numerics.machine_eps(problem.dtype)
+    if (pool & wide).any():
+        pool &= wide
+    cand = np.flatnonzero(pool)
+    js = cand[rng.choice(cand.size, size=2, replace=cand.size < 2)]
     base = theta[js].astype(np.float64)
     idx, moved = [np.array([js[0], js[0]])], [base[[0, 0]]]
     for f in numerics.NOISE_SPACING_FACTORS:
