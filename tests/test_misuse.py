@@ -484,3 +484,19 @@ def test_vector_check_shows_the_derivative(dtype):
     # Many outputs: projections on random cotangents, and the report says so.
     r = jgradcheck.check_rules(lax.erf, _array(np.linspace(0.5, 1.0, 6), dtype))
     assert "yours and numerical: uᵀJ" in r.mode, r.mode
+
+
+@pytest.mark.parametrize(
+    ("cost", "want"),
+    [
+        (lambda x: jnp.mean(x**2), (96,)),  # jnp.mean over all 32 × 3 entries
+        (lambda x: -jnp.sum(x**2) / x.shape[0], (32,)),  # a mean over the rows, sign and all
+        (lambda x: 0.5 * jnp.sum(x**2), ()),  # a factor 1/2 is no count
+        (lambda x: jnp.sum(x) / 7, ()),  # 7 is not the size of summed axes
+        (lambda x: jnp.sum(x) / (-jnp.float32(2.0)) / 32, ()),  # a literal in the chain
+    ],
+)
+def test_averaged_counts_read_from_the_cost(cost, want):
+    from jgradcheck._src.problem import averaged_counts
+
+    assert averaged_counts(jax.make_jaxpr(cost)(jnp.ones((32, 3)))) == want

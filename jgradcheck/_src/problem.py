@@ -340,9 +340,9 @@ def averaged_counts(closed: Any) -> tuple[int, ...]:
         m = value if name == "div" else (1.0 / value if value else math.nan)
         if not (math.isfinite(m) and m > 1 and abs(m - round(m)) < 1e-6 * m):
             continue
-        src = made_by.get(eqn.invars[0])
+        src = _made_by(made_by, eqn.invars[0])
         while src is not None and src.primitive.name in _SAME_SUM:
-            src = made_by.get(src.invars[0])
+            src = _made_by(made_by, src.invars[0])
         if src is None or src.primitive.name != "reduce_sum":
             continue
         shape = tuple(getattr(src.invars[0].aval, "shape", ()))
@@ -351,6 +351,11 @@ def averaged_counts(closed: Any) -> tuple[int, ...]:
         if _product_of_some(sizes, round(m)):
             counts.append(round(m))
     return tuple(dict.fromkeys(counts))
+
+
+def _made_by(made_by: dict[Any, Any], v: Any) -> Any:
+    """The equation that made ``v``; None for a literal or an input."""
+    return None if hasattr(v, "val") else made_by.get(v)
 
 
 def _product_of_some(sizes: list[int], m: int) -> bool:
