@@ -221,6 +221,23 @@ def test_a_delta_program_faster_than_the_model_s_whole_cost_is_not_raced(monkeyp
     assert {s for s, _ in calls} == {"delta"}
 
 
+def test_a_delta_program_slower_than_a_measured_whole_cost_is_raced(monkeypatch):
+    # Faster than the work model's whole cost, but slower than whole re-evaluation of the same
+    # cost measured on another group: the model is checked against the measurement.
+    calls = _fake_speeds(monkeypatch, {"delta": 1e-12, "vmap": 1e-15})
+    monkeypatch.setattr(eng, "GUARD_SECONDS", 0.0)
+    params, x = _mlp_case(True)
+    with precision_scope(True):
+        problem, engine = _engine_for(_mlp, params, (x,))
+        engine.chunk_size = 8
+        base = np.asarray(problem.floats[0]).ravel()
+        idx = np.arange(base.size)
+        eng._SPEED[(engine.program, (1,), "vmap", 1)] = 1e-14
+        engine.costs((0,), idx, base + 0.25, Progress(idx.size, False))
+    assert engine.dropped == {0: "timed"}
+    assert [s for s, _ in calls][:3] == ["delta", "delta", "vmap"]
+
+
 def test_a_raced_call_evaluates_every_entry_by_the_winner(monkeypatch):
     # One call never mixes the strategies (their round-off differs): the winner's values for all.
     _fake_speeds(monkeypatch, {"delta": 1.0, "vmap": 0.01})

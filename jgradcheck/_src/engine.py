@@ -627,7 +627,7 @@ class Engine:
         second = self._blocks(group, "delta", idx[chunk : 2 * chunk], vals[chunk : 2 * chunk], progress)
         per_delta = max(_clock() - started, 0.0) / chunk
         rest = count - 2 * chunk
-        if rest * per_delta <= GUARD_SECONDS or per_delta < PROBE_RATIO * self.total_work / WORK_RATE:
+        if rest * per_delta <= GUARD_SECONDS or not self._suspect(per_delta):
             with self._lock:
                 _remember(_RACED, key, True)
                 _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
@@ -657,6 +657,18 @@ class Engine:
             return np.concatenate([first, second, rest_d])
         whole.append(self._blocks(group, "vmap", idx[2 * chunk_v :], vals[2 * chunk_v :], _Capped(progress, rest)))
         return np.concatenate(whole)
+
+    def _suspect(self, per_delta: float) -> bool:
+        """Whether a delta program measured at ``per_delta`` seconds per evaluation may be
+        slower than whole re-evaluation: no faster than the work model's whole cost
+        (``PROBE_RATIO``), or ``SWITCH_MARGIN`` times slower than whole re-evaluation of this
+        cost already measured on another group (the model checked against a measurement)."""
+        n_dev = len(self.devices)
+        with self._lock:
+            measured = [v for (p, _, s, d), v in _SPEED.items() if p == self.program and s == "vmap" and d == n_dev]
+        if measured and per_delta > SWITCH_MARGIN * min(measured):
+            return True
+        return per_delta >= PROBE_RATIO * self.total_work / WORK_RATE
 
     def _blocks(
         self, group: tuple[int, ...], strategy: str, idx: np.ndarray, vals: np.ndarray, progress: Any
