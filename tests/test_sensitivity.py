@@ -16,6 +16,11 @@ without the change passes, on a tanh MLP, an attention layer (``jax.nn.dot_produ
 q/k/v projections), a convolution (``lax.conv_general_dilated``) and a GRU-like RNN (``lax.scan``),
 each over several random draws. A transformer block is checked whole, and random quadratic and tanh
 costs at scales from 1e-3 to 1e3 are drawn by hypothesis.
+
+Two limits of the cost, not of the check: behind ``dot_product_attention``'s float32 softmax J is
+defined to float32 only, so with float32 parameters 0.01% of the key projection is below what any
+step resolves (strict xfail), and with float64 parameters the value projection is checked at 1e-5 /
+1e-6 (one float32 ulp is 1.2e-7).
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ class Model:
     args: tuple[np.ndarray, ...]
     leaf: str
     leaf64: str | None = None  # the leaf to plant in with float64 parameters, where it differs
+    # (entry, leaf) sizes with float64 parameters where the cost itself is defined only to float32:
+    # errors below one float32 ulp (1.2e-7) of a gradient read from a float32 section are not bugs
+    # any check can tell from the section's own rounding (numerics.section_rounding).
+    sizes64: tuple[float, float] | None = None
+
+    def size(self, dtype: str, kind: str) -> float:
+        if dtype == "float64" and self.sizes64:
+            return self.sizes64[0 if kind == "entry" else 1]
+        return (ENTRY if kind == "entry" else LEAF)[dtype]
 
     def planted_leaf(self, dtype: str) -> str:
         return self.leaf64 if dtype == "float64" and self.leaf64 else self.leaf
@@ -100,8 +114,10 @@ def _attention(seed: int) -> Model:
 
     # dot_product_attention computes its softmax in float32 whatever the inputs' dtype, so J is rounded
     # to float32 along the query and key paths: 1e-6 there is below what any step can see. With float64
-    # parameters the bugs go into the value projection, whose path stays float64.
-    return Model(cost, params, (_normal(r, (T, d)), _normal(r, (1, T, H, d // H))), "wk", leaf64="wv")
+    # parameters the bugs go into the value projection, whose path stays float64; its gradient still
+    # reads the float32 softmax's probabilities, so the float64 sizes are 10x the others' (sizes64).
+    args = (_normal(r, (T, d)), _normal(r, (1, T, H, d // H)))
+    return Model(cost, params, args, "wk", leaf64="wv", sizes64=(1e-5, 1e-6))
 
 
 def _conv(seed: int) -> Model:
@@ -180,7 +196,9 @@ def test_one_entry_off_fails_at_that_entry(name, dtype, seed):
     leaf = model.planted_leaf(dtype)
     index = _typical_entry(model.exact_grad()[leaf], seed)
     params, args = model.inputs(dtype)
-    report = jgradcheck.check_grad(model.cost, _planted(model.cost, leaf, 1 + ENTRY[dtype], index), params, *args)
+    report = jgradcheck.check_grad(
+        model.cost, _planted(model.cost, leaf, 1 + model.size(dtype, "entry"), index), params, *args
+    )
     assert report.status == "failed", str(report)
     assert [row.path for row in report.failed_leaves] == [leaf], str(report)
     assert report.leaf(leaf).n_failed == 1, str(report)
@@ -198,7 +216,7 @@ def test_whole_leaf_off_fails_in_that_leaf(name, dtype, seed):
     model = MODELS[name](seed)
     leaf = model.planted_leaf(dtype)
     params, args = model.inputs(dtype)
-    report = jgradcheck.check_grad(model.cost, _planted(model.cost, leaf, 1 + LEAF[dtype]), params, *args)
+    report = jgradcheck.check_grad(model.cost, _planted(model.cost, leaf, 1 + model.size(dtype, "leaf")), params, *args)
     assert report.status == "failed", str(report)
     assert [row.path for row in report.failed_leaves] == [leaf], str(report)
 
@@ -227,12 +245,6 @@ def _block(seed: int) -> Model:
     return Model(cost, params, (_normal(r, (T, d)), _normal(r, (T, d))), "wk")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="inconclusive: wk and wq (and at seed 1 in float32 w1, w2) 'agree only to within ~1.5%', "
-    "J rounded to float32 in dot_product_attention's softmax",
-)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_transformer_block_with_jax_grad_passes(dtype, seed):
