@@ -182,7 +182,7 @@ def test_kink_within_reach_is_listed_and_the_right_gradient_passes():
     assert report.passed, str(report)
     assert {(e.path, e.index) for e in report.kinks} == {("b1", (0, 0)), ("W1", (0, 2))}
     assert all(e.how == "kink nearby" for e in report.kinks)
-    assert "kink within reach" in str(report)
+    assert "kink closer to θ than the step" in str(report)
 
 
 def test_five_percent_error_on_entries_straddling_a_kink_fails():

@@ -241,7 +241,7 @@ def build_report(
                 )
             if n_near:
                 notes.append(
-                    f"{numerics.plural(n_near, 'entry', 'entries')} with a kink within reach of the step: "
+                    f"{numerics.plural(n_near, 'entry', 'entries')} with a kink closer to θ than the step: "
                     "judged with steps that stay on one side of it"
                 )
         user = opts.atol + opts.rtol * np.abs(c.numerical[compared])
