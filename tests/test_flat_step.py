@@ -297,3 +297,31 @@ def test_trained_float32_gradient_values(seed):
     bad["W1"] = bad["W1"] * 1.01
     r = check_grad(cost, bad, p, X, Y)
     assert status(r) == "failed" and failed_leaves(r) == {"W1"}, str(r)
+
+
+# A saturated layer next to a live bias: W's gradient (~1e-11) is within its own error bound, so it
+# is judged against the other leaves' scale, and says so; a wrong bias gradient beside it still fails.
+def _saturated():
+    rng = np.random.default_rng(108)
+    s, xs = 10.0 ** rng.uniform(-3, 3), 10.0 ** rng.uniform(-2, 1)  # 140 and 0.79
+    rng.integers(2)
+    p = {
+        "W": jnp.asarray(s * rng.standard_normal((5, 3)), jnp.float32),
+        "b": jnp.asarray(s * rng.standard_normal(3), jnp.float32),
+    }
+    X = jnp.asarray(xs * rng.standard_normal((8, 5)), jnp.float32)
+
+    def cost(p, X):
+        return jnp.mean(jnp.tanh(X @ p["W"]) ** 2) + 0.01 * jnp.sum(p["b"] ** 2)
+
+    return cost, p, X
+
+
+def test_saturated_layer_is_judged_against_the_other_leaves():
+    cost, p, X = _saturated()
+    r = check_grad(cost, jax.grad(cost), p, X)
+    assert status(r) == "passed", str(r)
+    assert "judged against the scale of the other leaves" in r.leaf("W").note
+    bad = lambda p, X: {**jax.grad(cost)(p, X), "b": -jax.grad(cost)(p, X)["b"]}  # noqa: E731
+    r = check_grad(cost, bad, p, X)
+    assert status(r) == "failed" and failed_leaves(r) == {"b"}, str(r)

@@ -165,9 +165,10 @@ def build_report(
         # A derivative that is 0 to within what the differences resolve, yours and numerical alike
         # (tanh'' at 0: exactly 0 against round-off), has no scale of its own to be relative to: it
         # is judged against the scale of the other derivatives in the check.
-        zero = bool(compared.any()) and bool(
-            np.all(np.maximum(np.abs(c.numerical), np.abs(gi))[compared] <= fd[compared])
-        )
+        # (The leaf's own scale, yours and numerical alike, is below its largest error bound: after
+        # training, a saturated layer's weights next to a bias of gradient ~1.)
+        own = max(_scale(c.numerical[compared]), _scale(gi[compared]))
+        zero = bool(compared.any()) and own <= float(np.max(fd[compared]))
         if zero:
             scale = max(scale, global_scale)
         unresolved = (c.status == "ok") & ~(fd <= numerics.RESOLUTION_BOUND * scale)
@@ -217,6 +218,11 @@ def build_report(
             notes.append(
                 f"J is NaN/Inf at θ ± h and at every smaller step for {numerics.plural(int(unverifiable.size), 'entry', 'entries')}: "
                 "they could not be checked"
+            )
+        if zero and status == "ok" and scale > own:
+            notes.append(
+                f"its gradient (about {own:.1e}) is within its error bound ({float(np.max(fd[compared])):.1e}): "
+                "judged against the scale of the other leaves"
             )
         if status == "inconclusive" and unresolved.any():
             notes.append(
