@@ -177,7 +177,11 @@ def test_second_derivative_exactly_zero_passes(x64):
         r = check_rules(jnp.tanh, jnp.zeros((), jnp.float64 if x64 else jnp.float32), order=2)
     assert status(r) == "passed", str(r)
     assert r.difference < 1e-6
-    assert "0 to within" in str(r)
+    # Where the differences are round-off (jax 0.10), the row says what it was judged against; on
+    # jax 0.12 tanh'' at 0 differences to exactly 0 and needs no such note.
+    for row in r.leaves:
+        if row.path.startswith(("fwd2", "rev2")) and row.worst is not None and row.worst.numerical != 0:
+            assert row.note is not None and "0 to within" in row.note, str(r)
 
 
 def test_second_derivative_planted_error_at_zero_still_fails():

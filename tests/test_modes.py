@@ -149,7 +149,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     one = engine._one_cost
     def spy(*a):
         out = one(*a)
-        seen.update(str(d) for d in out.devices())
+        seen.update(f"{d.platform}:{d.id}" for d in out.devices())
         return out
     engine._one_cost = spy
     jgradcheck.numerical_grad(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2), {"w": jnp.arange(4.0)}, devices=devs[2:3])

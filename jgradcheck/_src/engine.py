@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jgradcheck._src import compat
 from jgradcheck._src.delta import eval_delta, fallback_note, grouped_work, measure, perturbed_cost, work
 from jgradcheck._src.effects import callbacks, clean
 from jgradcheck._src.options import QUICK_COMPILE
@@ -64,7 +65,7 @@ class Program:
     """
 
     def __init__(self, closed: Any):
-        self.key = (str(closed.jaxpr), callbacks(closed.jaxpr))
+        self.key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr))
         self._hash = hash(self.key)
         ready = clean(closed)
         self.jaxpr, self.consts = ready.jaxpr, list(ready.consts)

@@ -214,7 +214,7 @@ def _first_lines(text: str, n: int = 2) -> str:
 
 def _same_trace(a: Any, b: Any) -> bool:
     """Whether two traces of the cost are the same program with the same constants."""
-    if str(a.jaxpr) != str(b.jaxpr) or len(a.consts) != len(b.consts):
+    if compat.jaxpr_text(a.jaxpr) != compat.jaxpr_text(b.jaxpr) or len(a.consts) != len(b.consts):
         return False
     return all(np.array_equal(_const_data(x), _const_data(y)) for x, y in zip(a.consts, b.consts))
 
