@@ -500,3 +500,24 @@ def test_averaged_counts_read_from_the_cost(cost, want):
     from jgradcheck._src.problem import averaged_counts
 
     assert averaged_counts(jax.make_jaxpr(cost)(jnp.ones((32, 3)))) == want
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.01])
+def test_gradient_alone_hard_codes_float32(scale):
+    # The cost is written for any dtype; your backward pass has a float32 scan carry: it runs as you
+    # run it, in float32, and is judged as a float32 gradient (it passes, and a 1% error fails).
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal(3), jnp.float32)
+    xs = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+
+    def cost(w, xs):
+        h = jnp.zeros(3, w.dtype)
+        for x in xs:
+            h = jnp.tanh(h * w + x)
+        return jnp.sum(h**2)
+
+    def layer(w, xs):
+        return jnp.sum(lax.scan(lambda h, x: (jnp.tanh(h * w + x), None), jnp.zeros(3, jnp.float32), xs)[0] ** 2)
+
+    r = jgradcheck.check_grad(cost, lambda w, xs: scale * jax.grad(layer)(w, xs), w, xs)
+    assert r.status == ("passed" if scale == 1.0 else "failed"), r

@@ -154,9 +154,11 @@ class Problem:
     precision: str
     batch_sizes: tuple[int, ...]
     trace: Any
-    # Your inputs as your program sees them, where the check runs that program widened
-    # (promote.py) instead of feeding it float64 inputs; your gradient then runs the same way.
+    # Your inputs as your program sees them, where promotion widens some (None: it widens none).
     as_run: tuple[list[Any], ...] | None = None
+    # The cost runs as traced at those inputs with its arithmetic widened (promote.py) instead of
+    # on float64 inputs; your gradient function then runs the same way.
+    widened: bool = False
     _groups: list[tuple[int, ...]] | None = None
     _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -308,7 +310,8 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         precision,
         batch,
         trace,
-        as_run=as_run if widened is not None else None,
+        as_run=as_run,
+        widened=widened is not None,
     )
     return problem
 
@@ -510,7 +513,7 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
     """Calls your gradient jitted (one compile instead of one per operation in eager mode);
     falls back to eager execution if it is not traceable (Python control flow on values)."""
 
-    if problem.as_run is not None:
+    if problem.widened:
         wide = _widened_grad(grad_fn, problem)
         if wide is not None:
             return wide
@@ -524,6 +527,13 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
         jax.errors.TracerIntegerConversionError,
     ):
         return grad_fn(problem.params(), *problem.args())
+    except TypeError:
+        # Float64 inputs break your gradient alone (a float32 carry in your backward pass): it
+        # runs as you run it, in your dtypes, and is judged at their precision.
+        got = _as_written_grad(grad_fn, problem) if problem.as_run is not None else None
+        if got is None:
+            raise
+        return got
 
 
 def _widened_grad(grad_fn, problem: Problem) -> PyTree | None:
@@ -539,12 +549,18 @@ def _widened_grad(grad_fn, problem: Problem) -> PyTree | None:
         wide = promote.widened(g, *problem.as_run)
         return jax.jit(wide)(*problem.inputs)
     except Exception:  # noqa: BLE001 - not traceable: run it as you do
-        pass
-    wide64 = any(getattr(x, "dtype", None) == np.float64 for x in problem.as_run[0] + problem.as_run[2])
+        return _as_written_grad(grad_fn, problem)
+
+
+def _as_written_grad(grad_fn, problem: Problem) -> PyTree | None:
+    """Your gradient on your inputs in your dtypes, under your x64 setting; None if it fails."""
+    assert problem.as_run is not None
+    fl, ar, af, aa = problem.as_run
+    wide64 = any(getattr(x, "dtype", None) == np.float64 for x in fl + af)
     try:
         with compat.enable_x64(wide64 or promote.user_x64()):
-            return g(*problem.as_run)
-    except Exception:  # noqa: BLE001 - see the docstring
+            return _grad_call(grad_fn, problem.layout, problem.args_layout, fl, ar, af, aa)
+    except Exception:  # noqa: BLE001 - the promoted inputs' error is the one to show
         return None
 
 
