@@ -159,6 +159,9 @@ class Problem:
     # The cost runs as traced at those inputs with its arithmetic widened (promote.py) instead of
     # on float64 inputs; your gradient function then runs the same way.
     widened: bool = False
+    # Where widened: the cost's jaxpr as you run it (its custom rules and stop_gradients, which
+    # the widened ``trace`` inlines), for what reads the program rather than evaluates it.
+    user_trace: Any = None
     _groups: list[tuple[int, ...]] | None = None
     _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -249,6 +252,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
     inputs = (floats, arrays, arg_floats, arg_arrays)
     as_run = _as_run_inputs(params, args) if x64 else None
     widened: str | None = None
+    user_trace = None
     try:
         trace = _trace(cost_fn, layout, args_layout, inputs)
     except TypeError as err:
@@ -259,13 +263,13 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         built = _widened_or_none(cost_fn, layout, args_layout, inputs, as_run)
         if built is None:
             raise
-        (trace, cost_fn), widened = built, _first_lines(str(err), 1)
+        (trace, cost_fn, user_trace), widened = built, _first_lines(str(err), 1)
     else:
         if as_run is not None and promote.draws_random(trace):
             # jax.random draws other bits for float64: keep the draws of the program as you run it.
             built = _widened_or_none(cost_fn, layout, args_layout, inputs, as_run)
             if built is not None:
-                (trace, cost_fn), widened = built, "random"
+                (trace, cost_fn, user_trace), widened = built, "random"
     out = trace.out_avals[0] if len(trace.out_avals) == 1 else None
     if out is None or out.shape != ():
         shape = out.shape if out is not None else f"a tuple of {len(trace.out_avals)} outputs"
@@ -312,6 +316,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         trace,
         as_run=as_run,
         widened=widened is not None,
+        user_trace=user_trace,
     )
     return problem
 
@@ -393,7 +398,7 @@ def _widened_or_none(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple
 
     try:
         wide = promote.widened(f, *as_run)
-        return jax.make_jaxpr(wide)(*inputs), _as_cost(wide, layout, args_layout)
+        return jax.make_jaxpr(wide)(*inputs), _as_cost(wide, layout, args_layout), wide.__wrapped_as_run__
     except Exception:  # noqa: BLE001 - the program as run fails too, or has a body promote.py cannot rebuild
         return None
 
