@@ -179,7 +179,9 @@ def blocking_warnings(problem: Any, promoted_pytree: bool = False) -> tuple[str,
       as untested.
     """
     closed = problem.trace
-    out = [w for w in invisible_to_fd(closed, promoted_pytree) if w == MSG_RANDOM_DTYPE]
+    # Random draws are read from the program as you run it (a widened trace keeps them too).
+    as_run = problem.user_trace if problem.user_trace is not None else closed
+    out = [w for w in invisible_to_fd(as_run, promoted_pytree) if w == MSG_RANDOM_DTYPE]
     sites = _sites(closed.jaxpr)
     if not sites:
         return tuple(out)

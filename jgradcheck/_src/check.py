@@ -177,8 +177,11 @@ def check_grad(
         ``jax.grad``; a non-array leaf that is not hashable; one of your functions needs an
         argument named like an option (``eps``: bind it with ``functools.partial``).
 
-    Where promotion to float64 breaks your cost (a float32 scan carry or init value it
-    hard-codes), the check runs again with ``x64=False`` and ``report.warnings`` says so.
+    Where float64 inputs would break your cost or change what it draws (a float32 scan carry or
+    init value it hard-codes, random masks from a key), the check runs the program as you traced
+    it with its arithmetic held in float64 (random draws, bitcasts and your own narrowing casts as
+    written); only where that cannot be done does it run again with ``x64=False``, and
+    ``report.warnings`` says so.
 
     Examples:
       >>> import jax.numpy as jnp, jgradcheck
@@ -247,7 +250,13 @@ def check_grad(
             grads, _ = yours.get()
             warnings = list(
                 blocking_warnings(
-                    problem, promoted_pytree=x64 and not callable(grad_fn) and "promoted" in problem.precision
+                    problem,
+                    # A precomputed pytree beside a float64 run whose random draws differ from yours;
+                    # a widened run (promote.py) draws your float32 masks, so it needs no warning.
+                    promoted_pytree=x64
+                    and not callable(grad_fn)
+                    and not problem.widened
+                    and "promoted" in problem.precision,
                 )
             )
             slopes = None

@@ -22,7 +22,7 @@ def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, see
         total = per_entry * sum(min(s, sample_size) for s in sizes)
     else:
         total = 4 * n_dirs * len(sizes)
-    bar = Progress(total, show_progress(progress, total // 2))
+    bar = Progress(total, show_progress(progress, total))  # total: evaluations of J
     results: dict[int, screen.LeafResult] = {}
     if mode in ("full", "sample"):
         sel = {}

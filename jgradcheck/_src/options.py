@@ -62,7 +62,7 @@ def check_eps(eps: Any) -> float | None:
 
 
 def show_progress(progress: bool | None, n: int) -> bool:
-    """Progress bar default: only on a terminal, only for checks large enough to wait for."""
+    """Progress bar default: only on a terminal, only for checks of more than 50,000 evaluations of J."""
     if progress is not None:
         return bool(progress)
     return sys.stderr.isatty() and n > 50_000
