@@ -35,6 +35,8 @@ EVIDENCE = 1e-4
 SORTED = 1e-3
 # An entry of the discrepancy above this fraction of its largest is part of where yours is wrong.
 PART = 1e-3
+# A factor is refuted where the entries it leaves alone agree this many times better than it predicts.
+QUIET = 10.0
 # Work limits: rules that compare slices pairwise, or take an SVD, skip larger leaves.
 MAX_SLICES = 512
 MAX_ENTRIES = 1_000_000
@@ -81,7 +83,18 @@ def fitted_factor(yours: np.ndarray, numerical: np.ndarray) -> float | None:
     if nn == 0:
         return None
     c = float(yours @ numerical) / nn
-    return c if _explains(yours - c * numerical, yours - numerical) else None
+    if not _explains(yours - c * numerical, yours - numerical):
+        return None
+    # A factor spoils every entry in proportion to numerical. Where the discrepancy is absent (below
+    # PART of its largest), the factor predicts (c - 1) × numerical: entries that agree far better than
+    # that (a repeated token's row wrong and the rest right) refute it, however small they are beside
+    # the wrong ones. Noise cannot fake this: it would have to cancel the prediction on every entry.
+    diff = np.abs(yours - numerical)
+    quiet = diff <= PART * float(diff.max())
+    predicted = float(np.linalg.norm((c - 1) * numerical[quiet]))
+    if np.count_nonzero(numerical[quiet]) >= 2 and predicted > QUIET * float(np.linalg.norm(diff[quiet])):
+        return None
+    return c
 
 
 # --- the rules, most specific first ---------------------------------------------------------------
@@ -90,24 +103,32 @@ def fitted_factor(yours: np.ndarray, numerical: np.ndarray) -> float | None:
 def _factor(yours: np.ndarray, numerical: np.ndarray) -> str | None:
     """yours ≈ c × numerical: a sign, a missing 1/m, a doubled term scale the whole leaf."""
     c = fitted_factor(yours, numerical)
-    if c is None:
-        return None
+    if c is None or abs(c) < NEGLIGIBLE or abs(c) > 1 / NEGLIGIBLE:
+        return None  # no factor, or one side ≈ 0: see _negligible
     if abs(c + 1) < NEAR:
         return "sign flipped: yours ≈ -1.00 × numerical"
-    # A ratio against a numerical value that is ≈ 0 beside yours (or yours ≈ 0 beside it) says
-    # nothing about a scale: name the zero side instead.
-    if abs(c) < NEGLIGIBLE:
-        return "yours is ≈ 0 where numerical is not: a missing term, or a parameter not connected in your backprop"
-    if abs(c) > 1 / NEGLIGIBLE:
-        return (
-            "numerical is ≈ 0 where yours is not: J (almost) does not depend on these entries; a term in yours J lacks"
-        )
     if yours.size < 2 and c != 1:
         # One entry is always "a factor" of another: only say so as a ratio, not as a finding.
         return f"yours = {c:.4g} × numerical (a single entry: a factor cannot be told from another error)"
     if c != 1:
         inv = f" (numerical ≈ {1 / c:.4g} × yours)" if c != 0 and abs(c) < 1 else ""
         return f"constant factor: yours ≈ {c:.4g} × numerical{inv}"
+    return None
+
+
+def _negligible(yours: np.ndarray, numerical: np.ndarray) -> str | None:
+    """One side ≈ 0 beside the other: a ratio then says nothing about a scale, so name the zero side.
+
+    Why after the structural rules: every small yours is "≈ 0", so this reading is the most general;
+    an exact structure in it (one value per slice, the mean of numerical's) says more.
+    """
+    c = fitted_factor(yours, numerical)
+    if c is not None and abs(c) < NEGLIGIBLE:
+        return "yours is ≈ 0 where numerical is not: a missing term, or a parameter not connected in your backprop"
+    if c is not None and abs(c) > 1 / NEGLIGIBLE:
+        return (
+            "numerical is ≈ 0 where yours is not: J (almost) does not depend on these entries; a term in yours J lacks"
+        )
     return None
 
 
@@ -331,13 +352,16 @@ def _constant_along(yours: np.ndarray, numerical: np.ndarray, shape: tuple[int, 
             continue
         spread_n = float(np.linalg.norm(n - n.mean(axis, keepdims=True)))
         spread_y = float(np.linalg.norm(y - y.mean(axis, keepdims=True)))
-        if spread_n == 0 or spread_y > FIT * spread_n or spread_n < 0.25 * float(np.linalg.norm(diff)):
+        if spread_n == 0 or spread_y > FIT * spread_n:
             continue
         head = f"yours is constant along axis {axis} where numerical varies"
         for name, ref in (("mean", n.mean(axis, keepdims=True)), ("sum", n.sum(axis, keepdims=True))):
             if _explains(y - ref, diff):
                 return f"{head}, ≈ the {name} of numerical along it: a {name} over the wrong axis, broadcast back"
-        return f"{head}: a sum or mean over the wrong axis, or a reduced value broadcast back"
+        # Without that exact match, only say so where numerical's variation is a real part of the
+        # discrepancy (a sum of a nearly constant numerical is matched above, not guessed here).
+        if spread_n >= 0.25 * float(np.linalg.norm(diff)):
+            return f"{head}: a sum or mean over the wrong axis, or a reduced value broadcast back"
     return None
 
 
@@ -461,8 +485,8 @@ def describe_leaf(
 
     The rules run from the most specific model to the most general, and the first that explains the
     discrepancy almost entirely speaks: NaN/Inf; all zero; a constant factor or sign; a transpose; an
-    index off by one; permuted entries; a term ∝ the parameter (L2); constant along an axis; a mask on
-    one side only; a confined region; a few isolated entries.
+    index off by one; permuted entries; a term ∝ the parameter (L2); constant along an axis; one side
+    ≈ 0; a mask on one side only; a confined region; a few isolated entries.
 
     Args:
       yours: your gradient for the leaf's checked entries (flat, float64).
@@ -489,6 +513,7 @@ def describe_leaf(
         lambda: _permuted(yours, numerical, shape),
         lambda: _l2_term(yours, numerical, theta, shape, path),
         lambda: _constant_along(yours, numerical, shape),
+        lambda: _negligible(yours, numerical),
         lambda: _zero_pattern(yours, numerical, shape),
         lambda: _confined(yours, numerical, shape),
         lambda: _isolated(yours.size, n_failed),
