@@ -212,6 +212,47 @@ def _trace(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
         raise TypeError(MSG_UNTRACEABLE.format(kind=type(err).__name__, error=_first_lines(str(err)))) from err
 
 
+# The traces kept while ``reuse_traces`` is active (None: none kept).
+_REUSE = threading.local()
+
+
+@contextlib.contextmanager
+def reuse_traces() -> Any:
+    """Within it, ``prepare`` traces a cost once per (cost, layouts, input shapes and dtypes).
+
+    For one vector check (vector.py), whose scalar checks are the same cost projected on several
+    cotangents u (an argument, not a constant): the first check traces it (three times with the
+    determinism check), the others reuse that trace instead of tracing the same program again.
+    Nothing is kept past the block: a cost checked again later, whose closure may have changed,
+    is traced again.
+    """
+    old = getattr(_REUSE, "memo", None)
+    _REUSE.memo = {} if old is None else old
+    try:
+        yield
+    finally:
+        _REUSE.memo = old
+
+
+def _avals(tree: Any) -> tuple[Any, ...]:
+    return tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _trace_once(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
+    """``_trace``, kept for reuse inside ``reuse_traces``."""
+    memo = getattr(_REUSE, "memo", None)
+    if memo is None:
+        return _trace(cost_fn, layout, args_layout, inputs)
+    try:
+        key = (cost_fn, layout, args_layout, _avals(inputs), bool(jax.config.read("jax_enable_x64")))
+        hash(key)
+    except TypeError:  # an unhashable static leaf: trace as usual
+        return _trace(cost_fn, layout, args_layout, inputs)
+    if key not in memo:
+        memo[key] = _trace(cost_fn, layout, args_layout, inputs)
+    return memo[key]
+
+
 def _first_lines(text: str, n: int = 2) -> str:
     """The head of JAX's message: what was converted, and where (its full text stays chained)."""
     return "\n".join(text.strip().splitlines()[:n])
@@ -254,7 +295,7 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
     widened: str | None = None
     user_trace = None
     try:
-        trace = _trace(cost_fn, layout, args_layout, inputs)
+        trace = _trace_once(cost_fn, layout, args_layout, inputs)
     except TypeError as err:
         if isinstance(err.__cause__, jax.errors.JAXTypeError):  # not traceable: MSG_UNTRACEABLE
             raise

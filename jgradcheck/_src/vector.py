@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgradcheck._src import numerics, promote
+from jgradcheck._src import compat, numerics, promote
 from jgradcheck._src.check import check_grad, option_clashes, without_promotion_if_needed
+from jgradcheck._src.effects import callbacks
+from jgradcheck._src.engine import _LOCK, _remember
 from jgradcheck._src.merge import merge_reports
-from jgradcheck._src.problem import hashable, precision_scope
+from jgradcheck._src.problem import hashable, precision_scope, reuse_traces
 from jgradcheck._src.report import Entry, GradCheckReport
 from jgradcheck._src.tree import check_live, is_floating, path_str
 
@@ -416,6 +418,40 @@ def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -
     return inputs.primals(jax.tree_util.tree_unflatten(treedef, out))
 
 
+# Compiled programs of run_compiled, by the text of their traced program: a suite that checks the
+# same operation at the same shapes again (new values, a new lambda) compiles nothing new.
+_PROGRAMS: dict[Any, Callable[..., Any]] = {}
+# How many programs run_compiled has compiled in this process (tests read it: a second identical
+# check compiles none).
+_COMPILED = [0]
+
+
+def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
+    """``jax.jit(fn)(*args)`` (``fn`` returns one array) through a compiled program reused across checks.
+
+    ``fn`` is traced (cheap) and its program looked up by its printed text and host callbacks,
+    as the engine's programs are (engine.Program): the arrays it closes over (the primals, the
+    cotangents) are its jaxpr's constants, passed as dynamic arguments, so the same operation
+    checked at new values, or written as a new closure, reuses the compiled code. A fresh
+    ``jax.jit`` of a new closure per check would compile every time.
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+    key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr))
+    with _LOCK:
+        run = _PROGRAMS.get(key)
+    if run is None:
+        jaxpr = closed.jaxpr
+
+        def program(consts: list[Any], *a: Any) -> Any:
+            return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))[0]
+
+        run = jax.jit(program)
+        with _LOCK:
+            _remember(_PROGRAMS, key, run)
+            _COMPILED[0] += 1
+    return run(list(closed.consts), *args)
+
+
 def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, fn_out: PyTree) -> _Yours:
     got = jvp_fn(tuple(primals), _basis_tangent(inputs, primals, -1, 0))
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
@@ -442,10 +478,10 @@ def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
 
     per_leaf = []
     for leaf, x in enumerate(float_leaves):
-        proj = jax.jit(jax.vmap(lambda i, leaf=leaf: Uj @ tangent_out(leaf, i).astype(Uj.dtype)))
+        proj = jax.vmap(lambda i, leaf=leaf: Uj @ tangent_out(leaf, i).astype(Uj.dtype))
         n = int(np.size(x))
         try:
-            vals = [np.asarray(proj(jnp.arange(s, min(n, s + BATCH)))) for s in range(0, n, BATCH)]
+            vals = [np.asarray(run_compiled(proj, jnp.arange(s, min(n, s + BATCH)))) for s in range(0, n, BATCH)]
         except _UNTRACEABLE:  # your JVP is not traceable: one tangent at a time
             vals = [np.stack([np.asarray(Uj @ tangent_out(leaf, i).astype(Uj.dtype)) for i in range(n)])]
         per_leaf.append(np.concatenate(vals, axis=0))  # (n, k)
@@ -672,7 +708,14 @@ def _vector_check(
                 notes.append(MSG_NAN_YOURS.format(n=bad))
     cost = _Projected(f, inputs, masked=not keep.all())
     params = inputs.params(list(primals))
-    reports = [check_grad(cost, y, params, u, *args, **options) for y, u in zip(yours.projections, U)]
+    # Every projection is the same program of fn (u is an argument): the first check traces it three
+    # times for the determinism check, the others need not trace it again to ask the same question.
+    again = {**options, "check_determinism": False}
+    with reuse_traces():
+        reports = [
+            check_grad(cost, y, params, u, *args, **(options if j == 0 else again))
+            for j, (y, u) in enumerate(zip(yours.projections, U))
+        ]
     if exact:
         # Each check is one output's row of the Jacobian: its entries are Jacobian entries.
         named = []

@@ -1,0 +1,58 @@
+"""A check inside a test suite reuses its compiled programs: no timing here, only what is compiled.
+
+The programs of the vector checks (your JVP on every basis tangent, projected) are kept by their
+traced text (vector.run_compiled): the same operation checked again at new values, written as a
+new lambda, compiles nothing new; the arrays a rule closes over are arguments of the kept
+program, so a rule with the same code and wrong values still fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgradcheck
+from jgradcheck._src import vector
+
+DTYPES = ["float32", "float64"]
+
+
+def _as(a: np.ndarray, dtype: str) -> jax.Array:
+    with jax.enable_x64(dtype == "float64"):
+        return jnp.asarray(a, dtype)
+
+
+def _x(dtype: str, shift: float = 0.0) -> jax.Array:
+    return _as(np.linspace(0.1, 0.9, 6).reshape(2, 3) + shift, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_second_identical_check_compiles_nothing_new(dtype):
+    first = jgradcheck.check_rules(lambda x: jnp.sin(x) * x, _x(dtype), order=2)
+    assert first.status == "passed", first
+    before = vector._COMPILED[0]
+    again = jgradcheck.check_rules(lambda x: jnp.sin(x) * x, _x(dtype, 0.01), order=2)
+    assert again.status == "passed", again
+    assert vector._COMPILED[0] == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kept_program_takes_the_rules_own_values(dtype):
+    # The same JVP code closing over another array: the kept program, but your values.
+    x = _x(dtype)
+    f = lambda x: jnp.sin(x) * 3.0  # noqa: E731
+
+    def jvp_with(w):
+        return lambda p, t: (f(p[0]), w * jnp.cos(p[0]) * t[0])
+
+    right = jgradcheck.check_jvp(f, jvp_with(_as(np.full(x.shape, 3.0), dtype)), x)
+    assert right.status == "passed", right
+    before = vector._COMPILED[0]
+    w = np.full(x.shape, 3.0)
+    w[1, 2] = 3.3  # one entry of the rule 10% off
+    wrong = jgradcheck.check_jvp(f, jvp_with(_as(w, dtype)), x)
+    assert vector._COMPILED[0] == before
+    assert wrong.status == "failed", wrong
+    assert {(e.path, e.index) for e in wrong.worst if e.status == "fail"} == {("x", (1, 2))}
