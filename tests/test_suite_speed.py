@@ -56,3 +56,17 @@ def test_kept_program_takes_the_rules_own_values(dtype):
     assert vector._COMPILED[0] == before
     assert wrong.status == "failed", wrong
     assert {(e.path, e.index) for e in wrong.worst if e.status == "fail"} == {("x", (1, 2))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_trace_that_changes_is_still_caught_with_traces_kept(dtype):
+    # Same values, another program every other trace: only the determinism check sees it, and
+    # keeping one trace per vector check must not keep it from looking.
+    calls = [0]
+
+    def fn(x):
+        calls[0] += 1
+        return x * 2.0 if calls[0] % 2 else x + x
+
+    with pytest.raises(ValueError, match="not deterministic"):
+        jgradcheck.check_rules(fn, _x(dtype), modes=("rev",))

@@ -32,6 +32,7 @@ import numpy as np
 
 from jgradcheck._src.check import option_clashes
 from jgradcheck._src.merge import merge_reports
+from jgradcheck._src.problem import reuse_traces
 from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
 from jgradcheck._src.tree import check_live, is_floating
@@ -424,16 +425,17 @@ def check_rules(
     seed = int(options.get("seed", 0))
     no_fwd = "fwd" in modes and _has_custom_vjp(fn, primals)
     reports, prefixes, notes = [], [], []
-    for o in range(1, order + 1):
-        for mode in dict.fromkeys(modes):
-            if mode == "fwd" and no_fwd:
-                notes.append(MSG_NO_FWD.format(fn=getattr(fn, "__name__", "fn")))
-                continue
-            g = fn if o == 1 else _order2(fn, mode, seed, primals)
-            check = check_vjp if mode == "rev" else check_jvp
-            rule = jax.vjp if mode == "rev" else jax.jvp
-            reports.append(check(g, rule, *primals, cotangents=cotangents, **options))
-            prefixes.append(f"{mode}{'' if o == 1 else o}:")
+    with reuse_traces():  # forward and reverse check the same projected costs of fn: traced once
+        for o in range(1, order + 1):
+            for mode in dict.fromkeys(modes):
+                if mode == "fwd" and no_fwd:
+                    notes.append(MSG_NO_FWD.format(fn=getattr(fn, "__name__", "fn")))
+                    continue
+                g = fn if o == 1 else _order2(fn, mode, seed, primals)
+                check = check_vjp if mode == "rev" else check_jvp
+                rule = jax.vjp if mode == "rev" else jax.jvp
+                reports.append(check(g, rule, *primals, cotangents=cotangents, **options))
+                prefixes.append(f"{mode}{'' if o == 1 else o}:")
     if not reports:
         raise ValueError(MSG_NO_FWD.format(fn=getattr(fn, "__name__", "fn")) + "; ask for modes=('rev',).")
     merged = merge_reports(reports, prefixes, top_k=int(options.get("top_k", 10)))

@@ -238,19 +238,27 @@ def _avals(tree: Any) -> tuple[Any, ...]:
     return tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in jax.tree_util.tree_leaves(tree))
 
 
+def _reuse_key(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
+    """The key of a kept trace, or None outside ``reuse_traces`` (or for an unhashable static leaf)."""
+    if getattr(_REUSE, "memo", None) is None:
+        return None
+    key = (cost_fn, layout, args_layout, _avals(inputs), bool(jax.config.read("jax_enable_x64")))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _trace_once(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> Any:
     """``_trace``, kept for reuse inside ``reuse_traces``."""
-    memo = getattr(_REUSE, "memo", None)
-    if memo is None:
+    key = _reuse_key(cost_fn, layout, args_layout, inputs)
+    if key is None:
         return _trace(cost_fn, layout, args_layout, inputs)
-    try:
-        key = (cost_fn, layout, args_layout, _avals(inputs), bool(jax.config.read("jax_enable_x64")))
-        hash(key)
-    except TypeError:  # an unhashable static leaf: trace as usual
-        return _trace(cost_fn, layout, args_layout, inputs)
-    if key not in memo:
-        memo[key] = _trace(cost_fn, layout, args_layout, inputs)
-    return memo[key]
+    memo = _REUSE.memo
+    if ("trace", key) not in memo:
+        memo["trace", key] = _trace(cost_fn, layout, args_layout, inputs)
+    return memo["trace", key]
 
 
 def _first_lines(text: str, n: int = 2) -> str:
@@ -325,8 +333,12 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         built = _widened_or_none(user_cost, layout, args_layout, inputs, as_run)
         return built[0] if built is not None else trace
 
-    if check_determinism and not all(_same_trace(trace, again()) for _ in range(2)):
-        raise ValueError(MSG_NONDETERMINISTIC_TRACE)
+    reuse = _reuse_key(user_cost, layout, args_layout, inputs)
+    if check_determinism and ("deterministic", reuse) not in (getattr(_REUSE, "memo", None) or {}):
+        if not all(_same_trace(trace, again()) for _ in range(2)):
+            raise ValueError(MSG_NONDETERMINISTIC_TRACE)
+        if reuse is not None:  # asked once per kept trace (see reuse_traces)
+            _REUSE.memo["deterministic", reuse] = True
     kinds = sorted(set(orig))
     if x64 and widened is not None:
         precision = (

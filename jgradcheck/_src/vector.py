@@ -18,9 +18,11 @@ import numpy as np
 
 from jgradcheck._src import compat, numerics, promote
 from jgradcheck._src.check import check_grad, option_clashes, without_promotion_if_needed
+from jgradcheck._src.delta import work
 from jgradcheck._src.effects import callbacks
-from jgradcheck._src.engine import _LOCK, _remember
+from jgradcheck._src.engine import _LOCK, QUICK_SECONDS, WORK_RATE, _remember
 from jgradcheck._src.merge import merge_reports
+from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.problem import hashable, precision_scope, reuse_traces
 from jgradcheck._src.report import Entry, GradCheckReport
 from jgradcheck._src.tree import check_live, is_floating, path_str
@@ -436,7 +438,10 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
     ``jax.jit`` of a new closure per check would compile every time.
     """
     closed = jax.make_jaxpr(fn)(*args)
-    key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr))
+    # A program that runs in a blink compiles at XLA:CPU's quick level (options.QUICK_COMPILE):
+    # there its compilation is the whole cost.
+    quick = jax.default_backend() == "cpu" and sum(work(e) for e in closed.jaxpr.eqns) / WORK_RATE < QUICK_SECONDS
+    key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr), quick)
     with _LOCK:
         run = _PROGRAMS.get(key)
     if run is None:
@@ -445,7 +450,7 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         def program(consts: list[Any], *a: Any) -> Any:
             return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))[0]
 
-        run = jax.jit(program)
+        run = jax.jit(program, compiler_options=QUICK_COMPILE if quick else None)
         with _LOCK:
             _remember(_PROGRAMS, key, run)
             _COMPILED[0] += 1
@@ -708,14 +713,10 @@ def _vector_check(
                 notes.append(MSG_NAN_YOURS.format(n=bad))
     cost = _Projected(f, inputs, masked=not keep.all())
     params = inputs.params(list(primals))
-    # Every projection is the same program of fn (u is an argument): the first check traces it three
-    # times for the determinism check, the others need not trace it again to ask the same question.
-    again = {**options, "check_determinism": False}
+    # Every projection is the same program of fn (u is an argument): traced once (three times for
+    # the determinism check), not once per projection.
     with reuse_traces():
-        reports = [
-            check_grad(cost, y, params, u, *args, **(options if j == 0 else again))
-            for j, (y, u) in enumerate(zip(yours.projections, U))
-        ]
+        reports = [check_grad(cost, y, params, u, *args, **options) for y, u in zip(yours.projections, U)]
     if exact:
         # Each check is one output's row of the Jacobian: its entries are Jacobian entries.
         named = []
