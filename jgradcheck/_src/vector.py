@@ -429,7 +429,7 @@ _COMPILED = [0]
 
 
 def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
-    """``jax.jit(fn)(*args)`` (``fn`` returns one array) through a compiled program reused across checks.
+    """``jax.jit(fn)(*args)`` through a compiled program reused across checks.
 
     ``fn`` is traced (cheap) and its program looked up by its printed text and host callbacks,
     as the engine's programs are (engine.Program): the arrays it closes over (the primals, the
@@ -437,7 +437,7 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
     checked at new values, or written as a new closure, reuses the compiled code. A fresh
     ``jax.jit`` of a new closure per check would compile every time.
     """
-    closed = jax.make_jaxpr(fn)(*args)
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
     # A program that runs in a blink compiles at XLA:CPU's quick level (options.QUICK_COMPILE):
     # there its compilation is the whole cost.
     quick = jax.default_backend() == "cpu" and sum(work(e) for e in closed.jaxpr.eqns) / WORK_RATE < QUICK_SECONDS
@@ -448,17 +448,27 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         jaxpr = closed.jaxpr
 
         def program(consts: list[Any], *a: Any) -> Any:
-            return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))[0]
+            return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))
 
         run = jax.jit(program, compiler_options=QUICK_COMPILE if quick else None)
         with _LOCK:
             _remember(_PROGRAMS, key, run)
             _COMPILED[0] += 1
-    return run(list(closed.consts), *args)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), run(list(closed.consts), *args))
+
+
+def compiled_or_eager(fn: Callable[[], Any]) -> Any:
+    """``fn()`` through ``run_compiled`` (one compiled program, reused by the next check of the same
+    operation, instead of compiling each of its primitives for its first eager call), or eagerly
+    where it cannot be traced (NumPy code, a non-array output): then any error is fn's own."""
+    try:
+        return run_compiled(fn)
+    except Exception:  # noqa: BLE001 - run as written: the error it raises, if any, is the one to show
+        return fn()
 
 
 def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, fn_out: PyTree) -> _Yours:
-    got = jvp_fn(tuple(primals), _basis_tangent(inputs, primals, -1, 0))
+    got = compiled_or_eager(lambda: jvp_fn(tuple(primals), _basis_tangent(inputs, primals, -1, 0)))
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
         raise TypeError(MSG_JVP_RETURN.format(kind=type(got).__name__))
     _compare_out("jvp_fn", "jvp", got[0], fn_out)
@@ -684,7 +694,7 @@ def _vector_check(
     f = hashable(fn)
     with precision_scope(x64):
         P = _promote(tuple(primals), x64)
-        fn_out = fn(*P, *args)
+        fn_out = compiled_or_eager(lambda: fn(*P, *args))
         outs = _Outputs.of(fn_out, out_name)
         keep = _finite(fn_out)
         U, exact = _cotangents(outs.size, cotangents, seed)
