@@ -324,15 +324,20 @@ class _Yours:
 
 
 def vjp_yours(vjp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, fn_out: PyTree) -> _Yours:
-    got = vjp_fn(*primals)
-    if not (isinstance(got, (tuple, list)) and len(got) == 2 and callable(got[1])):
-        raise TypeError(MSG_VJP_RETURN.format(kind=type(got).__name__))
-    out, pullback = got
+    def first() -> tuple[PyTree, list[Any]]:
+        got = vjp_fn(*primals)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2 and callable(got[1])):
+            raise TypeError(MSG_VJP_RETURN.format(kind=type(got).__name__))
+        return got[0], [got[1](outs.unflatten(u)) for u in U]
+
+    # Your function and its pullback on every row of U: one compiled program, kept across checks.
+    out, pulled = compiled_or_eager(first)
+    if any(getattr(c, "dtype", None) == jax.dtypes.float0 for c in jax.tree_util.tree_leaves(pulled)):
+        out, pulled = first()  # integer inputs' float0 cotangents, as your pullback returns them
     _compare_out("vjp_fn", "vjp", out, fn_out)
     names = ", ".join(inputs.label(k) for k in range(len(primals)))
 
-    def pull(u: np.ndarray) -> PyTree:
-        cts = pullback(outs.unflatten(u))
+    def pull(cts: Any) -> PyTree:
         if not isinstance(cts, (tuple, list)) or len(cts) != len(primals):
             got = f"{len(cts)} cotangents" if isinstance(cts, (tuple, list)) else f"a {type(cts).__name__}"
             raise ValueError(MSG_PULLBACK_LEN.format(got=got, want=len(primals), names=names))
@@ -351,12 +356,14 @@ def vjp_yours(vjp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
                     raise ValueError(MSG_COTANGENT.format(name=where, got=np.shape(c), want=np.shape(x), hint=hint))
         return inputs.params(list(cts))
 
-    projections = [pull(u) for u in U]
+    projections = [pull(cts) for cts in pulled]
 
     floats = [k for k, x in enumerate(jax.tree_util.tree_leaves(inputs.params(list(primals)))) if is_floating(x)]
 
+    pullback: list[Any] = []  # your pullback, eagerly, only to locate failing outputs
+
     def rows_of(u: jax.Array) -> list[jax.Array]:
-        cts = [_zeros_for(p) if c is None else c for c, p in zip(pullback(_unflatten_traced(outs, u)), primals)]
+        cts = [_zeros_for(p) if c is None else c for c, p in zip(pullback[0](_unflatten_traced(outs, u)), primals)]
         leaves = jax.tree_util.tree_leaves(inputs.params(cts))
         return [jnp.ravel(leaves[k]) for k in floats]
 
@@ -364,6 +371,8 @@ def vjp_yours(vjp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
         # Your Jacobian's columns, from every output's cotangent: batched, or one by one when
         # your pullback is not traceable (NumPy code, Python control flow on values).
         m, parts = outs.size, []
+        if not pullback:
+            pullback.append(vjp_fn(*primals)[1])
         batched = jax.jit(jax.vmap(rows_of))
         for s in range(0, m, BATCH):
             basis = np.zeros((min(BATCH, m - s), m))
