@@ -432,6 +432,9 @@ def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -
 # Compiled programs of run_compiled, by the text of their traced program: a suite that checks the
 # same operation at the same shapes again (new values, a new lambda) compiles nothing new.
 _PROGRAMS: dict[Any, Callable[..., Any]] = {}
+# How many: a suite cycles through its cases, so fewer than it uses would all be dropped before
+# their next use (JAX's own op list: 416 cases of about 5 programs each).
+PROGRAMS_KEPT = 4096
 # How many programs run_compiled has compiled in this process (tests read it: a second identical
 # check compiles none).
 _COMPILED = [0]
@@ -452,7 +455,9 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
     quick = jax.default_backend() == "cpu" and sum(work(e) for e in closed.jaxpr.eqns) / WORK_RATE < QUICK_SECONDS
     key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr), quick)
     with _LOCK:
-        run = _PROGRAMS.get(key)
+        run = _PROGRAMS.pop(key, None)
+        if run is not None:
+            _PROGRAMS[key] = run  # the most recently used last: the oldest unused is dropped first
     if run is None:
         jaxpr = closed.jaxpr
 
@@ -461,7 +466,7 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
 
         run = jax.jit(program, compiler_options=QUICK_COMPILE if quick else None)
         with _LOCK:
-            _remember(_PROGRAMS, key, run)
+            _remember(_PROGRAMS, key, run, most=PROGRAMS_KEPT)
             _COMPILED[0] += 1
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), run(list(closed.consts), *args))
 
