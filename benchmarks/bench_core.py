@@ -160,7 +160,9 @@ def main():
     print(
         f"| jgradcheck full, strategy='vmap' (whole cost per perturbation), warm | {vmap_warm:.2f} | {report2.evaluations:,} | {vmap_warm / cold:.2f} |"
     )
-    print(f"| classic recipe's loop, jitted J called 2n times ({loop_note}) | {loop:.2f} | {2 * n:,} | {loop / cold:.2f} |")
+    print(
+        f"| classic recipe's loop, jitted J called 2n times ({loop_note}) | {loop:.2f} | {2 * n:,} | {loop / cold:.2f} |"
+    )
     print(
         f"| FLOP floor: 2n evals x {matmul_flops(dims, args.m) / 1e6:.2f} MFLOP at {rate / 1e9:.1f} GFLOP/s | {floor:.2f} | {2 * n:,} | {floor / cold:.2f} |"
     )
