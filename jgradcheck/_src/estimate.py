@@ -271,7 +271,7 @@ def path_noise(
     cache = problem.__dict__.setdefault("_path_noise", {})
     sizes = np.array([int(problem.floats[i].size) for i in group])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+    leaf = precision.leaf_of(problem, group, idx)
     out = np.full(np.asarray(idx).size, np.nan)
     todo = [j for j, i in enumerate(group) if np.any((leaf == j) & (path_eps > base)) and i not in cache]
     if todo:

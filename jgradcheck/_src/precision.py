@@ -124,11 +124,17 @@ def path_precision(problem: Any) -> PathPrecision:
     return out
 
 
+def leaf_of(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
+    """For positions in the concatenation of a group's raveled leaves: the position in ``group``
+    of the leaf each falls in."""
+    sizes = np.array([int(problem.floats[i].size) for i in group])
+    return np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+
+
 def entry_eps(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
     """Per entry of a group's concatenated leaves: its leaf's path epsilon."""
     pp = path_precision(problem)
-    sizes = np.array([int(problem.floats[i].size) for i in group])
-    leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+    leaf = leaf_of(problem, group, idx)
     return np.asarray([pp.eps[i] for i in group], np.float64)[leaf]
 
 
@@ -195,7 +201,6 @@ def entry_grad_rounding(problem: Any, group: tuple[int, ...], idx: np.ndarray, g
     narrower = np.asarray(grad_eps, np.float64) > numerics.machine_eps(problem.dtype)
     if not narrower.any():
         return np.zeros(np.asarray(idx).size)
-    sizes = np.array([int(problem.floats[i].size) for i in group])
-    leaf = np.searchsorted(np.cumsum(sizes), np.asarray(idx), side="right")
+    leaf = leaf_of(problem, group, idx)
     measured = measured_grad_rounding(problem)
     return np.where(narrower, np.asarray([measured[i] for i in group], np.float64)[leaf], 0.0)
