@@ -6,8 +6,14 @@ Models (float64): a transformer encoder block, a GRU written with ``lax.scan``, 
 
 * ``jgradcheck.check_grad(cost, jax.grad(cost), params, *args)`` with default options, cold (the
   first call: tracing and compilation included) and warm (new parameter values, same shapes);
-* the per-coordinate loop: a jitted J(θ) called 2n times from Python on θ ± h e_i, timed on
-  ``--loop-calls`` calls (default 2,000) and extrapolated to 2n, plus its one compilation;
+* the leanest loop a user can write (the baseline): ``J = jax.jit(lambda t, i, s:
+  cost(unravel(t.at[i].add(s)), *args))`` with θ kept on the device, called 2n times as
+  ``J(theta, i, +h)`` and ``J(theta, i, -h)`` from Python (i and s passed as arguments), the
+  2n results collected and blocked on once at the end, as a user collecting them would; run in
+  full when 2n ≤ ``--loop-calls`` (default 2,000), else timed on ``--loop-calls`` calls
+  (random coordinates) and extrapolated to 2n, plus its one compilation;
+* the host-copy loop (second column): the same J of a flat θ copied on the host for each
+  call and read back with ``float()`` after each, timed and extrapolated the same way;
 * ``torch.autograd.gradcheck`` (slow mode) on the same function and weights when torch imports:
   run in full when 2n ≤ ``--torch-full``, else its 2n forward evaluations are timed on
   ``--loop-calls`` calls and extrapolated (slow mode is those evaluations plus one backward);
@@ -18,6 +24,7 @@ Models (float64): a transformer encoder block, a GRU written with ``lax.scan``, 
 
 Usage:
   python benchmarks/bench_models.py                  # every model, each in its own process
+  python benchmarks/bench_models.py --repeats 3 --no-torch   # three runs, alternating models
   python benchmarks/bench_models.py --model gru      # one model, prints its row as JSON too
 """
 
@@ -328,7 +335,30 @@ def jaxpr_flops(jaxpr) -> float:
     return total
 
 
+def lean_loop_time(cost, params, args, calls):
+    """Seconds for the leanest loop (see the module docstring), compilation included."""
+    theta, unravel = ravel_pytree(params)
+    theta = jax.device_put(theta)
+    j = jax.jit(lambda t, i, s: cost(unravel(t.at[i].add(s)), *args))
+    t = time.perf_counter()
+    j(theta, 0, 1e-7).block_until_ready()
+    compile_s = time.perf_counter() - t
+    n = int(theta.size)
+    coords = np.random.default_rng(1).choice(n, min(n, calls // 2), replace=False).tolist()
+    t = time.perf_counter()
+    outs = []
+    for i in coords:
+        outs.append(j(theta, i, 1e-7))
+        outs.append(j(theta, i, -1e-7))
+    got = np.asarray(jax.device_get(outs))  # one wait, at the end
+    elapsed = time.perf_counter() - t
+    assert got.shape == (2 * len(coords),)
+    return elapsed * n / len(coords) + compile_s
+
+
 def loop_time(cost, params, args, calls):
+    """Seconds for the host-copy loop (θ copied on the host, one sync per call), compilation
+    included; J(θ), the jitted J and θ for the FLOP count."""
     theta, unravel = ravel_pytree(params)
     f = jax.jit(lambda th: cost(unravel(th), *args))
     th = np.asarray(theta)
@@ -348,6 +378,7 @@ def loop_time(cost, params, args, calls):
 
 
 def run_one(name, calls, torch_full):
+    load = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
         cost, params, args = globals()[f"make_{name}"](rng)
@@ -361,20 +392,26 @@ def run_one(name, calls, torch_full):
         rep2 = jgradcheck.check_grad(cost, grad, params2, *args)
         warm = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        lean = lean_loop_time(cost, params, args, calls)
         loop, j0, f, th = loop_time(cost, params, args, calls)
         flops = f.lower(th).compile().cost_analysis()
         flops = flops[0] if isinstance(flops, list) else flops
         rate = gemm_rate()
         counted = jaxpr_flops(jax.make_jaxpr(f)(th).jaxpr)
         floor = 2 * n * max(float(flops["flops"]), counted) / rate
-    t_torch, torch_note = run_torch(name, params, args, calls, torch_full, j0)
+    if torch_full is None:
+        t_torch, torch_note = None, "skipped (--no-torch)"
+    else:
+        t_torch, torch_note = run_torch(name, params, args, calls, torch_full, j0)
     return {
         "model": name,
         "n": n,
         "cold": cold,
         "warm": warm,
         "passed": bool(rep.passed and rep2.passed),
+        "lean": lean,
         "loop": loop,
+        "load": load,
         "torch": t_torch,
         "torch_note": torch_note,
         "floor": floor,
@@ -400,17 +437,40 @@ def machine_line() -> str:
 
 def table(rows):
     out = [
-        "| model (n) | check cold (s) | check warm (s) | loop (s) | torch gradcheck (s) | FLOP floor (s) "
-        "| loop / cold | loop / warm | cold / floor | torch / cold | peak RSS (MB) | passed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model (n) | check cold (s) | check warm (s) | lean loop (s) | host loop (s) | torch gradcheck (s) "
+        "| FLOP floor (s) | lean / cold | lean / warm | warm / floor | host / cold | torch / cold | peak RSS (MB) "
+        "| load | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tt = "-" if r["torch"] is None else f"{r['torch']:.2f}"
         tc = "-" if r["torch"] is None else f"{r['torch'] / r['cold']:.1f}"
         out.append(
-            f"| {r['model']} ({r['n']:,}) | {r['cold']:.2f} | {r['warm']:.2f} | {r['loop']:.2f} | {tt} "
-            f"| {r['floor']:.2f} | {r['loop'] / r['cold']:.1f} | {r['loop'] / r['warm']:.1f} "
-            f"| {r['cold'] / r['floor']:.2f} | {tc} | {r['rss_mb']:.0f} | {r['passed']} |"
+            f"| {r['model']} ({r['n']:,}) | {r['cold']:.2f} | {r['warm']:.2f} | {r['lean']:.2f} | {r['loop']:.2f} "
+            f"| {tt} | {r['floor']:.2f} | {r['lean'] / r['cold']:.1f} | {r['lean'] / r['warm']:.1f} "
+            f"| {r['warm'] / r['floor']:.2f} | {r['loop'] / r['cold']:.1f} | {tc} | {r['rss_mb']:.0f} "
+            f"| {r['load']:.1f} | {r['passed']} |"
+        )
+    return "\n".join(out)
+
+
+def spread(rows):
+    """Per model, the range over repeats of the ratios the targets are stated in."""
+    out = [
+        "| model | runs | lean / cold | lean / warm | warm / floor | cold (s) | warm (s) | lean loop (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def rng(vals, fmt):
+        return f"{min(vals):{fmt}}-{max(vals):{fmt}}"
+
+    for m in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == m]
+        out.append(
+            f"| {m} | {len(rs)} | {rng([r['lean'] / r['cold'] for r in rs], '.1f')} "
+            f"| {rng([r['lean'] / r['warm'] for r in rs], '.1f')} | {rng([r['warm'] / r['floor'] for r in rs], '.2f')} "
+            f"| {rng([r['cold'] for r in rs], '.2f')} | {rng([r['warm'] for r in rs], '.2f')} "
+            f"| {rng([r['lean'] for r in rs], '.2f')} |"
         )
     return "\n".join(out)
 
@@ -418,29 +478,38 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=MODELS)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, for the multi-process run")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every model, alternating models")
     ap.add_argument("--loop-calls", type=int, default=2000)
     ap.add_argument("--torch-full", type=int, default=4000, help="run gradcheck in full when 2n is at most this")
+    ap.add_argument("--no-torch", action="store_true", help="skip torch gradcheck")
     a = ap.parse_args()
     if a.model:
-        row = run_one(a.model, a.loop_calls, a.torch_full)
+        row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full)
         print(table([row]))
         print(f"torch: {row['torch_note']}; GEMM rate {row['gflops']:.1f} GFLOP/s; {row['evaluations']:,} evaluations")
         print("JSON " + json.dumps(row))
         return
     print(machine_line())
     rows = []
-    for m in MODELS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--model", m, "--loop-calls", str(a.loop_calls)]
-        cmd += ["--torch-full", str(a.torch_full)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("JSON ")]
-        if not lines:
-            print(f"{m}: failed\n{res.stderr[-2000:]}")
-            continue
-        row = json.loads(lines[-1][5:])
-        rows.append(row)
-        print(f"{m}: done ({row['torch_note']}; {row['gflops']:.1f} GFLOP/s)", flush=True)
-    print(table(rows))
+    for rep in range(a.repeats):
+        run = []
+        print(f"run {rep + 1}, {time.strftime('%H:%M UTC', time.gmtime())}, load {os.getloadavg()}", flush=True)
+        for m in a.models.split(","):
+            cmd = [sys.executable, os.path.abspath(__file__), "--model", m, "--loop-calls", str(a.loop_calls)]
+            cmd += ["--torch-full", str(a.torch_full)] + (["--no-torch"] if a.no_torch else [])
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("JSON ")]
+            if not lines:
+                print(f"{m}: failed\n{res.stderr[-2000:]}")
+                continue
+            row = json.loads(lines[-1][5:])
+            run.append(row)
+            print(f"{m}: done ({row['torch_note']}; {row['gflops']:.1f} GFLOP/s)", flush=True)
+        print(table(run), flush=True)
+        rows += run
+    if a.repeats > 1:
+        print(spread(rows))
 
 
 if __name__ == "__main__":
