@@ -547,7 +547,8 @@ def test_leaves_dense_through_j_share_the_whole_cost_program(monkeypatch):
         assert make_engine(problem, None, None, "delta").strategy_for((0, 2)) == "vmap"
 
 
-def test_a_second_look_reuses_the_compiled_chunk_at_the_measured_speed(monkeypatch):
+@pytest.mark.parametrize(("seconds_per_eval", "chunks"), [(1e-4, [32, 32]), (1.0, [32, 8])], ids=["fast", "slow"])
+def test_a_second_look_reuses_the_compiled_chunk_at_the_measured_speed(seconds_per_eval, chunks, monkeypatch):
     from jgradcheck._src import engine as eng
     from jgradcheck._src.check import make_engine
     from jgradcheck._src.problem import precision_scope, prepare
@@ -561,6 +562,13 @@ def test_a_second_look_reuses_the_compiled_chunk_at_the_measured_speed(monkeypat
     # The work model says one evaluation takes hours: only a measured speed can justify reuse.
     monkeypatch.setattr(eng, "WORK_RATE", 1e-3)
     monkeypatch.setattr(eng, "BLOCK_EVALS", 64)
+    # The measurement is pinned, not taken: the engine's clock advances by one evaluation's
+    # seconds times the evaluations timed (the 300 - 64 after the first block) at each reading,
+    # and no earlier check's chunks or speeds are seen.
+    clock = iter(np.arange(1000.0) * seconds_per_eval * (300 - 64))
+    monkeypatch.setattr(eng, "_clock", lambda: next(clock))
+    monkeypatch.setattr(eng, "_SPEED", {})
+    monkeypatch.setattr(eng, "_CHUNKS", {})
     with precision_scope(True):
         problem = prepare(cost, params, (x,), True, check_determinism=False)
         engine = make_engine(problem, None, 32, "vmap")  # the work model: all of J per evaluation
@@ -569,8 +577,11 @@ def test_a_second_look_reuses_the_compiled_chunk_at_the_measured_speed(monkeypat
         monkeypatch.setattr(engine, "_chunk", lambda *a: chosen.append(chunk(*a)) or chosen[-1])
         base = np.asarray(params["w"]).ravel()
         engine.costs((0,), np.arange(300), base[:300] + 0.1, Progress(300, False))  # 5 blocks of 64
+        assert list(eng._SPEED.values()) == [pytest.approx(seconds_per_eval)]
         engine.costs((0,), np.arange(5), base[:5] - 0.1, Progress(5, False))
-    assert chosen == [32, 32]  # not a new program for a chunk of 8
+    # Fast: padding 5 entries to 32 (27 evaluations) costs less than compiling a chunk of 8.
+    # Slow: 27 s of padding against a compilation: a new program for a chunk of 8.
+    assert chosen == chunks
 
 
 @pytest.mark.parametrize("name", ["gru", "scan_rnn"])
