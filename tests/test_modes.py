@@ -202,3 +202,78 @@ def test_progress_bar(capsys, progress):
     assert ("evals" in err) == progress
     if not progress:
         assert err == ""
+
+
+# --- mode="auto" by time -----------------------------------------------------------------------------
+
+
+def _over_budget(capsys, grad, **options):
+    """check_grad in auto mode with a budget any full check overruns (blocks of 512 evaluations)."""
+    report = jgradcheck.check_grad(_cost, grad, _PARAMS, _C, time_budget=1e-6, chunk_size=512, **options)
+    return report, capsys.readouterr().err
+
+
+def test_auto_mode_screens_when_the_full_check_is_projected_over_its_time_budget(capsys):
+    report, err = _over_budget(capsys, _grad)
+    assert report.passed, str(report)
+    assert report.mode.startswith("screen (auto: a full check of 20,003 entries would take about")
+    assert "over time_budget 1e-06 s; mode='full' checks every entry" in report.mode
+    assert report.leaf("big").how == "screened"
+    assert "screening instead" in err and "Pass mode='full' to check every entry" in err
+    assert err.count("\n") == 1  # the notice alone: a short check shows no progress
+
+
+def test_a_check_that_screens_for_time_still_names_a_single_wrong_entry(capsys):
+    report, _ = _over_budget(capsys, _one_entry_doubled)
+    assert report.status == "failed" and report.mode.startswith("screen")
+    assert [leaf.path for leaf in report.failed_leaves] == ["big"]
+    assert report.worst[0].name == f"big[{_PLANTED}]"
+
+
+def test_the_switch_is_silent_with_progress_false(capsys):
+    report, err = _over_budget(capsys, _grad, progress=False)
+    assert report.mode.startswith("screen") and err == ""
+
+
+@pytest.mark.parametrize("options", [{"mode": "full"}, {"time_budget": None}], ids=["mode=full", "no budget"])
+def test_full_mode_or_no_budget_never_screens_for_time(capsys, options):
+    budget = options.pop("time_budget", 1e-6)
+    report = jgradcheck.check_grad(_cost, _grad, _PARAMS, _C, time_budget=budget, chunk_size=512, **options)
+    assert report.mode.startswith("full") and report.leaf("big").checked == _N_BIG
+    assert "screening instead" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "60", True, float("nan")])
+def test_a_bad_time_budget_says_what_it_is(bad):
+    with pytest.raises(ValueError, match="time_budget must be a positive number of seconds, or None"):
+        jgradcheck.check_grad(_cost, _grad, _PARAMS, _C, time_budget=bad)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_the_budget_projects_from_the_blocks_after_the_first_and_gives_up_only_in_the_first_half(monkeypatch):
+    from jgradcheck._src import progress as progress_mod
+    from jgradcheck._src.schedule import Budget
+
+    clock = _Clock()
+    monkeypatch.setattr(progress_mod.time, "perf_counter", clock)
+    bar = progress_mod.Progress(10_000, enabled=False)
+    budget = Budget(60.0, started=clock.t - 5.0)  # 5 s of preparation before the evaluations
+    clock.t += 20.0  # the first block: compiling, 20 s for 100 evaluations
+    bar.update(100)
+    assert not budget.over(bar)  # one block: no rate yet
+    clock.t += 1.0  # then 100 evaluations per second
+    bar.update(100)
+    # 5 + 21 s so far, 9,800 evaluations left at 100/s: 124 s.
+    assert budget.over(bar) and budget.projected == pytest.approx(124.0) and budget.done == 200
+    assert not Budget(130.0, started=clock.t - 26.0).over(bar)
+    for _ in range(48):  # past half of the work, finishing is cheaper than starting again
+        clock.t += 1.0
+        bar.update(100)
+    assert bar.done == 5_000 and not Budget(60.0, started=95.0).over(bar)

@@ -178,3 +178,51 @@ def test_eta_follows_the_recent_rate(monkeypatch, stderr):
         bar.update(10)
     # 700 left at 10 per second: 70 s, not the 700 × (40 s / 1,300) ≈ 22 s of the average since the start.
     assert bar._eta(clock[0]) == pytest.approx(70.0)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_a_check_shorter_than_after_s_writes_nothing_and_a_longer_one_a_line_every_ten_seconds(stderr, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(progress_mod.time, "perf_counter", clock)
+    s = stderr(False)
+    short = Progress(1_000, enabled=True, after_s=10.0)
+    for _ in range(10):
+        clock.t += 0.5
+        short.update(100)
+    short.close()
+    assert s.getvalue() == ""  # 5 s: the many short checks of a test suite stay silent
+    slow = Progress(1_000, enabled=True, after_s=10.0)
+    for _ in range(60):  # one evaluation a second: no new tenth in most 10 s windows
+        clock.t += 1.0
+        slow.update(1)
+    slow.close()
+    lines = s.getvalue().splitlines()
+    assert lines[0].startswith("jgradcheck: 10/1,000 evals (1%), 10.0 s elapsed")
+    assert len(lines) == 6 + 1  # at 10, 20, ... 60 s, then the last line
+    assert lines[-1] == "jgradcheck: 60/1,000 evals, done in 1 min 00 s"
+
+
+def test_a_stopped_check_says_stopped_not_done(stderr):
+    s = stderr(False)
+    bar = Progress(1_000, enabled=True)
+    bar.update(500)
+    bar.close(stopped=True)
+    assert s.getvalue().splitlines()[-1].startswith("jgradcheck: 500/1,000 evals, stopped after")
+
+
+def test_the_default_shows_a_log_progress_only_after_ten_seconds(monkeypatch):
+    from jgradcheck._src.options import LONG_CHECK_S, show_progress
+
+    monkeypatch.setattr(sys, "stderr", _Stream(False))
+    assert show_progress(None, 10**6) == {"enabled": True, "after_s": LONG_CHECK_S}
+    assert show_progress(False, 10**6) == {"enabled": False, "after_s": 0.0}
+    monkeypatch.setattr(sys, "stderr", _Stream(True))
+    assert show_progress(None, 10**6) == {"enabled": True, "after_s": 0.0}
+    assert show_progress(None, 100) == {"enabled": True, "after_s": LONG_CHECK_S}

@@ -18,12 +18,13 @@ from jgradcheck._src.assemble import build_report
 from jgradcheck._src.blocking import blocking_warnings
 from jgradcheck._src.engine import Engine, Progress
 from jgradcheck._src.jaxpr_scan import walk_eqns
-from jgradcheck._src.modes import run_mode
+from jgradcheck._src.modes import over_budget_note, run_mode, tell_over_budget
 from jgradcheck._src.options import (
     MSG_METHOD,
     MSG_MODE,
     MSG_STRATEGY,
     Options,
+    check_budget,
     check_eps,
     check_options,
     show_progress,
@@ -42,7 +43,7 @@ from jgradcheck._src.problem import (
 )
 from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport, LeafReport
-from jgradcheck._src.schedule import check_leaves
+from jgradcheck._src.schedule import Budget, Cancelled, check_leaves
 from jgradcheck._src.tree import Only, check_live, is_floating, only_scope, path_str, selector
 from jgradcheck._src.wrap import MSG_KWARGS, conjugate_diagnosis, is_complex, join_grad, rewrite
 
@@ -73,6 +74,7 @@ def check_grad(
     method: str = "central",
     mode: str = "auto",
     full_max_size: int = 500_000,
+    time_budget: float | None = 60.0,
     sample_size: int = 64,
     screen_directions: int = 4,
     rtol: float = 0.0,
@@ -130,8 +132,13 @@ def check_grad(
       mode: ``"full"`` (every entry), ``"sample"`` (``sample_size`` random entries per leaf,
         small leaves whole), ``"screen"`` (``screen_directions`` random directions per leaf,
         then a search for the wrong entries in leaves that fail), or ``"auto"``: full up to
-        ``full_max_size`` entries, screen above.
+        ``full_max_size`` entries and when the full check is projected to finish within
+        ``time_budget``, screen otherwise (``report.mode`` says which ran and why).
       full_max_size: the size above which ``mode="auto"`` screens.
+      time_budget: seconds a full check may take under ``mode="auto"`` (default 60; None: no
+        limit). The time of the whole check is projected from its first blocks of evaluations;
+        above the budget (while less than half is done) the check screens instead and says so on
+        stderr (unless ``progress=False``) and in ``report.mode``. ``mode="full"`` never screens.
       sample_size: entries per leaf in sample mode.
       screen_directions: random (Rademacher) directions per leaf in screen mode.
       rtol: extra relative tolerance on |yours − numerical| (on top of the error estimate).
@@ -144,8 +151,9 @@ def check_grad(
         device memory (1 GiB on CPU), measured from the compiled cost.
       devices: devices to spread the perturbations over (default: all local devices of the
         default backend).
-      progress: show a progress bar with ETA on stderr; default: when stderr is a terminal
-        and the check is large.
+      progress: show a progress bar with ETA on stderr (True), or nothing (False). Default: on a
+        terminal for a large check (over 50,000 evaluations) from the start; otherwise once the
+        check has run for 10 s (in a log: a line every ~10 s), so no long check is silent.
       check_determinism: evaluate J twice in separate traces and raise if it differs.
       max_refine: at most this many failing entries per leaf get the second, 2h look.
       seed: seed of the random directions and samples (each leaf's stream also depends on its
@@ -213,6 +221,7 @@ def check_grad(
     if strategy not in ("delta", "vmap"):
         raise ValueError(MSG_STRATEGY.format(strategy=strategy))
     eps = check_eps(eps)
+    budget_s = check_budget(time_budget)
     check_options(
         sample_size=sample_size,
         screen_directions=screen_directions,
@@ -244,9 +253,31 @@ def check_grad(
                 if mode != "auto"
                 else f"{chosen} (auto: {n:,} entries {'≤' if chosen == 'full' else '>'} full_max_size {full_max_size:,})"
             )
-            per_leaf = run_mode(
-                chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
-            )
+            budget = Budget(budget_s, start) if mode == "auto" and chosen == "full" and budget_s else None
+            try:
+                per_leaf = run_mode(
+                    chosen,
+                    engine,
+                    problem,
+                    yours,
+                    noise,
+                    opts,
+                    sample_size,
+                    screen_directions,
+                    seed,
+                    progress,
+                    n,
+                    budget,
+                )
+            except Cancelled:
+                if budget is None or budget.projected is None:
+                    raise  # your gradient's error stopped it (raised by yours.get() below), not the budget
+                tell_over_budget(n, budget, progress)
+                chosen, mode_note = "screen", over_budget_note(n, budget)
+                noise = probe_line(engine, problem, seed, check_determinism)
+                per_leaf = run_mode(
+                    chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
+                )
             grads, _ = yours.get()
             warnings = list(
                 blocking_warnings(
@@ -543,7 +574,8 @@ def numerical_grad(
         problem.j0 = float("nan")  # refinement (which needs J(θ)) is off here
         engine = make_engine(problem, devices, chunk_size, strategy)
         n = sum(int(f.size) for f in problem.floats)
-        bar = Progress(n * len(numerics.STENCILS[method][0]), show_progress(progress, n))
+        total = n * len(numerics.STENCILS[method][0])
+        bar = Progress(total, **show_progress(progress, total))
         sel = {i: np.arange(int(f.size)) for i, f in enumerate(problem.floats)}
         zeros = [np.zeros(int(f.size)) for f in problem.floats]
         coords = check_leaves(engine, problem, sel, Yours.ready(zeros, [0.0] * len(zeros)), 0.0, opts, bar)

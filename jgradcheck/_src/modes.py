@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
 from jgradcheck._src import numerics, screen
 from jgradcheck._src.engine import Progress
 from jgradcheck._src.options import show_progress
-from jgradcheck._src.schedule import check_leaves
+from jgradcheck._src.progress import _seconds
+from jgradcheck._src.schedule import Budget, check_leaves
+
+MSG_OVER_BUDGET = (
+    "jgradcheck: a full check of all {n:,} entries would take about {projected} (time_budget={budget:g} s): "
+    "screening instead (random directions per leaf, then a search for the wrong entries of any leaf that "
+    "fails). Pass mode='full' to check every entry, or a larger time_budget."
+)
 
 
-def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, seed, progress, n):
-    """Per-leaf results for ``mode`` in ("full", "sample", "screen"); ``yours`` is a ``Yours``."""
+def over_budget_note(n: int, budget: Budget) -> str:
+    """The report's mode note when ``mode="auto"`` gave up a full check for screening."""
+    projected = _seconds(budget.projected or math.nan)
+    return (
+        f"screen (auto: a full check of {n:,} entries would take about {projected} by its first "
+        f"{budget.done:,} evaluations, over time_budget {budget.seconds:g} s; mode='full' "
+        "checks every entry)"
+    )
+
+
+def tell_over_budget(n: int, budget: Budget, progress: bool | None) -> None:
+    """Says on stderr that the check screens instead (unless ``progress=False``: silence asked)."""
+    if progress is False:
+        return
+    projected = _seconds(budget.projected or math.nan)
+    sys.stderr.write(MSG_OVER_BUDGET.format(n=n, projected=projected, budget=budget.seconds) + "\n")
+    sys.stderr.flush()
+
+
+def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, seed, progress, n, budget=None):
+    """Per-leaf results for ``mode`` in ("full", "sample", "screen"); ``yours`` is a ``Yours``.
+
+    A ``budget`` (full mode only) stops the check with ``schedule.Cancelled`` once it is projected
+    to run over (see ``schedule.Budget``).
+    """
     sizes = [int(f.size) for f in problem.floats]
     per_entry = len(numerics.STENCILS[opts.method][0])
     if mode == "full":
@@ -22,7 +53,17 @@ def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, see
         total = per_entry * sum(min(s, sample_size) for s in sizes)
     else:
         total = 4 * n_dirs * len(sizes)
-    bar = Progress(total, show_progress(progress, total))  # total: evaluations of J
+    bar = Progress(total, **show_progress(progress, total))  # total: evaluations of J
+    try:
+        out = _run(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, seed, sizes, bar, budget)
+    except BaseException:
+        bar.close(stopped=True)
+        raise
+    bar.close()
+    return out
+
+
+def _run(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, seed, sizes, bar, budget):
     results: dict[int, screen.LeafResult] = {}
     if mode in ("full", "sample"):
         sel = {}
@@ -31,7 +72,7 @@ def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, see
                 sel[i] = np.arange(size)
             else:
                 sel[i] = np.sort(screen.leaf_rng(problem.paths[i], seed).choice(size, sample_size, replace=False))
-        coords = check_leaves(engine, problem, sel, yours, noise, opts, bar)
+        coords = check_leaves(engine, problem, sel, yours, noise, opts, bar, budget if mode == "full" else None)
         for i, size in enumerate(sizes):
             results[i] = screen.LeafResult(coords[i], "entries" if sel[i].size == size else "sampled")
     else:
@@ -77,6 +118,4 @@ def run_mode(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, see
             n_bad = int(np.sum(c.status == "fail"))
             how = "entries" if c.idx.size == sizes[i] else "sampled"
             results[i] = screen.LeafResult(c, how, n_dirs, extra_failures=0 if n_bad else fails, note=note)
-    out = [results[i] for i in range(len(sizes))]
-    bar.close()
-    return out
+    return [results[i] for i in range(len(sizes))]

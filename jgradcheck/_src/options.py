@@ -17,6 +17,10 @@ MSG_POSITIVE = "{name} must be a positive number; got {value!r}."
 MSG_NONNEGATIVE = "{name} must be a non-negative number; got {value!r}."
 MSG_NO_DEVICES = "devices is empty; pass None (all local devices) or a non-empty list such as jax.devices()[:1]."
 MSG_STRATEGY = "strategy must be 'delta' or 'vmap'; got {strategy!r}."
+MSG_BUDGET = (
+    "time_budget must be a positive number of seconds, or None for no limit; got {value!r}. It is the "
+    "longest a full check may take under mode='auto' before it screens instead."
+)
 MSG_EPS = "eps must be a positive finite number (an absolute step); got {eps!r}."
 
 
@@ -61,11 +65,35 @@ def check_eps(eps: Any) -> float | None:
     return float(eps)
 
 
-def show_progress(progress: bool | None, n: int) -> bool:
-    """Progress bar default: only on a terminal, only for checks of more than 50,000 evaluations of J."""
+# A check with the default ``progress=None`` shows nothing for its first LONG_CHECK_S seconds; after
+# that it says where it is (a bar on a terminal, a line every ~10 s in a log), so a long check is never
+# silent, and the many short ones of a test suite never write anything.
+LONG_CHECK_S = 10.0
+
+
+def show_progress(progress: bool | None, n: int) -> dict[str, Any]:
+    """How to show the progress of ``n`` evaluations: ``Progress``'s ``enabled`` and ``after_s``.
+
+    True: from the start; False: never; None (the default): from the start on a terminal for more
+    than 50,000 evaluations, otherwise only once the check has run for ``LONG_CHECK_S`` seconds.
+    """
     if progress is not None:
-        return bool(progress)
-    return sys.stderr.isatty() and n > 50_000
+        return {"enabled": bool(progress), "after_s": 0.0}
+    at_once = sys.stderr.isatty() and n > 50_000
+    return {"enabled": True, "after_s": 0.0 if at_once else LONG_CHECK_S}
+
+
+def check_budget(time_budget: Any) -> float | None:
+    """``time_budget``: None (no limit) or a positive number of seconds."""
+    if time_budget is None:
+        return None
+    if (
+        isinstance(time_budget, (bool, np.bool_))
+        or not isinstance(time_budget, numbers.Real)
+        or not float(time_budget) > 0
+    ):
+        raise ValueError(MSG_BUDGET.format(value=time_budget))
+    return float(time_budget)
 
 
 # XLA:CPU's backend optimization level 0: 0.5-0.65x the compile time, 1.1-4x the run time

@@ -3,10 +3,11 @@
 * ``tqdm`` when it is installed and stderr is a terminal or a notebook (``tqdm.auto``: the bar
   JAX users already know, a widget in Jupyter);
 * otherwise, on a terminal, a one-line bar with ETA (no dependency);
-* otherwise (CI logs, files) a few plain lines, one per tenth of the work, with no carriage
-  returns.
+* otherwise (CI logs, files) a few plain lines, one per tenth of the work and at least one every
+  ``LINE_EVERY_S`` seconds, with no carriage returns.
 
-Nothing is ever written unless ``enabled``. The total is every evaluation the check does: the
+Nothing is ever written unless ``enabled``, and nothing before ``after_s`` seconds (the default of
+a check: a check that ends sooner prints nothing; a long one says where it is, even in a log). The total is every evaluation the check does: the
 engine may do more than first planned (a second look at suspect entries), announced with
 :meth:`Progress.extend`, or found when they arrive (the total then grows to the count done:
 "800,020/800,000" or "ETA -0.0s" helps no one). The ETA is the work left at the rate measured
@@ -21,8 +22,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-# Plain-line mode: one line per this fraction of the work (at most 10 lines, plus the last).
+# Plain-line mode: one line per this fraction of the work (at most 10 lines, plus the last)...
 LINE_STEP = 0.1
+# ... and one at least this often, however slowly the work goes.
+LINE_EVERY_S = 10.0
 # Width of the built-in terminal bar, in characters.
 BAR_WIDTH = 30
 # The ETA's rate is measured over the updates of the last RATE_WINDOW_S seconds (at least the
@@ -56,6 +59,10 @@ def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {s % 60:02.0f} s"
 
 
+def _eta_words(s: float) -> str:
+    return _seconds(s) if s == s else "? s"  # NaN: no rate measured yet
+
+
 class Progress:
     """Progress of ``total`` cost evaluations on stderr; silent unless ``enabled``.
 
@@ -69,15 +76,20 @@ class Progress:
         ``"off"``.
     """
 
-    def __init__(self, total: int, enabled: bool, label: str = "jgradcheck"):
+    def __init__(self, total: int, enabled: bool, label: str = "jgradcheck", after_s: float = 0.0):
         self.total, self.enabled, self.label = int(total), bool(enabled), label
+        self.after_s = float(after_s)
         self.done = 0
         self.start = time.perf_counter()
         self._stream: TextIO = sys.stderr
         self._shown = 0  # clamped count already shown (tqdm) or last tenth printed (lines)
+        self._last_line = self.start  # when the last plain line was written
+        self._written = False  # whether anything was written (close() then ends the display)
         self._closed = False
         self._tqdm: Any = None
         self._recent: collections.deque[tuple[float, int]] = collections.deque([(self.start, 0)])
+        self._first: tuple[float, int] | None = None  # the first update: its block paid for compiling
+        self._updates = 0
         self.kind = "off"
         if not self.enabled:
             return
@@ -86,8 +98,15 @@ class Progress:
         if tqdm_cls is not None and (tty or _in_notebook(tqdm_cls)):
             self.kind = "tqdm"
             self._tqdm = tqdm_cls(
-                total=self.total, desc=label, unit="evals", unit_scale=True, file=self._stream, leave=True
+                total=self.total,
+                desc=label,
+                unit="evals",
+                unit_scale=True,
+                file=self._stream,
+                leave=True,
+                **({"delay": self.after_s} if self.after_s > 0 else {}),
             )
+            self._written = True
         else:
             self.kind = "bar" if tty else "lines"
 
@@ -105,6 +124,9 @@ class Progress:
         """Records ``n`` more evaluations and shows them (unannounced ones grow the total)."""
         self.done += int(n)
         now = time.perf_counter()
+        self._updates += 1
+        if self._first is None and n > 0:
+            self._first = (now, self.done)
         self._recent.append((now, self.done))
         while len(self._recent) > 2 and now - self._recent[1][0] > RATE_WINDOW_S:
             self._recent.popleft()
@@ -117,10 +139,22 @@ class Progress:
             if shown > self._shown:
                 self._tqdm.update(shown - self._shown)
                 self._shown = shown
+        elif now - self.start < self.after_s:
+            return
         elif self.kind == "bar":
             self._write_bar()
         else:
-            self._write_line()
+            self._write_line(now)
+
+    def projected_s(self) -> float | None:
+        """Seconds the whole work will have taken: elapsed, plus what is left at the rate measured
+        since the first block (which paid for compiling); None before a second block is in."""
+        if self._first is None or self.done <= self._first[1]:
+            return None
+        now = time.perf_counter()
+        t0, d0 = self._first
+        left = max(0, self.total - self.done)
+        return (now - self.start) + left * (now - t0) / (self.done - d0)
 
     def _eta(self, elapsed: float) -> float:
         """Seconds left: the evaluations left at the recent rate (see ``RATE_WINDOW_S``)."""
@@ -133,6 +167,7 @@ class Progress:
         return left * (t1 - t0) / (d1 - d0)
 
     def _write_bar(self) -> None:
+        self._written = True
         elapsed = time.perf_counter() - self.start
         shown = self._clamped()
         frac = shown / max(1, self.total)
@@ -145,23 +180,31 @@ class Progress:
         )
         self._stream.flush()
 
-    def _write_line(self) -> None:
+    def _write_line(self, now: float) -> None:
         tenth = int(self._clamped() * round(1 / LINE_STEP) // max(1, self.total))
-        if tenth <= self._shown or tenth >= round(1 / LINE_STEP):
-            return  # nothing new, or the end: close() writes the last line
-        self._shown = tenth
-        elapsed = time.perf_counter() - self.start
+        if tenth >= round(1 / LINE_STEP):
+            return  # the end: close() writes the last line
+        if tenth <= self._shown and now - self._last_line < LINE_EVERY_S:
+            return  # nothing new, and the last line is recent
+        self._shown = max(self._shown, tenth)
+        self._last_line = now
+        self._written = True
+        elapsed = now - self.start
+        percent = int(100 * self._clamped() // max(1, self.total))
         self._stream.write(
-            f"{self.label}: {self._clamped():,}/{self.total:,} evals ({tenth * 10}%), "
-            f"{_seconds(elapsed)} elapsed, about {_seconds(self._eta(elapsed))} left\n"
+            f"{self.label}: {self._clamped():,}/{self.total:,} evals ({percent}%), "
+            f"{_seconds(elapsed)} elapsed, about {_eta_words(self._eta(elapsed))} left\n"
         )
         self._stream.flush()
 
-    def close(self) -> None:
-        """Ends the display (the last line says how long it took); idempotent."""
+    def close(self, stopped: bool = False) -> None:
+        """Ends the display (the last line says how long it took, or that the work ``stopped``
+        before its end); idempotent."""
         if not self.enabled or self._closed:
             return
         self._closed = True
+        if not self._written and time.perf_counter() - self.start < self.after_s:
+            return  # ended before it was to be shown (``after_s``)
         if self.kind == "tqdm":
             self._tqdm.close()
         elif self.kind == "bar":
@@ -169,5 +212,6 @@ class Progress:
             self._stream.flush()
         else:
             elapsed = time.perf_counter() - self.start
-            self._stream.write(f"{self.label}: {self._clamped():,}/{self.total:,} evals, done in {_seconds(elapsed)}\n")
+            how = "stopped after" if stopped else "done in"
+            self._stream.write(f"{self.label}: {self._clamped():,}/{self.total:,} evals, {how} {_seconds(elapsed)}\n")
             self._stream.flush()

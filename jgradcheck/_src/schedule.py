@@ -20,13 +20,47 @@ class Cancelled(Exception):
     """Raised in a worker at its next block once the check was interrupted (Ctrl-C)."""
 
 
+# A full check over its time budget gives up only in its first half: past it, finishing costs
+# less than what was spent.
+GIVE_UP_BEFORE = 0.5
+
+
+class Budget:
+    """``mode="auto"``'s limit on a full check's time, judged after every block.
+
+    The check's time so far (from ``started``, preparation included) plus the evaluations left at
+    the rate measured since the first block (which paid for compiling) is the projection; once it
+    exceeds ``seconds`` while less than half the work is done, the check stops (``Cancelled``) and
+    ``projected`` holds the projection, for the caller to screen instead.
+    """
+
+    def __init__(self, seconds: float, started: float):
+        self.seconds, self.started = float(seconds), float(started)
+        self.projected: float | None = None
+        self.done = 0  # evaluations done when it was projected to run over
+
+    def over(self, progress: Progress) -> bool:
+        if progress.done >= GIVE_UP_BEFORE * progress.total:
+            return False
+        rest = progress.projected_s()
+        if rest is None:
+            return False
+        projected = (progress.start - self.started) + rest
+        if projected <= self.seconds:
+            return False
+        self.projected, self.done = projected, progress.done
+        return True
+
+
 class _Cancellable:
     """The progress bar the workers tick after each block: also where they learn to stop."""
 
-    def __init__(self, progress: Progress, failed: threading.Event):
+    def __init__(self, progress: Progress, failed: threading.Event, budget: Budget | None = None):
         self.progress = progress
         self.stop = threading.Event()
         self.failed = failed  # your gradient raised: no point finishing
+        self.budget = budget
+        self._lock = threading.Lock()
 
     # Always "enabled": the engine then waits for each block before ticking, so a worker
     # learns of a Ctrl-C after the block it is computing, not after its last dispatched one.
@@ -35,7 +69,12 @@ class _Cancellable:
     def update(self, n: int) -> None:
         if self.stop.is_set() or self.failed.is_set():
             raise Cancelled
-        self.progress.update(n)
+        with self._lock:  # workers tick from their threads
+            self.progress.update(n)
+            over = self.budget is not None and self.budget.over(self.progress)
+        if over:
+            self.stop.set()
+            raise Cancelled
 
 
 # How often the main thread wakes while waiting on the workers, to let Ctrl-C through.
@@ -57,6 +96,7 @@ def check_leaves(
     noise: float | NoiseBox,
     opts: Options,
     progress: Progress,
+    budget: Budget | None = None,
 ) -> dict[int, Coords]:
     """Entry-by-entry check of ``selection`` (leaf -> entry indices), grouped for compilation.
 
@@ -64,7 +104,8 @@ def check_leaves(
     the device computes) while other threads trace, so a cold check overlaps its compilations.
     A KeyboardInterrupt (Ctrl-C) in the main thread cancels the groups not started, stops the
     running ones at their next block, waits for them, and propagates. So does an error in your
-    gradient (``yours``, computed meanwhile in its own thread), which is then raised.
+    gradient (``yours``, computed meanwhile in its own thread), which is then raised. A
+    ``budget`` projected to be exceeded stops the groups the same way and raises ``Cancelled``.
     """
     out: dict[int, Coords] = {}
     groups = [tuple(i for i in full if i in selection) for full in problem.groups]
@@ -75,7 +116,7 @@ def check_leaves(
             noise = noise.deliver(engine.costs(noise.group, *probe, progress))
         else:  # the group carrying the probe goes first: the others wait for it to judge
             groups.sort(key=lambda grp: grp != noise.group)
-    ticks = _Cancellable(progress, yours.failed)
+    ticks = _Cancellable(progress, yours.failed, budget)
 
     def run(group: tuple[int, ...]) -> None:
         ticks.update(0)  # raises Cancelled before compiling anything once the check is stopping

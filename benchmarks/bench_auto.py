@@ -1,0 +1,115 @@
+"""``mode="auto"`` on ~400k-parameter MLPs: the default check's time, what it did, and how well
+the time budget's projection matches a full check.
+
+Models (float64, the cost of ``bench_core.py``: ReLU layers, a logistic output, L2):
+
+* ``wide``: 256-512-512-1, m = 128 (394,753 parameters). A changed first-layer weight changes a
+  whole row of the 512x512 layer's input, so every perturbation costs about a forward pass: a
+  full check takes many minutes on a CPU.
+* ``narrow``: 1024-384-16-1, m = 64 (399,777 parameters). Most entries are in the first layer
+  and their changes stay one hidden unit wide until the 16-unit layer: a full check is seconds.
+
+For each, in one process: ``check_grad(cost, grad, params, x, y)`` with default options (``mode="auto"``,
+``time_budget=60``), cold and again (compiled programs reused), with the correct gradient, a single doubled entry of ``W2`` and
+``W1`` 1% off: time, verdict, the report's mode line, the worst entry. Then the projection: a check
+with ``time_budget=1e-6`` stops at its first projection (printed in its mode line), against the time
+of ``mode="full"`` on the same gradient (``--full``: only for models whose projection is under
+``--full-max`` seconds).
+
+Usage: python benchmarks/bench_auto.py [--models wide,narrow] [--full] [--full-max 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_core import cost, machine_line, make_problem  # noqa: E402
+
+import jgradcheck  # noqa: E402
+
+exact = jax.grad(cost)
+
+
+def doubled(p, x, y):
+    g = exact(p, x, y)
+    return {**g, "W2": g["W2"].at[7, 33].multiply(2.0)}
+
+
+def off(p, x, y):
+    g = exact(p, x, y)
+    return {**g, "W1": g["W1"] * 1.01}
+
+
+MODELS = {"wide": ([256, 512, 512, 1], 128), "narrow": ([1024, 384, 16, 1], 64)}
+
+
+def timed(fn, *args, **kw):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        t = time.perf_counter()
+        report = fn(*args, **kw)
+        dt = time.perf_counter() - t
+    return report, dt, err.getvalue()
+
+
+def seconds(words: str) -> float:
+    """ "12.3 s" or "17 min 30 s" (the report's durations) in seconds."""
+    m = re.fullmatch(r"(?:(\d+) min )?([\d.]+) s", words)
+    return 60 * int(m.group(1) or 0) + float(m.group(2))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="wide,narrow")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--full-max", type=float, default=300.0)
+    a = ap.parse_args()
+    print(machine_line())
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    rows = []
+    for name in a.models.split(","):
+        dims, m = MODELS[name]
+        with jax.enable_x64(True):
+            params, x, y = make_problem(dims, m)
+        n = sum(int(p.size) for p in jax.tree.leaves(params))
+        for label, grad in (
+            ("correct, cold", exact),
+            ("correct, again", exact),
+            ("W2[7, 33] doubled", doubled),
+            ("W1 1% off", off),
+        ):
+            report, dt, err = timed(jgradcheck.check_grad, cost, grad, params, x, y)
+            worst = next((e.name for e in report.worst if e.status == "fail"), "-")
+            failed = ",".join(leaf.path for leaf in report.failed_leaves) or "-"
+            rows.append((name, n, label, dt, report.status, failed, worst, report.mode, bool(err.strip())))
+            print(f"{name} ({n:,}) {label}: {dt:.1f} s, {report.status}, failed leaves {failed}, worst {worst}")
+            print(f"    mode: {report.mode}")
+            if err.strip():
+                print(f"    stderr: {err.strip().splitlines()[0]}")
+        report, dt, _ = timed(jgradcheck.check_grad, cost, exact, params, x, y, time_budget=1e-6, progress=False)
+        projected = re.search(r"would take about (.*?) by its first ([\d,]+) evaluations", report.mode)
+        print(
+            f"{name}: first projection {projected.group(1)} after {projected.group(2)} evaluations ({dt:.1f} s in all)"
+        )
+        if a.full and seconds(projected.group(1)) <= a.full_max:
+            _, full_s, _ = timed(jgradcheck.check_grad, cost, exact, params, x, y, mode="full", progress=False)
+            print(f"{name}: mode='full' took {full_s:.1f} s")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    print()
+    print("| model | n | gradient | time (s) | status | failed leaves | worst entry | stderr notice |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, label, dt, status, failed, worst, _, noticed in rows:
+        print(f"| {name} | {n:,} | {label} | {dt:.1f} | {status} | {failed} | {worst} | {'yes' if noticed else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
