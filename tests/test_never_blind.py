@@ -10,7 +10,6 @@ from __future__ import annotations
 import _thread
 import signal
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -195,38 +194,96 @@ def test_five_percent_error_on_entries_straddling_a_kink_fails():
 # --- Ctrl-C -----------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind():
+# Blocks of the big leaf after which Ctrl-C comes, and the check's block size (small, so that
+# the check has many blocks left: 2 x 6,400 evaluations in blocks of 256 are 50 blocks).
+_CTRL_C_AT_BLOCK = 3
+_CTRL_C_BLOCK_EVALS = 256
+# How long a worker that saw Ctrl-C sent waits for the main thread to pass it on, and how long
+# the check's threads get to end: bounds on a hang, not speeds (the main thread wakes every
+# schedule.WAIT_SLICE_S).
+_CTRL_C_PATIENCE_S = 60.0
+
+
+def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind(monkeypatch):
+    """Ctrl-C after the third block of the big leaf: no block of it starts after that.
+
+    Ctrl-C is sent from the tick the engine's workers give after each block, not from a timer,
+    so the check is stopped at a known block on any host. The worker that sends it, and every
+    worker at its next tick, waits until the main thread has passed the interrupt on to them
+    (``schedule._Cancellable.stop``): the blocks run do not depend on how soon the main thread
+    wakes. Waiting there past ``_CTRL_C_PATIENCE_S`` is a failure (Ctrl-C never got through).
+    """
+    from jgradcheck._src import engine, schedule
+
     rng = np.random.default_rng(1)
-    m = jnp.asarray(rng.standard_normal((200, 8)), jnp.float32)
-    params = {"big": jnp.asarray(rng.standard_normal((200, 200)) * 0.1, jnp.float32), "b": jnp.ones(3)}
+    m = jnp.asarray(rng.standard_normal((80, 8)), jnp.float32)
+    params = {"big": jnp.asarray(rng.standard_normal((80, 80)) * 0.1, jnp.float32), "b": jnp.ones(3)}
+    big = int(params["big"].size)
 
     def cost(p):
         return jnp.sum(jnp.tanh(p["big"] @ m) ** 2) + jnp.sum(p["b"] ** 2)
 
+    monkeypatch.setattr(engine, "BLOCK_EVALS", _CTRL_C_BLOCK_EVALS)
+    blocks = {"big": 0, "other": 0}  # blocks dispatched, by group
+
+    def counting(block):
+        def counted(program, group, consts, flat, *rest):
+            blocks["big" if any(flat[g].size == big for g in group) else "other"] += 1
+            return block(program, group, consts, flat, *rest)
+
+        return counted
+
+    for name in ("_group_block", "_group_block_quick"):
+        monkeypatch.setattr(engine, name, counting(getattr(engine, name)))
+
+    sent = threading.Event()
+    at_send: dict[str, int] = {}
+    stuck: list[str] = []
+    workers: set[str] = set()
+    tick = schedule._Cancellable.update
+
+    def update(self, n):
+        if threading.current_thread() is not threading.main_thread():
+            workers.add(threading.current_thread().name)
+            if not sent.is_set() and blocks["big"] >= _CTRL_C_AT_BLOCK:
+                at_send.update(blocks)
+                sent.set()
+                _thread.interrupt_main()
+            if sent.is_set() and not self.stop.wait(_CTRL_C_PATIENCE_S):
+                stuck.append(threading.current_thread().name)
+        elif not sent.is_set() and blocks["big"] >= _CTRL_C_AT_BLOCK:  # no worker threads: Ctrl-C here
+            at_send.update(blocks)
+            sent.set()
+            _thread.interrupt_main()
+        tick(self, n)
+
+    monkeypatch.setattr(schedule._Cancellable, "update", update)
     x64_before = jax.config.read("jax_enable_x64")
     precision_before = jax.config.jax_default_matmul_precision
-    threads_before = threading.active_count()
-    fire_at = 1.5
-    timer = threading.Timer(fire_at, _thread.interrupt_main)
+    threads_before = set(threading.enumerate())
     # A process started in the background by a non-interactive shell (as CI may start this
     # suite) inherits SIGINT ignored, and interrupt_main then does nothing: Python's own handler.
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    start = time.perf_counter()
-    timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            jgradcheck.check_grad(cost, jax.grad(cost), params, mode="full", strategy="vmap", progress=False)
+            jgradcheck.check_grad(
+                cost, jax.grad(cost), params, mode="full", strategy="vmap", chunk_size=64, progress=False
+            )
     finally:
-        timer.cancel()
         signal.signal(signal.SIGINT, handler)
-    stopped = time.perf_counter() - start
-    assert stopped < fire_at + 4.0, stopped
+    assert sent.is_set() and not stuck, (at_send, stuck)
+    assert workers, "the groups ran in the calling thread: this test is about stopping worker threads"
+    # The big leaf's worker stopped at the tick that sent Ctrl-C; any other worker ran at most the
+    # block it was in. The check had 2 x 6,400 / 256 = 50 blocks of the big leaf to run.
+    assert blocks["big"] == at_send["big"] == _CTRL_C_AT_BLOCK, (blocks, at_send)
+    assert blocks["other"] <= at_send["other"] + 1, (blocks, at_send)
+    assert 2 * big // _CTRL_C_BLOCK_EVALS >= 10 * _CTRL_C_AT_BLOCK
     assert jax.config.read("jax_enable_x64") == x64_before
     assert jax.config.jax_default_matmul_precision == precision_before
-    deadline = time.perf_counter() + 5.0
-    while threading.active_count() > threads_before and time.perf_counter() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() <= threads_before
+    left = [t for t in threading.enumerate() if t not in threads_before]
+    for t in left:
+        t.join(_CTRL_C_PATIENCE_S)
+    assert not [t.name for t in left if t.is_alive()]
 
 
 # --- errors that teach ------------------------------------------------------------------------------
