@@ -1,9 +1,10 @@
 """A check inside a test suite reuses its compiled programs: no timing here, only what is compiled.
 
 The programs of the vector checks (your JVP on every basis tangent, projected) are kept by their
-traced text (vector.run_compiled): the same operation checked again at new values, written as a
-new lambda, compiles nothing new; the arrays a rule closes over are arguments of the kept
-program, so a rule with the same code and wrong values still fails.
+traced text (vector.run_compiled): a tiny program runs eagerly the first time it is seen and is
+compiled the second; the same operation checked again at new values, written as a new lambda,
+then compiles nothing new; the arrays a rule closes over are arguments of the kept program, so a
+rule with the same code and wrong values still fails, eagerly or compiled.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ def _x(dtype: str, shift: float = 0.0) -> jax.Array:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_second_identical_check_compiles_nothing_new(dtype):
-    first = jgradcheck.check_rules(lambda x: jnp.sin(x) * x, _x(dtype), order=2)
+def test_first_sight_runs_eagerly_and_a_third_check_compiles_nothing_new(dtype):
+    c = {"float32": 0.25, "float64": 0.375}[dtype]  # programs no other test runs (both run in float64)
+    f = lambda x: jnp.sin(x) * x + c * x  # noqa: E731
+    compiled, eager = vector._COMPILED[0], vector._EAGER[0]
+    first = jgradcheck.check_rules(f, _x(dtype), order=2)
     assert first.status == "passed", first
+    assert vector._COMPILED[0] == compiled  # every program of this tiny check ran eagerly
+    assert vector._EAGER[0] > eager
+    second = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + c * x, _x(dtype, 0.02), order=2)
+    assert second.status == "passed", second
+    assert vector._COMPILED[0] > compiled  # seen twice: compiled
     before = vector._COMPILED[0]
-    again = jgradcheck.check_rules(lambda x: jnp.sin(x) * x, _x(dtype, 0.01), order=2)
+    again = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + c * x, _x(dtype, 0.01), order=2)
     assert again.status == "passed", again
     assert vector._COMPILED[0] == before
 
@@ -47,11 +56,16 @@ def test_kept_program_takes_the_rules_own_values(dtype):
     def jvp_with(w):
         return lambda p, t: (f(p[0]), w * jnp.cos(p[0]) * t[0])
 
-    right = jgradcheck.check_jvp(f, jvp_with(_as(np.full(x.shape, 3.0), dtype)), x)
-    assert right.status == "passed", right
-    before = vector._COMPILED[0]
     w = np.full(x.shape, 3.0)
     w[1, 2] = 3.3  # one entry of the rule 10% off
+    compiled = vector._COMPILED[0]
+    first = jgradcheck.check_jvp(f, jvp_with(_as(w, dtype)), x)  # first sight: eagerly
+    assert vector._COMPILED[0] == compiled
+    assert first.status == "failed", first
+    assert {(e.path, e.index) for e in first.worst if e.status == "fail"} == {("x", (1, 2))}
+    right = jgradcheck.check_jvp(f, jvp_with(_as(np.full(x.shape, 3.0), dtype)), x)  # compiled
+    assert right.status == "passed", right
+    before = vector._COMPILED[0]
     wrong = jgradcheck.check_jvp(f, jvp_with(_as(w, dtype)), x)
     assert vector._COMPILED[0] == before
     assert wrong.status == "failed", wrong

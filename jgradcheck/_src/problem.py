@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -227,11 +228,20 @@ def reuse_traces() -> Any:
     is traced again.
     """
     old = getattr(_REUSE, "memo", None)
-    _REUSE.memo = {} if old is None else old
+    _REUSE.memo = {"scope": next(_SCOPES)} if old is None else old
     try:
         yield
     finally:
         _REUSE.memo = old
+
+
+_SCOPES = itertools.count(1)
+
+
+def reuse_scope() -> int | None:
+    """Which outermost ``reuse_traces`` block is active (a number new for each), or None."""
+    memo = getattr(_REUSE, "memo", None)
+    return None if memo is None else memo["scope"]
 
 
 def _avals(tree: Any) -> tuple[Any, ...]:

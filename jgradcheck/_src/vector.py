@@ -23,7 +23,7 @@ from jgradcheck._src.effects import callbacks
 from jgradcheck._src.engine import _LOCK, QUICK_SECONDS, WORK_RATE, _remember
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.options import QUICK_COMPILE
-from jgradcheck._src.problem import hashable, precision_scope, reuse_traces
+from jgradcheck._src.problem import hashable, precision_scope, reuse_scope, reuse_traces
 from jgradcheck._src.report import Entry, GradCheckReport
 from jgradcheck._src.tree import check_live, is_floating, path_str
 
@@ -435,9 +435,14 @@ _PROGRAMS: dict[Any, Callable[..., Any]] = {}
 # How many: a suite cycles through its cases, so fewer than it uses would all be dropped before
 # their next use (JAX's own op list: 416 cases of about 5 programs each).
 PROGRAMS_KEPT = 4096
+# Tiny programs seen so far only within one check (run eagerly there), by the same key, with that
+# check's ``reuse_scope``: their sight in a later check compiles them.
+_SEEN: dict[Any, int | None] = {}
 # How many programs run_compiled has compiled in this process (tests read it: a second identical
 # check compiles none).
 _COMPILED = [0]
+# How many tiny programs it ran eagerly, primitive by primitive, on their first sight.
+_EAGER = [0]
 
 
 def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
@@ -448,16 +453,37 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
     cotangents) are its jaxpr's constants, passed as dynamic arguments, so the same operation
     checked at new values, or written as a new closure, reuses the compiled code. A fresh
     ``jax.jit`` of a new closure per check would compile every time.
+
+    A tiny program (its work under ``QUICK_SECONDS`` at ``WORK_RATE``, on a CPU) seen for the
+    first time runs eagerly instead, its traced equations one by one: JAX keeps each
+    primitive's executable across calls, so a suite's new operation compiles only its own
+    primitives (the basis scatter, the products and sums at the case's shapes are compiled once
+    for the whole suite), where compiling the whole program costs 15-40 ms. A test suite checks
+    most programs once; one seen again (a repeated check, a second pass) is compiled then.
     """
     closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
     # A program that runs in a blink compiles at XLA:CPU's quick level (options.QUICK_COMPILE):
     # there its compilation is the whole cost.
     quick = jax.default_backend() == "cpu" and sum(work(e) for e in closed.jaxpr.eqns) / WORK_RATE < QUICK_SECONDS
     key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr), quick)
+    treedef = jax.tree_util.tree_structure(shapes)
+    scope = reuse_scope()
     with _LOCK:
         run = _PROGRAMS.pop(key, None)
         if run is not None:
             _PROGRAMS[key] = run  # the most recently used last: the oldest unused is dropped first
+        # Eager on its first sight, and again within the same check (fn's output for forward and
+        # reverse mode); compiled when a later check sees it.
+        eager = run is None and quick and (key not in _SEEN or (scope is not None and _SEEN[key] == scope))
+        if eager:
+            _remember(_SEEN, key, scope, most=PROGRAMS_KEPT)
+            _EAGER[0] += 1
+        else:
+            _SEEN.pop(key, None)
+    if eager:
+        return jax.tree_util.tree_unflatten(
+            treedef, jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree_util.tree_leaves(args))
+        )
     if run is None:
         jaxpr = closed.jaxpr
 
@@ -468,7 +494,7 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         with _LOCK:
             _remember(_PROGRAMS, key, run, most=PROGRAMS_KEPT)
             _COMPILED[0] += 1
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), run(list(closed.consts), *args))
+    return jax.tree_util.tree_unflatten(treedef, run(list(closed.consts), *args))
 
 
 def compiled_or_eager(fn: Callable[[], Any]) -> Any:
