@@ -84,3 +84,34 @@ def test_a_trace_that_changes_is_still_caught_with_traces_kept(dtype):
 
     with pytest.raises(ValueError, match="not deterministic"):
         jgradcheck.check_rules(fn, _x(dtype), modes=("rev",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_reverse_share_their_evaluations(dtype):
+    # One numerical side for both modes of an order: the second check evaluates nothing the first
+    # did, and judges its own derivative against the same finite differences.
+    f = lambda x: jnp.sin(x) * x  # noqa: E731
+    both = jgradcheck.check_rules(f, _x(dtype), modes=("fwd", "rev"))
+    rev = jgradcheck.check_rules(f, _x(dtype), modes=("rev",))
+    assert both.status == "passed" and rev.status == "passed", (both, rev)
+    assert both.evaluations == rev.evaluations > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_wrong_gradient_judged_against_shared_evaluations_still_fails(dtype):
+    # Two scalar checks of the same cost at the same inputs in one block: the second is served
+    # the first one's values of J and must still see its own wrong entry, and only it.
+    from jgradcheck._src.problem import reuse_traces
+
+    x = _x(dtype)
+    cost = lambda p: jnp.sum(jnp.sin(p) * p)  # noqa: E731
+    right = jax.grad(cost)
+    wrong = lambda p: right(p).at[1, 2].multiply(1.01)  # noqa: E731
+    with reuse_traces():
+        first = jgradcheck.check_grad(cost, right, x)
+        second = jgradcheck.check_grad(cost, wrong, x)
+    assert first.status == "passed", first
+    assert first.evaluations > 0
+    assert second.status == "failed", second
+    assert {e.index for e in second.worst if e.status == "fail"} == {(1, 2)}
+    assert second.evaluations < first.evaluations  # the shared points were not evaluated again

@@ -55,6 +55,30 @@ class Coords:
         return Coords(*(getattr(self, f.name)[sl] for f in dataclasses.fields(self)))
 
 
+def costs(
+    engine: Engine, problem: Problem, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress
+) -> np.ndarray:
+    """``engine.costs``, except at points whose J this problem's shared table already holds
+    (``Problem.evaluations``: the forward-mode check evaluated them, the reverse-mode check of
+    the same projected cost asks again); the points evaluated here are added to it."""
+    table = None if problem.evaluations is None else problem.evaluations.setdefault(tuple(group), {})
+    if table is None:
+        return engine.costs(group, idx, vals, progress)
+    idx, vals = np.asarray(idx), np.asarray(vals)
+    keys = list(zip(idx.tolist(), vals.tolist()))  # exact: a float32 or float64 value as a Python float
+    hit = np.fromiter((k in table for k in keys), bool, len(keys))
+    out = np.empty(len(keys), np.float64)
+    if hit.any():
+        out[hit] = [table[k] for k, h in zip(keys, hit) if h]
+        progress.update(int(hit.sum()))
+    if not hit.all():
+        miss = np.flatnonzero(~hit)
+        got = engine.costs(group, idx[miss], vals[miss], progress)
+        out[miss] = got
+        table.update(zip((keys[m] for m in miss), got.tolist()))
+    return out
+
+
 def _points(theta: np.ndarray, h: np.ndarray, offsets: Sequence[int], dtype) -> np.ndarray:
     """θ + o·h in the check dtype (exact for power-of-two h; see numerics.base_step)."""
     return np.concatenate([(theta + o * h).astype(dtype) for o in offsets])
@@ -183,7 +207,7 @@ def _search(
     pts = np.stack([np.stack([_points(theta, ladder[j], (o,), dtype) for o in (1, -1)]) for j in rows_new])
     sel = np.broadcast_to(allowed[:, None, :], pts.shape)
     flat_idx = np.broadcast_to(idx[None, None, :], pts.shape)[sel]
-    got = engine.costs(group, flat_idx, pts[sel], progress)
+    got = costs(engine, problem, group, flat_idx, pts[sel], progress)
     vals = np.full(pts.shape, np.nan)
     vals[sel] = got
     moved = pts.astype(np.float64)
@@ -284,7 +308,8 @@ def path_noise(
                 line = f * numerics.noise_spacing(problem.dtype) * max(1.0, t) * np.arange(1, 10)
                 flat.append(np.full(9, at))
                 pts.append((theta[at] + line).astype(theta.dtype))
-        vals = engine.costs(group, np.concatenate(flat), np.concatenate(pts), progress).reshape(len(todo), -1, 9)
+        vals = costs(engine, problem, group, np.concatenate(flat), np.concatenate(pts), progress)
+        vals = vals.reshape(len(todo), -1, 9)
         for j, lines in zip(todo, vals):
             found = [numerics.ecnoise(v) for v in lines if numerics.looks_like_noise(v)]
             cache[group[j]] = found[0] if found else math.nan
@@ -374,7 +399,9 @@ def check_entries(
     if isinstance(noise, NoiseBox) and carries_probe:
         probe_idx, probe_vals = probe_entries(problem, group, noise.seed, engine.unread(group))
     n_main = len(offsets) * k
-    all_vals = engine.costs(
+    all_vals = costs(
+        engine,
+        problem,
         group,
         np.concatenate([np.tile(idx, len(offsets)), np.asarray(probe_idx, np.int64)]),
         np.concatenate([pts, np.asarray(probe_vals, dtype)]),
@@ -431,7 +458,7 @@ def check_entries(
             sus = sus[np.argsort(-rank)[: opts.max_refine]]
         if 2 not in J:
             pts2 = _points(theta[sus], h[sus], (2, -2), dtype)
-            j2p, j2m = engine.costs(group, np.tile(idx[sus], 2), pts2, progress).reshape(2, sus.size)
+            j2p, j2m = costs(engine, problem, group, np.tile(idx[sus], 2), pts2, progress).reshape(2, sus.size)
         else:
             j2p, j2m = J[2][sus], J[-2][sus]
         hs = h[sus]

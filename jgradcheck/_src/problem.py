@@ -163,6 +163,10 @@ class Problem:
     # Where widened: the cost's jaxpr as you run it (its custom rules and stop_gradients, which
     # the widened ``trace`` inlines), for what reads the program rather than evaluates it.
     user_trace: Any = None
+    # J's values at the points evaluated so far, by group and point, shared by every check of one
+    # ``reuse_traces`` block that evaluates the same traced cost at the same inputs (forward and
+    # reverse mode of check_rules judge the same projected costs); None outside such a block.
+    evaluations: dict[Any, dict[tuple[int, float], float]] | None = None
     _groups: list[tuple[int, ...]] | None = None
     _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -381,7 +385,32 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         widened=widened is not None,
         user_trace=user_trace,
     )
+    if reuse is not None and widened is None:
+        problem.evaluations = _shared_evaluations(trace, inputs)
     return problem
+
+
+def _shared_evaluations(trace: Any, inputs: tuple) -> dict[Any, Any] | None:
+    """The table of J's values kept in the active ``reuse_traces`` block for this trace (the same
+    object for every check that reuses it) at these input values; None where the values cannot be
+    read as bytes.
+
+    Why it is sound: the same traced program at the same inputs and the same point gives the same
+    J (the determinism check, made once per kept trace, says so), so a second check's finite
+    differences at a point the first evaluated are exactly what evaluating again would give. The
+    first check evaluates every point; the table only saves the second from doing it again.
+    """
+    try:
+        digest = tuple(
+            (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in jax.tree_util.tree_leaves(inputs)
+        )
+    except Exception:  # noqa: BLE001 - PRNG keys or other values without bytes: nothing shared
+        return None
+    key = ("evaluations", id(trace), digest)
+    memo = _REUSE.memo
+    if key not in memo:
+        memo[key] = (trace, {})  # the trace kept alive with its table: its id is not reused meanwhile
+    return memo[key][1]
 
 
 # Unary steps between a sum and its division that keep it the same sum (a sign, a dtype).
