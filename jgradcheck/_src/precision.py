@@ -170,12 +170,16 @@ def _measure(problem: Any) -> list[float]:
     narrow = max(low, key=lambda d: float(jnp.finfo(d).eps))
     wide64 = any(jnp.finfo(d).bits > 32 for d in low)
 
+    from jgradcheck._src.vector import run_compiled  # vector imports the check, which imports this
+
     def grads(floats: list[Any], arg_floats: list[Any]) -> list[np.ndarray]:
-        def cost(fl: list[Any]) -> Any:
-            args = problem.args_layout.merge(arg_floats, problem.arg_arrays)
+        def cost(fl: list[Any], af: list[Any]) -> Any:
+            args = problem.args_layout.merge(af, problem.arg_arrays)
             return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
 
-        return [np.asarray(g, np.float64).ravel() for g in jax.jit(jax.grad(cost))(floats)]
+        # Compiled once per traced program (the same cost checked again at new values reuses it),
+        # not once per check as a jax.jit of a new closure would be.
+        return [np.asarray(g, np.float64).ravel() for g in run_compiled(jax.grad(cost), floats, arg_floats)]
 
     with compat.enable_x64(True):
         fine = grads(list(problem.floats), list(problem.arg_floats))

@@ -419,9 +419,14 @@ def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -
     fl = 0
     for x in leaves:
         if is_floating(x):
-            t = jnp.zeros(np.shape(x), jnp.result_type(x))
+            dtype = jnp.result_type(x)
             if fl == leaf:
-                t = t.reshape(-1).at[i].set(BASIS_SCALE).reshape(np.shape(x))
+                # A comparison with an iota rather than a scatter: the same tangent, traced in a
+                # fraction of the time (every check traces it to find its kept program).
+                hot = jnp.arange(int(np.size(x))) == i
+                t = jnp.where(hot, jnp.asarray(BASIS_SCALE, dtype), jnp.asarray(0, dtype)).reshape(np.shape(x))
+            else:
+                t = jnp.zeros(np.shape(x), dtype)
             out.append(t)
             fl += 1
         else:
