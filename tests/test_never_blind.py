@@ -242,7 +242,7 @@ def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind(monkeypatch
     workers: set[str] = set()
     tick = schedule._Cancellable.update
 
-    def update(self, n):
+    def update(self, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             workers.add(threading.current_thread().name)
             if not sent.is_set() and blocks["big"] >= _CTRL_C_AT_BLOCK:
@@ -255,7 +255,7 @@ def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind(monkeypatch
             at_send.update(blocks)
             sent.set()
             _thread.interrupt_main()
-        tick(self, n)
+        tick(self, *args, **kwargs)
 
     monkeypatch.setattr(schedule._Cancellable, "update", update)
     x64_before = jax.config.read("jax_enable_x64")
