@@ -14,19 +14,18 @@ from jgradcheck._src.progress import _seconds
 from jgradcheck._src.schedule import Budget, check_leaves
 
 MSG_OVER_BUDGET = (
-    "jgradcheck: a full check of all {n:,} entries would take about {projected} (time_budget={budget:g} s): "
-    "screening instead (random directions per leaf, then a search for the wrong entries of any leaf that "
-    "fails). Pass mode='full' to check every entry, or a larger time_budget."
+    "jgradcheck: a full check of all {n:,} entries is projected to take more than time_budget={budget:g} s "
+    "({elapsed} in, {done:,} of {planned:,} evaluations done): screening instead (random directions per "
+    "leaf, then a search for the wrong entries of any leaf that fails). Pass mode='full' to check every "
+    "entry, or a larger time_budget."
 )
 
 
 def over_budget_note(n: int, budget: Budget) -> str:
     """The report's mode note when ``mode="auto"`` gave up a full check for screening."""
-    projected = _seconds(budget.projected or math.nan)
     return (
-        f"screen (auto: a full check of {n:,} entries would take about {projected} by its first "
-        f"{budget.done:,} evaluations, over time_budget {budget.seconds:g} s; mode='full' "
-        "checks every entry)"
+        f"screen (auto: a full check of {n:,} entries was projected over time_budget {budget.seconds:g} s "
+        f"after {budget.done:,} of {budget.planned:,} evaluations; mode='full' checks every entry)"
     )
 
 
@@ -34,8 +33,10 @@ def tell_over_budget(n: int, budget: Budget, progress: bool | None) -> None:
     """Says on stderr that the check screens instead (unless ``progress=False``: silence asked)."""
     if progress is False:
         return
-    projected = _seconds(budget.projected or math.nan)
-    sys.stderr.write(MSG_OVER_BUDGET.format(n=n, projected=projected, budget=budget.seconds) + "\n")
+    words = MSG_OVER_BUDGET.format(
+        n=n, budget=budget.seconds, elapsed=_seconds(budget.elapsed), done=budget.done, planned=budget.planned
+    )
+    sys.stderr.write(words + "\n")
     sys.stderr.flush()
 
 
