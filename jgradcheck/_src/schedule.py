@@ -34,13 +34,15 @@ class Budget:
     """``mode="auto"``'s limit on a full check's time, judged after every block.
 
     Evaluations differ in cost by group (a first-layer weight's change is dense through the next
-    layer, a second-layer weight's is one unit wide), so the work is counted in the engine's
-    estimated seconds per evaluation of each group (``plan``), not in evaluations. The projection
-    is the check's time so far (from ``started``, preparation included) plus the work left at the
-    rate measured since the first block (which paid for compiling). Once a sixth of ``seconds`` has
-    passed, a projection over ``seconds`` with more time left than spent stops the check
-    (``Cancelled``); ``projected`` and ``done`` (evaluations) then say why, for the caller to
-    screen instead.
+    layer, a second-layer weight's is one unit wide), so each group's time is projected apart: its
+    evaluations left at its own rate, measured since its first block (which paid for compiling),
+    or, for a group not yet measured, the engine's work model for it scaled by how far that model
+    was off on the measured groups (``plan``). The groups run in ``lanes`` threads, so the time
+    left is at least the longest group's and at least their sum over the lanes. The projection is
+    the check's time so far (from ``started``, preparation included) plus that. Once a sixth of
+    ``seconds`` has passed, a projection over ``seconds`` with more time left than spent stops
+    the check (``Cancelled``); ``projected``, ``done`` (evaluations) and ``elapsed`` then say
+    why, for the caller to screen instead.
     """
 
     def __init__(self, seconds: float, started: float):
@@ -48,49 +50,60 @@ class Budget:
         self.projected: float | None = None
         self.done = 0  # evaluations done when it was projected to run over ...
         self.elapsed = 0.0  # ... and the seconds spent by then
-        self._per_eval: dict[tuple[int, ...], float] = {}
+        self.lanes = 1
+        self._model: dict[tuple[int, ...], float] = {}
         self._planned: dict[tuple[int, ...], int] = {}
         self._count: dict[tuple[int, ...], int] = {}
-        self._first: tuple[float, float] | None = None  # (time, work done) at the first block
+        self._first: dict[tuple[int, ...], tuple[float, int]] = {}  # after each group's first block
+        self._last: dict[tuple[int, ...], float] = {}
 
-    def plan(self, engine: Engine, planned: dict[tuple[int, ...], int]) -> None:
-        """``planned`` evaluations per group, weighed by the engine's work model for the group."""
+    def plan(self, engine: Engine, planned: dict[tuple[int, ...], int], lanes: int) -> None:
+        """``planned`` evaluations per group, run in ``lanes`` threads; the engine's work model
+        (seconds per evaluation) for each group."""
+        self.lanes = max(1, int(lanes))
         for group, count in planned.items():
             seconds = engine._per_eval(group, engine.strategy_for(group))  # noqa: SLF001 - the engine's own model
-            self._per_eval[group] = max(float(seconds), 1e-12)
+            self._model[group] = max(float(seconds), 1e-12)
             self._planned[group], self._count[group] = int(count), 0
 
-    def _work(self, counts: dict[tuple[int, ...], int]) -> float:
-        return sum(c * self._per_eval.get(g, 1.0) for g, c in counts.items())
+    @property
+    def planned(self) -> int:
+        """Evaluations the full check planned."""
+        return sum(self._planned.values())
 
     def record(self, group: tuple[int, ...] | None, n: int) -> None:
         """``n`` evaluations of ``group`` are done (ticks of other work, such as a probe, are not counted)."""
         if group is None or group not in self._count or n <= 0:
             return
         self._count[group] += int(n)
-        if self._first is None:
-            self._first = (time.perf_counter(), self._work(self._count))
+        now = time.perf_counter()
+        self._first.setdefault(group, (now, self._count[group]))
+        self._last[group] = now
+
+    def _rates(self) -> dict[tuple[int, ...], float]:
+        """Seconds per evaluation of each group: measured, else the model as corrected on the measured ones."""
+        measured = {}
+        for g, (t0, c0) in self._first.items():
+            if self._count[g] > c0 and self._last[g] > t0:
+                measured[g] = (self._last[g] - t0) / (self._count[g] - c0)
+        if not measured:
+            return {}
+        scale = float(np.median([measured[g] / self._model[g] for g in measured]))
+        return {g: measured.get(g, self._model[g] * scale) for g in self._planned}
 
     def over(self) -> bool:
-        now = time.perf_counter()
-        elapsed = now - self.started
-        if elapsed < DECIDE_AFTER * self.seconds or self._first is None:
+        elapsed = time.perf_counter() - self.started
+        if elapsed < DECIDE_AFTER * self.seconds:
             return False
-        done = self._work(self._count)
-        t0, w0 = self._first
-        if done <= w0 or now <= t0:
+        rates = self._rates()
+        if not rates:
             return False
-        total = self._work({g: max(c, self._count[g]) for g, c in self._planned.items()})
-        left = max(0.0, total - done) * (now - t0) / (done - w0)
+        times = [max(0, self._planned[g] - self._count[g]) * rates[g] for g in self._planned]
+        left = max(max(times), sum(times) / self.lanes)
         if elapsed + left <= self.seconds or left <= elapsed:
             return False
         self.projected, self.done, self.elapsed = elapsed + left, sum(self._count.values()), elapsed
         return True
-
-    @property
-    def planned(self) -> int:
-        """Evaluations the full check planned."""
-        return sum(self._planned.values())
 
 
 class _Cancellable:
@@ -174,7 +187,8 @@ def check_leaves(
     ticks = _Cancellable(progress, yours.failed, budget)
     if budget is not None:
         per_entry = len(STENCILS[opts.method][0])
-        budget.plan(engine, {grp: per_entry * sum(int(selection[i].size) for i in grp) for grp in groups})
+        lanes = min(len(groups), os.cpu_count() or 1) if len(groups) > 1 and threads_see_the_same_jax() else 1
+        budget.plan(engine, {grp: per_entry * sum(int(selection[i].size) for i in grp) for grp in groups}, lanes)
 
     def run(group: tuple[int, ...]) -> None:
         ticks.update(0)  # raises Cancelled before compiling anything once the check is stopping
