@@ -52,6 +52,15 @@ BLOCK_EVALS = 1 << 11
 DEFAULT_BUDGET_BYTES = 1 << 30
 # Upper bound on a chunk: past a few hundred, larger batches stop speeding up CPU or GPU GEMMs.
 MAX_CHUNK = 512
+# On a CPU, a smaller bound: a chunk's temporaries (perturbations x activations) then stay in
+# cache, and the elementwise work between the products, which dominates a float64 softmax,
+# GELU or gated recurrence, stops being memory-bound. Timed per evaluation on the compiled
+# programs of ``benchmarks/bench_models.py`` (2-core CPU, 2026-12-02, one process, 4-5 runs
+# each, medians): transformer attention weight (delta) 376 -> 228 us at 512 -> 128, its
+# whole-cost group 392 -> 231 us; scan GRU 449 -> 285 us (32: 437, 8: 621); 41k MLP's first
+# layer 33 -> 26 us, its bias group 138 -> 113 us; CNN second kernel 44 -> 52 us (256 -> 128,
+# within its spread).
+CPU_MAX_CHUNK = 128
 
 
 class Program:
@@ -378,15 +387,15 @@ def _next_pow2(k: int) -> int:
     return 1 << max(0, int(k) - 1).bit_length()
 
 
-def choose_chunk(leaf_bytes: int, eval_bytes: int, budget: int, n_devices: int) -> int:
-    """Perturbations per vmap step: as many as fit ``budget`` bytes per device.
+def choose_chunk(leaf_bytes: int, eval_bytes: int, budget: int, n_devices: int, most: int = MAX_CHUNK) -> int:
+    """Perturbations per vmap step: as many as fit ``budget`` bytes per device, at most ``most``.
 
     Why: each batched evaluation holds the cost's temporaries (``eval_bytes``, an upper bound
     from the traced cost) plus, when it copies the perturbed leaves, ``leaf_bytes``; the chunk
     is what keeps the peak at budget rather than growing with n.
     """
     per_eval = max(1, leaf_bytes + eval_bytes)
-    chunk = int(max(1, min(MAX_CHUNK, budget // per_eval)))
+    chunk = int(max(1, min(most, budget // per_eval)))
     return chunk * n_devices
 
 
@@ -465,7 +474,8 @@ class Engine:
         n_dev = len(self.devices)
         if self.chunk_size is not None:
             return int(math.ceil(self.chunk_size / n_dev) * n_dev)
-        return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev)
+        most = CPU_MAX_CHUNK if self.devices[0].platform == "cpu" else MAX_CHUNK
+        return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev, most)
 
     def strategy_for(self, group: tuple[int, ...]) -> str:
         """``"loop"`` for a unit-test-sized group on one CPU (``_loops``); ``"vmap"`` for a
