@@ -30,19 +30,23 @@ def _x(dtype: str, shift: float = 0.0) -> jax.Array:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_first_sight_runs_eagerly_and_a_third_check_compiles_nothing_new(dtype):
+def test_first_sight_of_known_equations_runs_eagerly_and_a_third_check_compiles_nothing_new(dtype):
     c = {"float32": 0.25, "float64": 0.375}[dtype]  # programs no other test runs (both run in float64)
     f = lambda x: jnp.sin(x) * x + c * x  # noqa: E731
+    # A check of the same equations in other programs (another constant): after it, JAX holds an
+    # executable for each equation, and a program made of them runs eagerly on its first sight.
+    other = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + (c + 1.0) * x, _x(dtype))
+    assert other.status == "passed", other
     compiled, eager = vector._COMPILED[0], vector._EAGER[0]
-    first = jgradcheck.check_rules(f, _x(dtype), order=2)
+    first = jgradcheck.check_rules(f, _x(dtype))
     assert first.status == "passed", first
     assert vector._COMPILED[0] == compiled  # every program of this tiny check ran eagerly
     assert vector._EAGER[0] > eager
-    second = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + c * x, _x(dtype, 0.02), order=2)
+    second = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + c * x, _x(dtype, 0.02))
     assert second.status == "passed", second
     assert vector._COMPILED[0] > compiled  # seen twice: compiled
     before = vector._COMPILED[0]
-    again = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + c * x, _x(dtype, 0.01), order=2)
+    again = jgradcheck.check_rules(lambda x: jnp.sin(x) * x + c * x, _x(dtype, 0.01))
     assert again.status == "passed", again
     assert vector._COMPILED[0] == before
 
@@ -53,9 +57,14 @@ def test_kept_program_takes_the_rules_own_values(dtype):
     x = _x(dtype)
     f = lambda x: jnp.sin(x) * 3.0  # noqa: E731
 
-    def jvp_with(w):
-        return lambda p, t: (f(p[0]), w * jnp.cos(p[0]) * t[0])
+    def jvp_with(w, fn=f):
+        return lambda p, t: (fn(p[0]), w * jnp.cos(p[0]) * t[0])
 
+    # The same equations in other programs (another constant) first: JAX then holds an executable
+    # for each, and the programs below run eagerly on their first sight.
+    g = lambda x: jnp.sin(x) * 2.5  # noqa: E731
+    primed = jgradcheck.check_jvp(g, jvp_with(_as(np.full(x.shape, 2.5), dtype), g), x)
+    assert primed.status == "passed", primed
     w = np.full(x.shape, 3.0)
     w[1, 2] = 3.3  # one entry of the rule 10% off
     compiled = vector._COMPILED[0]

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jgradcheck._src import compat, numerics, promote
 from jgradcheck._src.check import check_grad, option_clashes, without_promotion_if_needed
@@ -411,24 +412,30 @@ def _unflatten_traced(outs: _Outputs, u: jax.Array) -> PyTree:
     return jax.tree_util.tree_unflatten(outs.treedef, parts)
 
 
-def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int, i: Any) -> tuple[Any, ...]:
+def _basis_tangent(inputs: _Inputs, primals: Sequence[Any], leaf: int | None, i: Any) -> tuple[Any, ...]:
     """The tangent e_i in float leaf ``leaf`` (params order, flat position i), zeros elsewhere
-    (``float0`` for integer leaves, as jax.jvp wants)."""
+    (``float0`` for integer leaves, as jax.jvp wants); with ``leaf=None``, i is the position in
+    the float leaves concatenated (-1 with leaf -1: the zero tangent)."""
     leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(primals)))
     out: list[Any] = []
     fl = 0
+    offset = 0
     for x in leaves:
         if is_floating(x):
             dtype = jnp.result_type(x)
-            if fl == leaf:
+            size = int(np.size(x))
+            if fl == leaf or leaf is None:
                 # A comparison with an iota rather than a scatter: the same tangent, traced in a
                 # fraction of the time (every check traces it to find its kept program).
-                hot = jnp.arange(int(np.size(x))) == i
-                t = jnp.where(hot, jnp.asarray(BASIS_SCALE, dtype), jnp.asarray(0, dtype)).reshape(np.shape(x))
+                # (No jnp.where: a jitted function, a call in the program that keeps it from running
+                # eagerly; 0 or 1 times a power of two is exact.)
+                hot = jnp.arange(offset, offset + size) == i if leaf is None else jnp.arange(size) == i
+                t = (lax.convert_element_type(hot, dtype) * jnp.asarray(BASIS_SCALE, dtype)).reshape(np.shape(x))
             else:
                 t = jnp.zeros(np.shape(x), dtype)
             out.append(t)
             fl += 1
+            offset += size
         else:
             out.append(np.zeros(np.shape(x), jax.dtypes.float0))
     return inputs.primals(jax.tree_util.tree_unflatten(treedef, out))
@@ -448,6 +455,37 @@ _SEEN: dict[Any, int | None] = {}
 _COMPILED = [0]
 # How many tiny programs it ran eagerly, primitive by primitive, on their first sight.
 _EAGER = [0]
+
+
+# Equations (primitive, parameters, input types) that ran in a program of run_compiled: JAX keeps an
+# executable per such equation for eager calls (where it was compiled, not yet: its first eager
+# call compiles it, once).
+_EQUATIONS: dict[Any, bool] = {}
+# A first-sight program runs eagerly only where at most this many of its equations are new: each
+# compiles on its own for its first eager call (3-10 ms on a 2-core CPU), the whole program in
+# 15-40 ms; a cumulative max's rule (dozens of new slices and selects) compiled eagerly took seconds.
+EAGER_NEW_EQUATIONS = 3
+
+
+def _new_equations(jaxpr: Any) -> int:
+    """How many of ``jaxpr``'s equations ran in no earlier program (a body or a call counts as more
+    than ``EAGER_NEW_EQUATIONS``); all of them are remembered from now on. Called with ``_LOCK`` held."""
+    new = 0
+    for eqn in jaxpr.eqns:
+        if compat.has_subjaxprs(eqn):
+            # A body or call compiles whole for its eager call, new objects each trace: as costly as
+            # compiling the program.
+            new += EAGER_NEW_EQUATIONS + 1
+            continue
+        sig = (
+            eqn.primitive.name,
+            tuple(str(getattr(v, "aval", "")) for v in eqn.invars),
+            tuple(sorted((k, str(v)) for k, v in eqn.params.items())),
+        )
+        if sig not in _EQUATIONS:
+            new += 1
+            _remember(_EQUATIONS, sig, True, most=16 * PROGRAMS_KEPT)
+    return new
 
 
 def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
@@ -478,8 +516,10 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         if run is not None:
             _PROGRAMS[key] = run  # the most recently used last: the oldest unused is dropped first
         # Eager on its first sight, and again within the same check (fn's output for forward and
-        # reverse mode); compiled when a later check sees it.
-        eager = run is None and quick and (key not in _SEEN or (scope is not None and _SEEN[key] == scope))
+        # reverse mode); compiled when a later check sees it, or where most of its equations would
+        # compile on their own for their first eager call (see _new_equations).
+        first = key not in _SEEN or (scope is not None and _SEEN[key] == scope)
+        eager = run is None and quick and first and _new_equations(closed.jaxpr) <= EAGER_NEW_EQUATIONS
         if eager:
             _remember(_SEEN, key, scope, most=PROGRAMS_KEPT)
             _EAGER[0] += 1
@@ -513,38 +553,39 @@ def compiled_or_eager(fn: Callable[[], Any]) -> Any:
 
 
 def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, fn_out: PyTree) -> _Yours:
-    got = compiled_or_eager(lambda: jvp_fn(tuple(primals), _basis_tangent(inputs, primals, -1, 0)))
-    if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        raise TypeError(MSG_JVP_RETURN.format(kind=type(got).__name__))
-    _compare_out("jvp_fn", "jvp", got[0], fn_out)
-    if jax.tree_util.tree_structure(got[1]) != outs.treedef:
-        raise ValueError(
-            MSG_STRUCTURE.format(
-                who="jvp_fn's tangent output", got=jax.tree_util.tree_structure(got[1]), want=outs.treedef
-            )
-        )
-    for path, t, shape in zip(outs.paths, jax.tree_util.tree_leaves(got[1]), outs.shapes):
-        if tuple(np.shape(t)) != shape:
-            raise ValueError(MSG_TANGENT.format(path=path, got=np.shape(t), want=shape))
     Uj = jnp.asarray(U)
     leaves, treedef = jax.tree_util.tree_flatten(inputs.params(list(primals)))
     float_leaves = [x for x in leaves if is_floating(x)]
+    sizes = [int(np.size(x)) for x in float_leaves]
+    n = sum(sizes)
     seen = np.any(U != 0, axis=0)  # outputs left out (not finite at the primals) are seen by no row
 
-    def tangent_out(leaf: int, i: Any) -> jax.Array:
+    def tangent_out(leaf: int | None, i: Any) -> jax.Array:
         # J e_i from your JVP of the scaled basis tangent (see BASIS_SCALE).
         t = _flat(jvp_fn(tuple(primals), _basis_tangent(inputs, primals, leaf, i))[1]) / BASIS_SCALE
-        return t if seen.all() else jnp.where(seen, t, 0)
+        return _only_seen(t, seen)
 
-    per_leaf = []
-    for leaf, x in enumerate(float_leaves):
-        proj = jax.vmap(lambda i, leaf=leaf: Uj @ tangent_out(leaf, i).astype(Uj.dtype))
-        n = int(np.size(x))
-        try:
-            vals = [np.asarray(run_compiled(proj, jnp.arange(s, min(n, s + BATCH)))) for s in range(0, n, BATCH)]
-        except _UNTRACEABLE:  # your JVP is not traceable: one tangent at a time
-            vals = [np.stack([np.asarray(Uj @ tangent_out(leaf, i).astype(Uj.dtype)) for i in range(n)])]
-        per_leaf.append(np.concatenate(vals, axis=0))  # (n, k)
+    def project(i: Any) -> jax.Array:  # entry i of the float leaves concatenated
+        return Uj @ tangent_out(None, i).astype(Uj.dtype)
+
+    first = _first_projections(jvp_fn, inputs, primals, outs, Uj, seen, n)
+    if first is None:  # the first call alone, for the error it raises or to see it is well formed
+        got = compiled_or_eager(lambda: jvp_fn(tuple(primals), _basis_tangent(inputs, primals, -1, 0)))
+        _check_jvp_output(got, outs)
+        start, vals = 0, []
+    else:
+        got, proj = first
+        _check_jvp_output(got, outs)
+        start, vals = proj.shape[0], [proj]
+    _compare_out("jvp_fn", "jvp", got[0], fn_out)
+    try:
+        batched = jax.vmap(project)
+        vals += [np.asarray(run_compiled(batched, jnp.arange(s, min(n, s + BATCH)))) for s in range(start, n, BATCH)]
+    except _UNTRACEABLE:  # your JVP is not traceable: one tangent at a time
+        vals = [np.stack([np.asarray(project(i)) for i in range(n)])]
+    flat = np.concatenate(vals, axis=0)  # (n, k)
+    ends = np.cumsum(sizes)
+    per_leaf = [flat[e - size : e] for e, size in zip(ends, sizes)]
     projections = []
     for r in range(len(U)):
         it = iter([p[:, r].reshape(np.shape(x)) for p, x in zip(per_leaf, float_leaves)])
@@ -555,6 +596,56 @@ def jvp_yours(jvp_fn, inputs: _Inputs, primals, outs: _Outputs, U: np.ndarray, f
         return np.stack([np.asarray(tangent_out(li, i), np.float64) for li, i in cols], axis=1)
 
     return _Yours(projections, column)
+
+
+def _first_projections(
+    jvp_fn, inputs: _Inputs, primals, outs: _Outputs, Uj: jax.Array, seen: np.ndarray, n: int
+) -> tuple[tuple[Any, Any], np.ndarray] | None:
+    """Your JVP's primal output and tangent output (its first call, to validate) together with the
+    first ``BATCH`` basis projections, as one program: one trace and one lookup where the two were
+    two programs. None where that program cannot be built (a JVP that does not return a pair,
+    whose primal output depends on the tangent, that cannot be traced): the first call alone then
+    says what is wrong, as it did before, or runs the projections one by one."""
+    shapes: list[Any] = []
+
+    def one(i: Any) -> tuple[Any, jax.Array]:
+        got = jvp_fn(tuple(primals), _basis_tangent(inputs, primals, None, i))
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            raise TypeError(MSG_JVP_RETURN.format(kind=type(got).__name__))
+        shapes.append(jax.tree_util.tree_map(lambda t: jax.ShapeDtypeStruct(np.shape(t), t.dtype), got[1]))
+        t = _only_seen(_flat(got[1]) / BASIS_SCALE, seen)
+        return got[0], Uj @ t.astype(Uj.dtype)
+
+    try:
+        out, proj = run_compiled(jax.vmap(one, out_axes=(None, 0)), jnp.arange(0, min(n, BATCH)))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+    # The tangent output's structure and shapes, as traced (one tangent's, inside vmap).
+    tangent = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes[-1])
+    return (out, tangent), np.asarray(proj)
+
+
+def _only_seen(t: jax.Array, seen: np.ndarray) -> jax.Array:
+    """A flat tangent output with the outputs no cotangent sees set to 0 (they may be ±inf or NaN,
+    which a cotangent's 0 would not cancel). lax.select, not jnp.where (a jitted call)."""
+    if seen.all():
+        return t
+    return lax.select(jnp.asarray(seen), t, lax.full_like(t, 0))
+
+
+def _check_jvp_output(got: Any, outs: _Outputs) -> None:
+    """Your JVP's first call returns a pair whose tangent output has fn's output structure and shapes."""
+    if not (isinstance(got, (tuple, list)) and len(got) == 2):
+        raise TypeError(MSG_JVP_RETURN.format(kind=type(got).__name__))
+    if jax.tree_util.tree_structure(got[1]) != outs.treedef:
+        raise ValueError(
+            MSG_STRUCTURE.format(
+                who="jvp_fn's tangent output", got=jax.tree_util.tree_structure(got[1]), want=outs.treedef
+            )
+        )
+    for path, t, shape in zip(outs.paths, jax.tree_util.tree_leaves(got[1]), outs.shapes):
+        if tuple(np.shape(t)) != shape:
+            raise ValueError(MSG_TANGENT.format(path=path, got=np.shape(t), want=shape))
 
 
 def _locate(
