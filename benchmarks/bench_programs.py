@@ -97,8 +97,29 @@ def _wrap(name, label_of):
     setattr(engine_mod.Engine, name, wrapped)
 
 
+def _wrap_plan() -> None:
+    original = engine_mod.plan_groups
+
+    def wrapped(*args, **kwargs):
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append("plan_groups (traces)")
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            stack.pop()
+            with _lock:
+                STATS["plan_groups (traces)"]["wall"] += time.perf_counter() - t
+                STATS["plan_groups (traces)"]["calls"] += 1
+
+    engine_mod.plan_groups = wrapped
+
+
 def install() -> None:
     jax.monitoring.register_event_duration_secs_listener(_listener)
+    _wrap_plan()
     _wrap("_blocks", lambda group, strategy, *a: f"{strategy} {_names(group)}")
     _wrap("_loop", lambda group, *a: f"loop {_names(group)}")
     _wrap("line_costs", lambda group, *a: f"line {_names(group)}")
