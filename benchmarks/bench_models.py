@@ -17,6 +17,8 @@ Models (float64): a transformer encoder block, a GRU written with ``lax.scan``, 
 * ``torch.autograd.gradcheck`` (slow mode) on the same function and weights when torch imports:
   run in full when 2n ≤ ``--torch-full``, else its 2n forward evaluations are timed on
   ``--loop-calls`` calls and extrapolated (slow mode is those evaluations plus one backward);
+* batched J: 2n evaluations at the speed of ``jax.vmap(J)`` over 128 whole parameter vectors
+  (compilation excluded), a floor for whole re-evaluation that counts the elementwise work;
 * the FLOP floor: 2n × the FLOPs of one J at the float64 GEMM rate measured in this process:
   XLA's ``cost_analysis``, or the matmul/convolution FLOPs counted from the jaxpr when larger
   (XLA counts a ``scan`` body once, not once per step);
@@ -356,6 +358,21 @@ def lean_loop_time(cost, params, args, calls):
     return elapsed * n / len(coords) + compile_s
 
 
+def batched_time(cost, params, args, batch=128):
+    """Seconds for 2n evaluations of J at the speed of ``jax.vmap(J)`` over ``batch`` whole
+    parameter vectors (compilation excluded): whole re-evaluation at batch speed, every
+    elementwise operation counted, which the FLOP floor leaves out."""
+    theta, unravel = ravel_pytree(params)
+    jb = jax.jit(jax.vmap(lambda t: cost(unravel(t), *args)))
+    thetas = theta[None, :] + 1e-7 * jnp.arange(batch, dtype=theta.dtype)[:, None]
+    jb(thetas).block_until_ready()
+    reps, t = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - t < 0.5:
+        jb(thetas).block_until_ready()
+        reps += 1
+    return (time.perf_counter() - t) / (reps * batch) * 2 * theta.size
+
+
 def loop_time(cost, params, args, calls):
     """Seconds for the host-copy loop (θ copied on the host, one sync per call), compilation
     included; J(θ), the jitted J and θ for the FLOP count."""
@@ -393,6 +410,7 @@ def run_one(name, calls, torch_full):
         warm = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         lean = lean_loop_time(cost, params, args, calls)
+        batched = batched_time(cost, params, args)
         loop, j0, f, th = loop_time(cost, params, args, calls)
         flops = f.lower(th).compile().cost_analysis()
         flops = flops[0] if isinstance(flops, list) else flops
@@ -410,6 +428,7 @@ def run_one(name, calls, torch_full):
         "warm": warm,
         "passed": bool(rep.passed and rep2.passed),
         "lean": lean,
+        "batched": batched,
         "loop": loop,
         "load": load,
         "torch": t_torch,
@@ -438,17 +457,18 @@ def machine_line() -> str:
 def table(rows):
     out = [
         "| model (n) | check cold (s) | check warm (s) | lean loop (s) | host loop (s) | torch gradcheck (s) "
-        "| FLOP floor (s) | lean / cold | lean / warm | warm / floor | host / cold | torch / cold | peak RSS (MB) "
-        "| load | passed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FLOP floor (s) | batched J (s) | lean / cold | lean / warm | warm / floor | warm / batched J | host / cold "
+        "| torch / cold | peak RSS (MB) | load | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tt = "-" if r["torch"] is None else f"{r['torch']:.2f}"
         tc = "-" if r["torch"] is None else f"{r['torch'] / r['cold']:.1f}"
         out.append(
             f"| {r['model']} ({r['n']:,}) | {r['cold']:.2f} | {r['warm']:.2f} | {r['lean']:.2f} | {r['loop']:.2f} "
-            f"| {tt} | {r['floor']:.2f} | {r['lean'] / r['cold']:.1f} | {r['lean'] / r['warm']:.1f} "
-            f"| {r['warm'] / r['floor']:.2f} | {r['loop'] / r['cold']:.1f} | {tc} | {r['rss_mb']:.0f} "
+            f"| {tt} | {r['floor']:.2f} | {r['batched']:.2f} | {r['lean'] / r['cold']:.1f} | {r['lean'] / r['warm']:.1f} "
+            f"| {r['warm'] / r['floor']:.2f} | {r['warm'] / r['batched']:.2f} | {r['loop'] / r['cold']:.1f} | {tc} "
+            f"| {r['rss_mb']:.0f} "
             f"| {r['load']:.1f} | {r['passed']} |"
         )
     return "\n".join(out)
@@ -457,8 +477,9 @@ def table(rows):
 def spread(rows):
     """Per model, the range over repeats of the ratios the targets are stated in."""
     out = [
-        "| model | runs | lean / cold | lean / warm | warm / floor | cold (s) | warm (s) | lean loop (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | runs | lean / cold | lean / warm | warm / floor | warm / batched J | cold (s) | warm (s) "
+        "| lean loop (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def rng(vals, fmt):
@@ -469,6 +490,7 @@ def spread(rows):
         out.append(
             f"| {m} | {len(rs)} | {rng([r['lean'] / r['cold'] for r in rs], '.1f')} "
             f"| {rng([r['lean'] / r['warm'] for r in rs], '.1f')} | {rng([r['warm'] / r['floor'] for r in rs], '.2f')} "
+            f"| {rng([r['warm'] / r['batched'] for r in rs], '.2f')} "
             f"| {rng([r['cold'] for r in rs], '.2f')} | {rng([r['warm'] for r in rs], '.2f')} "
             f"| {rng([r['lean'] for r in rs], '.2f')} |"
         )
