@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import types
 
 import pytest
 
@@ -139,6 +140,7 @@ def test_notebook_uses_tqdm_even_without_a_terminal(stderr, monkeypatch):
     made = []
     monkeypatch.setattr(progress_mod, "_tqdm_class", lambda: lambda **kw: made.append(kw))
     monkeypatch.setattr(progress_mod, "_in_notebook", lambda cls: True)
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # a Jupyter kernel
     stderr(False)
     assert Progress(10, enabled=True).kind == "tqdm" and made
 
@@ -226,3 +228,11 @@ def test_the_default_shows_a_log_progress_only_after_ten_seconds(monkeypatch):
     monkeypatch.setattr(sys, "stderr", _Stream(True))
     assert show_progress(None, 10**6) == {"enabled": True, "after_s": 0.0}
     assert show_progress(None, 100) == {"enabled": True, "after_s": LONG_CHECK_S}
+
+
+def test_tqdm_is_not_imported_for_a_log(stderr, monkeypatch):
+    imported = []
+    monkeypatch.setattr(progress_mod, "_tqdm_class", lambda: imported.append(1))
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    stderr(False)
+    assert Progress(10, enabled=True, after_s=10.0).kind == "lines" and not imported  # 0.1 s saved per process

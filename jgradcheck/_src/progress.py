@@ -94,7 +94,8 @@ class Progress:
         if not self.enabled:
             return
         tty = _isatty(self._stream)
-        tqdm_cls = _tqdm_class()
+        # Importing tqdm costs about 0.1 s: only where it may be used (a terminal, a notebook's kernel).
+        tqdm_cls = _tqdm_class() if tty or "ipykernel" in sys.modules else None
         if tqdm_cls is not None and (tty or _in_notebook(tqdm_cls)):
             self.kind = "tqdm"
             self._tqdm = tqdm_cls(

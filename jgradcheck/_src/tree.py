@@ -223,6 +223,15 @@ def only_scope(select: Callable[[str, Any], bool] | None) -> Iterator[None]:
         _SELECTED.reset(token)
 
 
+def _on_device(x: Any) -> jax.Array:
+    """``x`` as a JAX array. A NumPy array is transferred (``jax.device_put``): ``jnp.asarray`` of
+    one compiles a small conversion program per shape and dtype, 30-40 ms each on a CPU, most of
+    a small check's preparation; anything else goes through ``jnp.asarray``."""
+    if isinstance(x, np.ndarray) and x.dtype == jax.dtypes.canonicalize_dtype(x.dtype):
+        return jax.device_put(x)
+    return jnp.asarray(x)
+
+
 def split(
     tree: PyTree, name: str, float_dtype: Any | None, *, python_floats: bool
 ) -> tuple[Layout, list[jax.Array], list[Any]]:
@@ -251,24 +260,24 @@ def split(
         if is_floating(leaf) and (_is_array(leaf) or python_floats):
             if select is not None and not select(p, leaf):
                 want = float_dtype or jax.dtypes.canonicalize_dtype(np.dtype(getattr(leaf, "dtype", np.float64)))
-                arrays.append(jnp.asarray(np.asarray(leaf, dtype=want)))
+                arrays.append(_on_device(np.asarray(leaf, dtype=want)))
                 kinds.append("array")
                 continue
             if float_dtype is not None and np.dtype(getattr(leaf, "dtype", np.float64)) != float_dtype:
                 # Cast on the host: an eager astype would compile a small program per shape.
-                floats.append(jnp.asarray(np.asarray(leaf, dtype=float_dtype)))
+                floats.append(_on_device(np.asarray(leaf, dtype=float_dtype)))
             else:
                 # Keep the leaf's dtype as far as JAX's current x64 setting allows (float64
                 # becomes float32 when x64 is off, as everywhere in JAX), converting on the host.
                 want = jax.dtypes.canonicalize_dtype(np.dtype(getattr(leaf, "dtype", np.float64)))
                 floats.append(
-                    jnp.asarray(np.asarray(leaf, dtype=want))
+                    _on_device(np.asarray(leaf, dtype=want))
                     if want != getattr(leaf, "dtype", None)
-                    else jnp.asarray(leaf)
+                    else _on_device(leaf)
                 )
             kinds.append("float")
         elif _is_array(leaf):
-            arrays.append(jnp.asarray(leaf))
+            arrays.append(_on_device(leaf))
             kinds.append("array")
         else:
             try:
