@@ -4,8 +4,9 @@ Models (float64): a transformer encoder block, a GRU written with ``lax.scan``, 
 (``conv_general_dilated``, NHWC), a unit-test-sized MLP 8-16-1 and the 256-128-64-1 MLP of
 ``bench_core.py``. For each, in one process:
 
-* ``jgradcheck.check_grad(cost, jax.grad(cost), params, *args)`` with default options, cold (the
-  first call: tracing and compilation included) and warm (new parameter values, same shapes);
+* ``jgradcheck.check_grad(cost, jax.grad(cost), params, *args, mode="full")`` (``--mode``; full,
+  every entry, as the loops below; other options default), cold (the first call: tracing and
+  compilation included) and warm (new parameter values, same shapes);
 * the leanest loop a user can write (the baseline): ``J = jax.jit(lambda t, i, s:
   cost(unravel(t.at[i].add(s)), *args))`` with θ kept on the device, called 2n times as
   ``J(theta, i, +h)`` and ``J(theta, i, -h)`` from Python (i and s passed as arguments), the
@@ -394,7 +395,7 @@ def loop_time(cost, params, args, calls):
     return (time.perf_counter() - t) * n / len(coords) + compile_s, float(f(th)), f, th
 
 
-def run_one(name, calls, torch_full):
+def run_one(name, calls, torch_full, mode="full"):
     load = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
@@ -402,11 +403,11 @@ def run_one(name, calls, torch_full):
         n = sum(int(p.size) for p in jax.tree.leaves(params))
         grad = jax.grad(cost)
         t = time.perf_counter()
-        rep = jgradcheck.check_grad(cost, grad, params, *args)
+        rep = jgradcheck.check_grad(cost, grad, params, *args, mode=mode)
         cold = time.perf_counter() - t
         params2 = jax.tree.map(lambda a: a * 1.01 + 0.001, params)
         t = time.perf_counter()
-        rep2 = jgradcheck.check_grad(cost, grad, params2, *args)
+        rep2 = jgradcheck.check_grad(cost, grad, params2, *args, mode=mode)
         warm = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         lean = lean_loop_time(cost, params, args, calls)
@@ -437,6 +438,7 @@ def run_one(name, calls, torch_full):
         "gflops": rate / 1e9,
         "rss_mb": rss,
         "evaluations": rep.evaluations,
+        "mode": f"{rep.mode.split()[0]}/{rep2.mode.split()[0]}",
     }
 
 
@@ -458,8 +460,8 @@ def table(rows):
     out = [
         "| model (n) | check cold (s) | check warm (s) | lean loop (s) | host loop (s) | torch gradcheck (s) "
         "| FLOP floor (s) | batched J (s) | lean / cold | lean / warm | warm / floor | warm / batched J | host / cold "
-        "| torch / cold | peak RSS (MB) | load | passed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| torch / cold | peak RSS (MB) | load | mode (cold/warm) | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tt = "-" if r["torch"] is None else f"{r['torch']:.2f}"
@@ -469,7 +471,7 @@ def table(rows):
             f"| {tt} | {r['floor']:.2f} | {r['batched']:.2f} | {r['lean'] / r['cold']:.1f} | {r['lean'] / r['warm']:.1f} "
             f"| {r['warm'] / r['floor']:.2f} | {r['warm'] / r['batched']:.2f} | {r['loop'] / r['cold']:.1f} | {tc} "
             f"| {r['rss_mb']:.0f} "
-            f"| {r['load']:.1f} | {r['passed']} |"
+            f"| {r['load']:.1f} | {r.get('mode', '-')} | {r['passed']} |"
         )
     return "\n".join(out)
 
@@ -505,9 +507,10 @@ def main():
     ap.add_argument("--loop-calls", type=int, default=2000)
     ap.add_argument("--torch-full", type=int, default=4000, help="run gradcheck in full when 2n is at most this")
     ap.add_argument("--no-torch", action="store_true", help="skip torch gradcheck")
+    ap.add_argument("--mode", default="full", help="check_grad's mode (default full: every entry, as the loops)")
     a = ap.parse_args()
     if a.model:
-        row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full)
+        row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full, a.mode)
         print(table([row]))
         print(f"torch: {row['torch_note']}; GEMM rate {row['gflops']:.1f} GFLOP/s; {row['evaluations']:,} evaluations")
         print("JSON " + json.dumps(row))
@@ -519,7 +522,7 @@ def main():
         print(f"run {rep + 1}, {time.strftime('%H:%M UTC', time.gmtime())}, load {os.getloadavg()}", flush=True)
         for m in a.models.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--model", m, "--loop-calls", str(a.loop_calls)]
-            cmd += ["--torch-full", str(a.torch_full)] + (["--no-torch"] if a.no_torch else [])
+            cmd += ["--torch-full", str(a.torch_full), "--mode", a.mode] + (["--no-torch"] if a.no_torch else [])
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("JSON ")]
             if not lines:
