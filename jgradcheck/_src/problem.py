@@ -169,13 +169,25 @@ class Problem:
     evaluations: dict[Any, dict[tuple[int, float], float]] | None = None
     _groups: list[tuple[int, ...]] | None = None
     _host: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    # The active ``reuse_traces`` block's memo where prepared inside one (None outside): the checks
+    # of the same trace share its plan of groups.
+    _memo: dict[Any, Any] | None = None
 
     @property
     def groups(self) -> list[tuple[int, ...]]:
         """Which float leaves share a compiled program (the engine's plan), planned on first use:
-        your gradient's thread starts before it, and compiles while the plan traces."""
+        your gradient's thread starts before it, and compiles while the plan traces. Inside a
+        ``reuse_traces`` block, once per trace (the engine keys its plans by the printed program,
+        which costs a millisecond or two to print for every check)."""
         if self._groups is None:
-            self._groups = groups(self, range(len(self.floats)))
+            key = ("groups", id(self.trace), len(self.floats))
+            kept = None if self._memo is None else self._memo.get(key)
+            if kept is not None and kept[0] is self.trace:
+                self._groups = list(kept[1])
+            else:
+                self._groups = groups(self, range(len(self.floats)))
+                if self._memo is not None:
+                    self._memo[key] = (self.trace, list(self._groups))  # the trace kept: its id stays its own
         return self._groups
 
     def host(self, i: int) -> np.ndarray:
@@ -385,32 +397,50 @@ def prepare(cost_fn, params, args, x64: bool, check_determinism: bool) -> Proble
         widened=widened is not None,
         user_trace=user_trace,
     )
-    if reuse is not None and widened is None:
-        problem.evaluations = _shared_evaluations(trace, inputs)
+    if reuse is not None:
+        problem._memo = _REUSE.memo
+        if widened is None:
+            problem.evaluations = _shared_evaluations(trace, inputs)
     return problem
 
 
-def _shared_evaluations(trace: Any, inputs: tuple) -> dict[Any, Any] | None:
+def _shared_evaluations(trace: Any, inputs: tuple) -> dict[Any, Any]:
     """The table of J's values kept in the active ``reuse_traces`` block for this trace (the same
-    object for every check that reuses it) at these input values; None where the values cannot be
-    read as bytes.
+    object for every check that reuses it) at these input values; a table of its own where the
+    values cannot be read as bytes.
 
     Why it is sound: the same traced program at the same inputs and the same point gives the same
     J (the determinism check, made once per kept trace, says so), so a second check's finite
     differences at a point the first evaluated are exactly what evaluating again would give. The
     first check evaluates every point; the table only saves the second from doing it again.
     """
+    return shared("evaluations", trace, inputs, dict)
+
+
+def _digest(tree: Any) -> tuple[Any, ...] | None:
+    """The shapes, dtypes and bytes of a pytree's leaves; None where some leaf has no bytes (a PRNG key)."""
     try:
-        digest = tuple(
-            (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in jax.tree_util.tree_leaves(inputs)
+        return tuple(
+            (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in jax.tree_util.tree_leaves(tree)
         )
-    except Exception:  # noqa: BLE001 - PRNG keys or other values without bytes: nothing shared
+    except Exception:  # noqa: BLE001 - see the docstring
         return None
-    key = ("evaluations", id(trace), digest)
-    memo = _REUSE.memo
-    if key not in memo:
-        memo[key] = (trace, {})  # the trace kept alive with its table: its id is not reused meanwhile
-    return memo[key][1]
+
+
+def shared(kind: str, owner: Any, inputs: Any, make: Callable[[], Any]) -> Any:
+    """``make()``, made once per (kind, owner object, input values) within the active
+    ``reuse_traces`` block (made anew outside one, or for inputs without bytes): what the checks of
+    one check_rules call compute alike (fn's output for forward and reverse mode, J's values).
+    ``owner`` is kept alive with the value, so its ``id`` is not another object's meanwhile."""
+    memo = getattr(_REUSE, "memo", None)
+    digest = None if memo is None else _digest(inputs)
+    if digest is None:
+        return make()
+    key = (kind, id(owner), digest)
+    kept = memo.get(key)
+    if kept is None or kept[0] is not owner:
+        kept = memo[key] = (owner, make())
+    return kept[1]
 
 
 # Unary steps between a sum and its division that keep it the same sum (a sign, a dtype).

@@ -24,7 +24,7 @@ from jgradcheck._src.effects import callbacks
 from jgradcheck._src.engine import _LOCK, QUICK_SECONDS, WORK_RATE, _remember
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.options import QUICK_COMPILE
-from jgradcheck._src.problem import hashable, precision_scope, reuse_scope, reuse_traces
+from jgradcheck._src.problem import hashable, precision_scope, reuse_scope, reuse_traces, shared
 from jgradcheck._src.report import Entry, GradCheckReport
 from jgradcheck._src.tree import check_live, is_floating, path_str
 
@@ -830,7 +830,8 @@ def _vector_check(
     f = hashable(fn)
     with precision_scope(x64):
         P = _promote(tuple(primals), x64)
-        fn_out = compiled_or_eager(lambda: fn(*P, *args))
+        # Once per check_rules call: its forward and reverse checks see the same output.
+        fn_out = shared("output", fn, (P, args, x64), lambda: compiled_or_eager(lambda: fn(*P, *args)))
         outs = _Outputs.of(fn_out, out_name)
         keep = _finite(fn_out)
         U, exact = _cotangents(outs.size, cotangents, seed)
