@@ -52,14 +52,16 @@ BLOCK_EVALS = 1 << 11
 DEFAULT_BUDGET_BYTES = 1 << 30
 # Upper bound on a chunk: past a few hundred, larger batches stop speeding up CPU or GPU GEMMs.
 MAX_CHUNK = 512
-# On a CPU, a smaller bound: a chunk's temporaries (perturbations x activations) then stay in
-# cache, and the elementwise work between the products, which dominates a float64 softmax,
-# GELU or gated recurrence, stops being memory-bound. Timed per evaluation on the compiled
-# programs of ``benchmarks/bench_models.py`` (2-core CPU, 2026-12-02, one process, 4-5 runs
-# each, medians): transformer attention weight (delta) 376 -> 228 us at 512 -> 128, its
-# whole-cost group 392 -> 231 us; scan GRU 449 -> 285 us (32: 437, 8: 621); 41k MLP's first
-# layer 33 -> 26 us, its bias group 138 -> 113 us; CNN second kernel 44 -> 52 us (256 -> 128,
-# within its spread).
+# On a CPU, a smaller bound for a group whose change turns dense (whole re-evaluation, or
+# delta work of at least ``SPARSE_FRACTION`` of J): each perturbation then carries
+# activation-sized temporaries, and a chunk of 128 keeps them in cache, so the elementwise work
+# between the products, which dominates a float64 softmax, GELU or gated recurrence, stops
+# being memory-bound. Timed per evaluation on the compiled programs of
+# ``benchmarks/bench_models.py`` (2-core CPU, 2026-12-02, one process, 4-5 runs each, medians):
+# transformer attention weight (delta) 376 -> 228 us at 512 -> 128, its whole-cost group
+# 392 -> 231 us; scan GRU 449 -> 285 us (32: 437, 8: 621); 41k MLP's bias group 138 -> 113 us.
+# A sparse change (a CNN's second kernel or dense layer) has small temporaries and ran slower
+# in chunks of 128 than of 221 (CNN warm check 2.5 -> 3.6 s): it keeps ``MAX_CHUNK``.
 CPU_MAX_CHUNK = 128
 
 
@@ -470,11 +472,13 @@ class Engine:
             return jax.device_put(x, self.devices[0])
         return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(None, "p")))
 
-    def chunk_for(self, leaf_bytes: int) -> int:
+    def chunk_for(self, leaf_bytes: int, dense: bool = False) -> int:
+        """Perturbations per vmap step (``choose_chunk``); at most ``CPU_MAX_CHUNK`` on a CPU
+        when the change is ``dense``."""
         n_dev = len(self.devices)
         if self.chunk_size is not None:
             return int(math.ceil(self.chunk_size / n_dev) * n_dev)
-        most = CPU_MAX_CHUNK if self.devices[0].platform == "cpu" else MAX_CHUNK
+        most = CPU_MAX_CHUNK if dense and self.devices[0].platform == "cpu" else MAX_CHUNK
         return choose_chunk(leaf_bytes, self.eval_bytes, device_budget(self.devices[0]), n_dev, most)
 
     def strategy_for(self, group: tuple[int, ...]) -> str:
@@ -537,7 +541,8 @@ class Engine:
         (``COMPILE_SECONDS`` against the seconds per evaluation measured on this group's
         earlier blocks, else its work per evaluation at ``WORK_RATE``)."""
         n_dev = len(self.devices)
-        want = min(self.chunk_for(copy_bytes), _next_pow2(count))
+        dense = strategy != "delta" or self._work.get(group, self.total_work) >= SPARSE_FRACTION * self.total_work
+        want = min(self.chunk_for(copy_bytes, dense), _next_pow2(count))
         want = int(math.ceil(want / n_dev) * n_dev)
         key = (self.program, group, strategy, n_dev, self.chunk_size)
         with self._lock:
