@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -359,3 +360,51 @@ def test_ticks_of_work_outside_the_plan_are_not_counted(monkeypatch):
     budget.record(None, 5)
     budget.record((7,), 5)
     assert not budget._first and not budget.over()
+
+
+# --- screening a leaf whose gradient is exactly 0 -----------------------------------------------------
+
+
+def _attention_problem(seed, dtype):
+    rng = np.random.default_rng(seed)
+    d, t = 8, 6
+    x = jnp.asarray(rng.standard_normal((2, t, d)), dtype)
+    params = {
+        "wq": jnp.asarray(rng.standard_normal((d, d)) / np.sqrt(d), dtype),
+        "wk": jnp.asarray(rng.standard_normal((d, d)) / np.sqrt(d), dtype),
+        "bk": jnp.asarray(rng.standard_normal(d) * 0.1, dtype),  # softmax ignores it: its gradient is 0
+        "wv": jnp.asarray(rng.standard_normal((d, d)) / np.sqrt(d), dtype),
+    }
+
+    def cost(p, x):
+        q, k, v = x @ p["wq"], x @ p["wk"] + p["bk"], x @ p["wv"]
+        a = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(d), axis=-1)
+        return jnp.mean((a @ v) ** 2)
+
+    return cost, params, x
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_screening_a_leaf_of_gradient_zero_judges_it_against_the_other_leaves(seed, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        cost, params, x = _attention_problem(seed, dtype)
+        report = jgradcheck.check_grad(cost, jax.grad(cost), params, x, mode="screen")
+    assert report.passed, str(report)
+    bk = report.leaf("bk")
+    assert bk.how == "screened" and bk.zero and "judged against the scale of the other leaves" in bk.note
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_one_percent_gradient_where_zero_is_due_fails_when_screened(seed):
+    cost, params, x = _attention_problem(seed, jnp.float32)
+    exact = jax.grad(cost)(params, x)
+    scale = float(jnp.sqrt(jnp.mean(exact["wq"] ** 2)))
+    signs = jnp.asarray(np.random.default_rng(seed).choice([-1.0, 1.0], 8), jnp.float32)
+
+    def planted(p, x):
+        g = jax.grad(cost)(p, x)
+        return {**g, "bk": g["bk"] + 0.01 * scale * signs}
+
+    report = jgradcheck.check_grad(cost, planted, params, x, mode="screen")
+    assert report.status == "failed" and [leaf.path for leaf in report.failed_leaves] == ["bk"], str(report)

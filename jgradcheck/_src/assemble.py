@@ -43,6 +43,26 @@ def _scale(numerical: np.ndarray) -> float:
     return float(np.sqrt(np.mean(numerical**2))) if numerical.size else 0.0
 
 
+def _directional(res) -> float:
+    """A screened leaf's scale: the root-mean-square of its directional derivatives, yours or numerical."""
+    return max(_scale(np.asarray(res.dir_numerical)), _scale(np.asarray(res.dir_yours)))
+
+
+def _screened_zero(res) -> bool:
+    """Whether a screened leaf's directional derivatives, yours and numerical, are within their error bounds of 0."""
+    return res.dir_tol is not None and res.dir_tol.size > 0 and _directional(res) <= float(np.max(res.dir_tol))
+
+
+def _entry_scale(res, theta: np.ndarray) -> float:
+    """A screened leaf's gradient scale per entry: its directions are ±max(1, |θ|)/√size per entry,
+    so a directional derivative is about the entries' scale times the rms of max(1, |θ|). A leaf
+    that is 0 within its bounds counts for nothing."""
+    if res.dir_numerical is None or _screened_zero(res):
+        return 0.0
+    weight = float(np.sqrt(np.mean(np.maximum(1.0, np.abs(np.asarray(theta, np.float64))) ** 2))) or 1.0
+    return _directional(res) / weight
+
+
 def _advice(causes: set[str], problem, opts, leaf: int | None = None) -> str:
     """What to do about an unresolved leaf, from what limited its error estimate: the cost's
     narrowest float on the leaf's path to J where it is narrower than the check's."""
@@ -104,6 +124,7 @@ def build_report(
     global_scale = max(
         _scale(np.concatenate(pooled)) if pooled else 0.0,
         _scale(np.concatenate(pooled_yours)) if pooled_yours else 0.0,
+        *(_entry_scale(r, problem.host(i)) for i, r in enumerate(per_leaf) if r.coords is None),
     )
     for i, (path, f) in enumerate(zip(problem.paths, problem.floats)):
         res = per_leaf[i]
@@ -113,7 +134,14 @@ def build_report(
         if res.coords is None:  # screened and passed: directions only
             ys_parts.append(res.dir_yours)
             ns_parts.append(res.dir_numerical)
-            blind = not res.resolution <= numerics.RESOLUTION_BOUND
+            resolution = res.resolution
+            # As for entries (below): directional derivatives that are 0 to within their bounds, yours
+            # and numerical alike (a key bias under softmax: exactly 0), are judged against the other
+            # leaves' scale per entry.
+            zero = _screened_zero(res)
+            if zero and global_scale > 0:
+                resolution = float(np.median(res.dir_tol)) / global_scale
+            blind = not resolution <= numerics.RESOLUTION_BOUND
             rows.append(
                 LeafReport(
                     path,
@@ -126,15 +154,21 @@ def build_report(
                     n_failed=0,
                     n_kinks=0,
                     worst=None,
-                    resolution=res.resolution,
+                    resolution=resolution,
                     taylor_slope=slope,
                     status="inconclusive" if blind else "ok",
                     note=(
-                        f"its random directions were compared to within {numerics.percent(res.resolution)} "
+                        f"its random directions were compared to within {numerics.percent(resolution)} "
                         f"only: {_advice({'noise'}, problem, opts)}"
                     )
                     if blind
+                    else (
+                        f"its gradient along random directions (about {_directional(res):.1e}) is within its "
+                        f"error bound ({float(np.max(res.dir_tol)):.1e}): judged against the scale of the other leaves"
+                    )
+                    if zero and global_scale > 0
                     else None,
+                    zero=zero,
                 )
             )
             factors.append(None)

@@ -95,6 +95,7 @@ def _run(mode, engine, problem, yours, noise, opts, sample_size, n_dirs, seed, s
                     resolution,
                     dir_yours=ys,
                     dir_numerical=ns,
+                    dir_tol=np.asarray(tols, np.float64),
                 )
                 continue
             note = f"failed {fails} of {numerics.plural(n_dirs, 'random direction')}"

@@ -40,6 +40,7 @@ class LeafResult:
     note: str | None = None
     dir_yours: np.ndarray | None = None  # screened leaves: yoursᵀd and numerical per direction
     dir_numerical: np.ndarray | None = None
+    dir_tol: np.ndarray | None = None  # ... and each direction's error bound
 
 
 def leaf_rng(path: str, seed: int, salt: int = 0) -> np.random.Generator:
