@@ -1,9 +1,9 @@
 """A check inside a test suite reuses its compiled programs: no timing here, only what is compiled.
 
 The programs of the vector checks (your JVP on every basis tangent, projected) are kept by their
-traced text (vector.run_compiled): a tiny program runs eagerly the first time it is seen and is
-compiled the second; the same operation checked again at new values, written as a new lambda,
-then compiles nothing new; the arrays a rule closes over are arguments of the kept program, so a
+traced text (vector.run_compiled): a tiny program runs eagerly in the first checks that see it
+(vector.EAGER_SIGHTS) and is compiled after; the same operation checked again at new values,
+written as a new lambda, then compiles nothing new; the arrays a rule closes over are arguments of the kept program, so a
 rule with the same code and wrong values still fails, eagerly or compiled.
 """
 
@@ -30,7 +30,8 @@ def _x(dtype: str, shift: float = 0.0) -> jax.Array:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_first_sight_of_known_equations_runs_eagerly_and_a_third_check_compiles_nothing_new(dtype):
+def test_first_sight_of_known_equations_runs_eagerly_and_a_third_check_compiles_nothing_new(dtype, monkeypatch):
+    monkeypatch.setattr(vector, "EAGER_SIGHTS", 1)  # compiled from the second check that sees it
     c = {"float32": 0.25, "float64": 0.375}[dtype]  # programs no other test runs (both run in float64)
     f = lambda x: jnp.sin(x) * x + c * x  # noqa: E731
     # A check of the same equations in other programs (another constant): after it, JAX holds an
@@ -52,7 +53,8 @@ def test_first_sight_of_known_equations_runs_eagerly_and_a_third_check_compiles_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kept_program_takes_the_rules_own_values(dtype):
+def test_kept_program_takes_the_rules_own_values(dtype, monkeypatch):
+    monkeypatch.setattr(vector, "EAGER_SIGHTS", 1)  # compiled from the second check that sees it
     # The same JVP code closing over another array: the kept program, but your values.
     x = _x(dtype)
     f = lambda x: jnp.sin(x) * 3.0  # noqa: E731
@@ -124,3 +126,17 @@ def test_a_wrong_gradient_judged_against_shared_evaluations_still_fails(dtype):
     assert second.status == "failed", second
     assert {e.index for e in second.worst if e.status == "fail"} == {(1, 2)}
     assert second.evaluations < first.evaluations  # the shared points were not evaluated again
+
+
+def test_a_program_runs_eagerly_in_its_first_checks_then_compiled(monkeypatch):
+    monkeypatch.setattr(vector, "EAGER_SIGHTS", 3)
+    x = _x("float32")
+    jgradcheck.check_rules(lambda x: jnp.cos(x) * x + 0.625 * x, x)  # the same equations, other programs
+    compiled = vector._COMPILED[0]
+    for k in range(3):  # three checks: eager
+        r = jgradcheck.check_rules(lambda x: jnp.cos(x) * x + 0.875 * x, _x("float32", 0.01 * k))
+        assert r.status == "passed", r
+    assert vector._COMPILED[0] == compiled
+    r = jgradcheck.check_rules(lambda x: jnp.cos(x) * x + 0.875 * x, _x("float32", 0.05))  # the fourth: compiled
+    assert r.status == "passed", r
+    assert vector._COMPILED[0] > compiled

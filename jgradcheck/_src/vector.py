@@ -447,9 +447,14 @@ _PROGRAMS: dict[Any, Callable[..., Any]] = {}
 # How many: a suite cycles through its cases, so fewer than it uses would all be dropped before
 # their next use (JAX's own op list: 416 cases of about 5 programs each).
 PROGRAMS_KEPT = 4096
-# Tiny programs seen so far only within one check (run eagerly there), by the same key, with that
-# check's ``reuse_scope``: their sight in a later check compiles them.
-_SEEN: dict[Any, int | None] = {}
+# Tiny programs run eagerly so far, by the same key: the ``reuse_scope`` of the last check that
+# ran one, and in how many checks it ran (sights within one check count once).
+_SEEN: dict[Any, tuple[int | None, int]] = {}
+# A tiny program runs eagerly in this many checks before it is compiled: once its equations'
+# executables are JAX's, an eager run costs a few tens of microseconds per equation more than the
+# compiled program, which costs 15-40 ms to compile: about ten runs' worth. A suite that checks an
+# operation once or twice never compiles it; a loop of checks compiles it.
+EAGER_SIGHTS = 8
 # How many programs run_compiled has compiled in this process (tests read it: a second identical
 # check compiles none).
 _COMPILED = [0]
@@ -497,12 +502,12 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
     checked at new values, or written as a new closure, reuses the compiled code. A fresh
     ``jax.jit`` of a new closure per check would compile every time.
 
-    A tiny program (its work under ``QUICK_SECONDS`` at ``WORK_RATE``, on a CPU) seen for the
-    first time runs eagerly instead, its traced equations one by one: JAX keeps each
-    primitive's executable across calls, so a suite's new operation compiles only its own
-    primitives (the basis scatter, the products and sums at the case's shapes are compiled once
+    A tiny program (its work under ``QUICK_SECONDS`` at ``WORK_RATE``, on a CPU) whose equations
+    are not new to this process runs eagerly instead, its traced equations one by one: JAX keeps
+    each equation's executable across calls, so a suite's new operation compiles only its own
+    primitives (the basis tangent, the products and sums at the case's shapes are compiled once
     for the whole suite), where compiling the whole program costs 15-40 ms. A test suite checks
-    most programs once; one seen again (a repeated check, a second pass) is compiled then.
+    most programs once or twice; one that ``EAGER_SIGHTS`` checks ran is compiled.
     """
     closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
     # A program that runs in a blink compiles at XLA:CPU's quick level (options.QUICK_COMPILE):
@@ -515,13 +520,15 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         run = _PROGRAMS.pop(key, None)
         if run is not None:
             _PROGRAMS[key] = run  # the most recently used last: the oldest unused is dropped first
-        # Eager on its first sight, and again within the same check (fn's output for forward and
-        # reverse mode); compiled when a later check sees it, or where most of its equations would
-        # compile on their own for their first eager call (see _new_equations).
-        first = key not in _SEEN or (scope is not None and _SEEN[key] == scope)
-        eager = run is None and quick and first and _new_equations(closed.jaxpr) <= EAGER_NEW_EQUATIONS
+        seen = _SEEN.get(key)
+        if seen is None:  # first sight: eager where its equations are not new (see _new_equations)
+            eager = run is None and quick and _new_equations(closed.jaxpr) <= EAGER_NEW_EQUATIONS
+            sights = 1
+        else:  # ran eagerly before: again, until checks enough to pay for its compilation saw it
+            sights = seen[1] + (scope is None or seen[0] != scope)
+            eager = run is None and sights <= EAGER_SIGHTS
         if eager:
-            _remember(_SEEN, key, scope, most=PROGRAMS_KEPT)
+            _remember(_SEEN, key, (scope, sights), most=PROGRAMS_KEPT)
             _EAGER[0] += 1
         else:
             _SEEN.pop(key, None)
