@@ -157,7 +157,7 @@ def report(title: str, total: float) -> str:
 def clear_caches() -> None:
     """JAX's compiled programs and the engine's plans, strategies, speeds and chunk sizes."""
     jax.clear_caches()
-    for name in ("_PLANS", "_CHOSEN", "_RACED", "_DROPPED", "_CHUNKS", "_SPEED"):
+    for name in ("_PLANS", "_CHOSEN", "_RACED", "_DROPPED", "_CHUNKS", "_SPEED", "_MEASURED"):
         getattr(engine_mod, name).clear()
 
 

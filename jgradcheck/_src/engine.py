@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jgradcheck._src import compat
+from jgradcheck._src import delta as delta_module
 from jgradcheck._src.delta import eval_delta, fallback_note, grouped_work, measure, perturbed_cost, work
 from jgradcheck._src.effects import callbacks, clean
 from jgradcheck._src.options import QUICK_COMPILE
@@ -326,12 +327,30 @@ def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[
     """``dense_work`` of one evaluation of ``group`` (multiply-adds where the change is dense,
     and where), whether a loop is among those places, and the work of the grouped convolutions
     in the delta program (``delta.measure``); (0, False, [], 0) when the interpreter cannot
-    trace a primitive (no preference: its own error comes when it runs)."""
+    trace a primitive (no preference: its own error comes when it runs).
+
+    Remembered per traced cost (the object itself) and set of leaves: the plan measures every
+    group it forms, and ``Engine.strategy_for`` asks again for each (a trace of the interpreter
+    each: 0.3-0.5 s of a cold transformer check). The order of the leaves does not change it."""
+    key = (id(trace), tuple(sorted(group)), delta_module.MEASURE_SCAN_BODIES)
+    with _MEASURED_LOCK:
+        got = _MEASURED.get(key)
+    if got is not None and got[0] is trace:
+        return got[1]
     try:
         w, log, grouped = measure(trace, flat, group)
     except Exception:  # noqa: BLE001 - see the docstring
-        return 0.0, False, [], 0.0
-    return w, any(e.primitive.name in ("scan", "while") for e, _ in log), log, grouped
+        out: tuple[float, bool, Any, float] = (0.0, False, [], 0.0)
+    else:
+        out = (w, any(e.primitive.name in ("scan", "while") for e, _ in log), log, grouped)
+    with _MEASURED_LOCK:
+        _remember(_MEASURED, key, (trace, out))  # the trace kept alive: its id stays its own
+    return out
+
+
+# ``_dense_work`` by (id of the trace, leaves, MEASURE_SCAN_BODIES): (the trace, the result).
+_MEASURED: dict[Any, tuple[Any, tuple[float, bool, Any, float]]] = {}
+_MEASURED_LOCK = threading.Lock()
 
 
 # Strategy and work per evaluation by (program, group, threshold), remembered as ``_PLANS`` is.
