@@ -170,7 +170,8 @@ def ab(model: str, name: str, values: list[str], repeats: int) -> None:
         got = collections.defaultdict(list)
         for r in range(repeats):
             for v in values:
-                setattr(engine_mod, name, type(getattr(engine_mod, name))(v))
+                kind = type(getattr(engine_mod, name))
+                setattr(engine_mod, name, v in ("1", "true", "True") if kind is bool else kind(v))
                 clear_caches()
                 t, c = time.perf_counter(), time.process_time()
                 rep = jgradcheck.check_grad(cost, grad, params, *args, progress=False, mode="full")

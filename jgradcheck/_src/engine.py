@@ -314,13 +314,23 @@ def _plan_groups(trace: Any, flat: list[Any], leaves: Sequence[int], small: int)
             bins.append((dtype, key, [i], w_b))
     # A group joins the whole-cost program when re-evaluating its entries whole adds less work
     # than compiling its own program would cost.
-    plan = []
+    plan: list[tuple[tuple[int, ...], float]] = []  # (group, its dense work per evaluation)
     for dtype, _, g, w in out + bins:
         if dtype in whole and 2 * size(g) * (total - w) / WORK_RATE < COMPILE_SECONDS:
             whole[dtype].extend(g)
         else:
-            plan.append(tuple(sorted(g)))
-    return plan + [tuple(sorted(g)) for g in whole.values()]
+            plan.append((tuple(sorted(g)), w))
+    plan += [(tuple(sorted(g)), total) for g in whole.values()]
+    if LONGEST_FIRST:
+        # The groups run in threads in this order: the longest first, so that the last to start
+        # are short (longest-processing-time scheduling). Bins were formed cheapest first, so a
+        # transformer's attention groups and its whole-cost group started last, alone at the end.
+        plan.sort(key=lambda gw: -(COMPILE_SECONDS + 2 * size(gw[0]) * gw[1] / WORK_RATE))
+    return [g for g, _ in plan]
+
+
+# Tests and benchmarks clear this to keep the plan in the order it was formed.
+LONGEST_FIRST = True
 
 
 def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[float, bool, Any, float]:
