@@ -275,39 +275,26 @@ class _Clock:
         return self.t
 
 
-class _Engine:
-    """The engine's work model: seconds per evaluation by group."""
-
-    def __init__(self, per_eval):
-        self.per_eval = per_eval
-
-    def strategy_for(self, group):
-        return "delta"
-
-    def _per_eval(self, group, strategy):
-        return self.per_eval[group]
-
-
-def test_each_group_is_projected_at_its_own_rate_and_unmeasured_ones_by_the_corrected_model(monkeypatch):
+def test_each_group_is_projected_at_its_own_rate_and_unmeasured_ones_count_for_nothing(monkeypatch):
     from jgradcheck._src.schedule import Budget
 
     clock = _Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     cheap, dear, later = (0,), (1,), (2,)  # e.g. a second layer's weights, a first layer's, a bias
     budget = Budget(60.0, started=clock.t)
-    # The model says 1e-4 and 1e-3 s per evaluation for the first two: 10x off, like the real one can be.
-    budget.plan(_Engine({cheap: 1e-4, dear: 1e-3, later: 1e-3}), {cheap: 2000, dear: 2000, later: 500}, lanes=2)
+    budget.plan({cheap: 2000, dear: 2000, later: 500}, lanes=2)
     clock.t += 2.0  # both first blocks, compiling side by side
     budget.record(cheap, 100)
     budget.record(dear, 10)
     clock.t += 1.0
     budget.record(cheap, 900)  # measured 1e-3 s each
     assert not budget.over()  # 3 s of a 60 s budget: too early to judge
-    clock.t += 8.0
-    budget.record(dear, 1)  # measured 9 s each: 90x slower than the cheap group, not 10x
+    clock.t += 7.0
+    assert not budget.over()  # 10 s in, only the cheap group measured: 1 s left, whatever the others cost
+    clock.t += 1.0
+    budget.record(dear, 1)  # measured 9 s each: 90x slower per evaluation than the cheap group
     assert budget.over()
-    # Left: cheap 1,000 x 1e-3 = 1 s; dear 1,989 x 9 = 17,901 s; later (model x median ratio 4,505)
-    # 500 x 1e-3 x 4,505 = 2,252.5 s. The longest group bounds it: 11 s + 17,901 s.
+    # Left: cheap 1,000 x 1e-3 = 1 s; dear 1,989 x 9 = 17,901 s; later not measured. The longest bounds it.
     assert budget.projected == pytest.approx(11.0 + 1989 * 9.0) and budget.done == 1011
     assert budget.elapsed == pytest.approx(11.0) and budget.planned == 4500
 
@@ -319,15 +306,18 @@ def test_the_time_left_is_at_least_the_work_over_the_lanes(monkeypatch):
     monkeypatch.setattr(time, "perf_counter", clock)
     groups = [(i,) for i in range(4)]
     budget = Budget(60.0, started=clock.t)
-    budget.plan(_Engine(dict.fromkeys(groups, 1e-3)), dict.fromkeys(groups, 1000), lanes=2)
+    budget.plan(dict.fromkeys(groups, 1000), lanes=2)
     clock.t += 10.0
-    budget.record(groups[0], 100)
+    for g in groups:
+        budget.record(g, 100)
     clock.t += 1.0
-    budget.record(groups[0], 100)  # 0.01 s each: 800 + 3 x 1,000 evaluations left, 38 s, over 2 lanes 19 s
-    assert not budget.over() and budget.projected is None  # 11 + 19 = 30 s
+    for g in groups:
+        budget.record(g, 100)  # 0.01 s each: 4 x 800 left, 8 s per group, 32 s over 2 lanes: 16 s
+    assert not budget.over() and budget.projected is None  # 11 + 16 = 27 s
     clock.t += 5.0
-    budget.record(groups[0], 10)  # now 6 s per 110: 3,790 left at 0.0545 s, 207 s over 2 lanes
-    assert budget.over() and budget.projected == pytest.approx(16.0 + 3790 * (6.0 / 110) / 2)
+    for g in groups:
+        budget.record(g, 10)  # now 6 s per 110: 4 x 790 left at 0.0545 s, 172 s over 2 lanes
+    assert budget.over() and budget.projected == pytest.approx(16.0 + 4 * 790 * (6.0 / 110) / 2)
 
 
 def test_the_budget_lets_a_check_finish_once_less_time_is_left_than_spent(monkeypatch):
@@ -337,14 +327,14 @@ def test_the_budget_lets_a_check_finish_once_less_time_is_left_than_spent(monkey
     monkeypatch.setattr(time, "perf_counter", clock)
     group = (0,)
     budget = Budget(60.0, started=clock.t)
-    budget.plan(_Engine({group: 1e-3}), {group: 1000}, lanes=1)
+    budget.plan({group: 1000}, lanes=1)
     clock.t += 5.0
     budget.record(group, 100)
     clock.t += 40.0
     budget.record(group, 500)  # 45 s spent, 400 left at 0.08 s each: 32 s more, 77 s in all
     assert not budget.over() and budget.projected is None
     fresh = Budget(60.0, started=clock.t - 45.0)
-    fresh.plan(_Engine({group: 1e-3}), {group: 1000}, lanes=1)
+    fresh.plan({group: 1000}, lanes=1)
     clock.t += 1.0
     fresh.record(group, 100)
     clock.t += 12.0
@@ -356,7 +346,7 @@ def test_ticks_of_work_outside_the_plan_are_not_counted(monkeypatch):
     from jgradcheck._src.schedule import Budget
 
     budget = Budget(60.0, started=0.0)
-    budget.plan(_Engine({(0,): 1e-3}), {(0,): 10}, lanes=1)
+    budget.plan({(0,): 10}, lanes=1)
     budget.record(None, 5)
     budget.record((7,), 5)
     assert not budget._first and not budget.over()

@@ -35,14 +35,15 @@ class Budget:
 
     Evaluations differ in cost by group (a first-layer weight's change is dense through the next
     layer, a second-layer weight's is one unit wide), so each group's time is projected apart: its
-    evaluations left at its own rate, measured since its first block (which paid for compiling),
-    or, for a group not yet measured, the engine's work model for it scaled by how far that model
-    was off on the measured groups (``plan``). The groups run in ``lanes`` threads, so the time
-    left is at least the longest group's and at least their sum over the lanes. The projection is
-    the check's time so far (from ``started``, preparation included) plus that. Once a sixth of
-    ``seconds`` has passed, a projection over ``seconds`` with more time left than spent stops
-    the check (``Cancelled``); ``projected``, ``done`` (evaluations) and ``elapsed`` then say
-    why, for the caller to screen instead.
+    evaluations left at its own rate, measured since its first block (which paid for compiling).
+    A group not yet measured counts for nothing: the projection is a lower bound, so a check that
+    would finish in time is never given up (the engine's work model, 0.4-20x off per group, sent a
+    3-20 s transformer check to screening under load). The groups run in ``lanes`` threads, so the
+    time left is at least the longest group's and at least their sum over the lanes. The
+    projection is the check's time so far (from ``started``, preparation included) plus that.
+    Once a sixth of ``seconds`` has passed, a projection over ``seconds`` with more time left than
+    spent stops the check (``Cancelled``); ``projected``, ``done`` (evaluations) and ``elapsed``
+    then say why, for the caller to screen instead.
     """
 
     def __init__(self, seconds: float, started: float):
@@ -51,19 +52,15 @@ class Budget:
         self.done = 0  # evaluations done when it was projected to run over ...
         self.elapsed = 0.0  # ... and the seconds spent by then
         self.lanes = 1
-        self._model: dict[tuple[int, ...], float] = {}
         self._planned: dict[tuple[int, ...], int] = {}
         self._count: dict[tuple[int, ...], int] = {}
         self._first: dict[tuple[int, ...], tuple[float, int]] = {}  # after each group's first block
         self._last: dict[tuple[int, ...], float] = {}
 
-    def plan(self, engine: Engine, planned: dict[tuple[int, ...], int], lanes: int) -> None:
-        """``planned`` evaluations per group, run in ``lanes`` threads; the engine's work model
-        (seconds per evaluation) for each group."""
+    def plan(self, planned: dict[tuple[int, ...], int], lanes: int) -> None:
+        """``planned`` evaluations per group, run in ``lanes`` threads."""
         self.lanes = max(1, int(lanes))
         for group, count in planned.items():
-            seconds = engine._per_eval(group, engine.strategy_for(group))  # noqa: SLF001 - the engine's own model
-            self._model[group] = max(float(seconds), 1e-12)
             self._planned[group], self._count[group] = int(count), 0
 
     @property
@@ -81,15 +78,12 @@ class Budget:
         self._last[group] = now
 
     def _rates(self) -> dict[tuple[int, ...], float]:
-        """Seconds per evaluation of each group: measured, else the model as corrected on the measured ones."""
-        measured = {}
-        for g, (t0, c0) in self._first.items():
-            if self._count[g] > c0 and self._last[g] > t0:
-                measured[g] = (self._last[g] - t0) / (self._count[g] - c0)
-        if not measured:
-            return {}
-        scale = float(np.median([measured[g] / self._model[g] for g in measured]))
-        return {g: measured.get(g, self._model[g] * scale) for g in self._planned}
+        """Seconds per evaluation of each group measured past its first block."""
+        return {
+            g: (self._last[g] - t0) / (self._count[g] - c0)
+            for g, (t0, c0) in self._first.items()
+            if self._count[g] > c0 and self._last[g] > t0
+        }
 
     def over(self) -> bool:
         elapsed = time.perf_counter() - self.started
@@ -98,7 +92,7 @@ class Budget:
         rates = self._rates()
         if not rates:
             return False
-        times = [max(0, self._planned[g] - self._count[g]) * rates[g] for g in self._planned]
+        times = [max(0, self._planned[g] - self._count[g]) * rate for g, rate in rates.items()]
         left = max(max(times), sum(times) / self.lanes)
         if elapsed + left <= self.seconds or left <= elapsed:
             return False
@@ -188,7 +182,7 @@ def check_leaves(
     if budget is not None:
         per_entry = len(STENCILS[opts.method][0])
         lanes = min(len(groups), os.cpu_count() or 1) if len(groups) > 1 and threads_see_the_same_jax() else 1
-        budget.plan(engine, {grp: per_entry * sum(int(selection[i].size) for i in grp) for grp in groups}, lanes)
+        budget.plan({grp: per_entry * sum(int(selection[i].size) for i in grp) for grp in groups}, lanes)
 
     def run(group: tuple[int, ...]) -> None:
         ticks.update(0)  # raises Cancelled before compiling anything once the check is stopping
