@@ -38,8 +38,8 @@ class Budget:
     evaluations left at its own rate, measured since its first block (which paid for compiling).
     A group not yet measured counts for nothing: the projection is a lower bound, so a check that
     would finish in time is never given up (the engine's work model, 0.4-20x off per group, sent a
-    3-20 s transformer check to screening under load). The groups run in ``lanes`` threads, so the
-    time left is at least the longest group's and at least their sum over the lanes. The
+    3-20 s transformer check to screening under load). The groups run in ``lanes`` threads: the
+    time left is their sum over the lanes. The
     projection is the check's time so far (from ``started``, preparation included) plus that.
     Once a sixth of ``seconds`` has passed, a projection over ``seconds`` with more time left than
     spent stops the check (``Cancelled``); ``projected``, ``done`` (evaluations) and ``elapsed``
@@ -93,7 +93,9 @@ class Budget:
         if not rates:
             return False
         times = [max(0, self._planned[g] - self._count[g]) * rate for g, rate in rates.items()]
-        left = max(max(times), sum(times) / self.lanes)
+        # Rates measured while the lanes share the machine: a group left alone runs faster, so the
+        # longest group's time is no bound (it sent a 42 s check to screening); the sum over the lanes is.
+        left = sum(times) / self.lanes
         if elapsed + left <= self.seconds or left <= elapsed:
             return False
         self.projected, self.done, self.elapsed = elapsed + left, sum(self._count.values()), elapsed
