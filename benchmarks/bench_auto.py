@@ -6,6 +6,7 @@ Models (float64, the cost of ``bench_core.py``: ReLU layers, a logistic output, 
 * ``wide``: 256-512-512-1, m = 128 (394,753 parameters). A changed first-layer weight changes a
   whole row of the 512x512 layer's input, so every perturbation costs about a forward pass: a
   full check takes many minutes on a CPU.
+* ``wider``: 256-768-384-1, m = 256 (492,673 parameters): the same, twice the examples.
 * ``narrow``: 1024-384-16-1, m = 64 (399,777 parameters). Most entries are in the first layer
   and their changes stay one hidden unit wide until the 16-unit layer: a full check is seconds.
 
@@ -15,7 +16,7 @@ For each, in one process: ``check_grad(cost, grad, params, x, y)`` with default 
 that it screens. With ``--full``, the time of ``mode="full"`` on the correct gradient too (what
 the budget saved, or would have cost).
 
-Usage: python benchmarks/bench_auto.py [--models wide,narrow] [--full]
+Usage: python benchmarks/bench_auto.py [--models wider,wide,narrow] [--full]
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def off(p, x, y):
     return {**g, "W1": g["W1"] * 1.01}
 
 
-MODELS = {"wide": ([256, 512, 512, 1], 128), "narrow": ([1024, 384, 16, 1], 64)}
+MODELS = {
+    "wider": ([256, 768, 384, 1], 256),
+    "wide": ([256, 512, 512, 1], 128),
+    "narrow": ([1024, 384, 16, 1], 64),
+}
 
 
 def timed(fn, *args, **kw):
@@ -61,7 +66,7 @@ def timed(fn, *args, **kw):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="wide,narrow")
+    ap.add_argument("--models", default="wider,wide,narrow")
     ap.add_argument("--full", action="store_true")
     a = ap.parse_args()
     print(machine_line())
