@@ -356,12 +356,32 @@ def without_promotion_if_needed(
     except TypeError as e:
         if not (x64 and is_promotion_error(e, *trees)):
             raise
-        first = e
+        first, note = e, promotion_note(fn, e)
+    except Exception as e:  # noqa: BLE001 - only JAX's callback dtype error is handled, see below
+        if not (x64 and _is_callback_narrowed(e)):
+            raise
+        first, note = e, MSG_CALLBACK_X64.format(fn=fn)
     try:
         report = run(False)
     except Exception as e:  # the function's own error, once promotion is out of the way
         raise e from first
-    return dataclasses.replace(report, warnings=(*report.warnings, promotion_note(fn, first)))
+    return dataclasses.replace(report, warnings=(*report.warnings, note))
+
+
+MSG_CALLBACK_X64 = (
+    "{fn} calls a host callback (jax.pure_callback or io_callback) that XLA ran in its own threads, where "
+    "JAX's scoped float64 mode does not reach: JAX narrowed the callback's float64 results to float32 and "
+    "then rejected them. Checked in your own dtypes instead (x64=False): the precision line says how small "
+    "an error that can still see. To check in float64, enable x64 globally for this run "
+    "(JAX_ENABLE_X64=1) so that XLA's threads see it too."
+)
+
+
+def _is_callback_narrowed(error: BaseException) -> bool:
+    """JAX's error when a float64 check's host callback ran in one of XLA's threads (where the
+    scoped ``jax.enable_x64`` is off) and its float64 results were narrowed to float32."""
+    text = str(error)
+    return "Incorrect output dtype for return value" in text and "Expected: float64" in text
 
 
 # The check's own options and their defaults: a keyword of these names is taken as the option.
