@@ -81,7 +81,7 @@ def _advice(causes: set[str], problem, opts, leaf: int | None = None) -> str:
                 f"precision whatever x64 says: compute that section in {wider} to check it finely"
             )
         elif "off" in problem.precision:
-            tips.append("run with x64=True")
+            tips.append("check in float64 (x64=True, the default), unless a warning below says why it could not run")
         else:
             tips.append(
                 "J's round-off noise is large against this gradient: a larger batch or a cost in float64 throughout"
