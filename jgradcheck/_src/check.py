@@ -136,9 +136,10 @@ def check_grad(
         ``time_budget``, screen otherwise (``report.mode`` says which ran and why).
       full_max_size: the size above which ``mode="auto"`` screens.
       time_budget: seconds a full check may take under ``mode="auto"`` (default 60; None: no
-        limit). The time of the whole check is projected from its first blocks of evaluations;
-        above the budget (while less than half is done) the check screens instead and says so on
-        stderr (unless ``progress=False``) and in ``report.mode``. ``mode="full"`` never screens.
+        limit). Once a sixth of it has passed, the check's time is projected from each group of
+        leaves' measured speed; past the budget, while more time is left than spent, the check
+        screens instead and says so on stderr (unless ``progress=False``) and in
+        ``report.mode``. ``mode="full"`` never screens.
       sample_size: entries per leaf in sample mode.
       screen_directions: random (Rademacher) directions per leaf in screen mode.
       rtol: extra relative tolerance on |yours − numerical| (on top of the error estimate).

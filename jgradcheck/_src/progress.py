@@ -88,8 +88,6 @@ class Progress:
         self._closed = False
         self._tqdm: Any = None
         self._recent: collections.deque[tuple[float, int]] = collections.deque([(self.start, 0)])
-        self._first: tuple[float, int] | None = None  # the first update: its block paid for compiling
-        self._updates = 0
         self.kind = "off"
         if not self.enabled:
             return
@@ -125,9 +123,6 @@ class Progress:
         """Records ``n`` more evaluations and shows them (unannounced ones grow the total)."""
         self.done += int(n)
         now = time.perf_counter()
-        self._updates += 1
-        if self._first is None and n > 0:
-            self._first = (now, self.done)
         self._recent.append((now, self.done))
         while len(self._recent) > 2 and now - self._recent[1][0] > RATE_WINDOW_S:
             self._recent.popleft()
@@ -146,16 +141,6 @@ class Progress:
             self._write_bar()
         else:
             self._write_line(now)
-
-    def projected_s(self) -> float | None:
-        """Seconds the whole work will have taken: elapsed, plus what is left at the rate measured
-        since the first block (which paid for compiling); None before a second block is in."""
-        if self._first is None or self.done <= self._first[1]:
-            return None
-        now = time.perf_counter()
-        t0, d0 = self._first
-        left = max(0, self.total - self.done)
-        return (now - self.start) + left * (now - t0) / (self.done - d0)
 
     def _eta(self, elapsed: float) -> float:
         """Seconds left: the evaluations left at the recent rate (see ``RATE_WINDOW_S``)."""
