@@ -158,3 +158,21 @@ def test_plain_dict_mismatch_keeps_the_missing_leaves_message():
         jgradcheck.check_grad(
             lambda p: jnp.sum(p["a"] ** 2 + p["b"]), {"a": jnp.ones(2)}, {"a": jnp.ones(2), "b": jnp.ones(2)}
         )
+
+
+def test_check_hvp_of_an_nnx_state_with_yours_as_its_pure_dict(nnx_model):
+    graphdef, state, x = nnx_model
+    grad = jax.grad(_nnx_cost)
+
+    def hvp(s, v):
+        return nnx.to_pure_dict(jax.jvp(lambda t: grad(t, graphdef, x), (s,), (v,))[1])
+
+    report = jgradcheck.check_hvp(lambda s: _nnx_cost(s, graphdef, x), hvp, state)
+    assert report.passed, str(report)
+
+    def doubled(s, v):
+        hv = hvp(s, v)
+        return {**hv, "l2": {**hv["l2"], "kernel": 2 * hv["l2"]["kernel"]}}
+
+    report = jgradcheck.check_hvp(lambda s: _nnx_cost(s, graphdef, x), doubled, state)
+    assert report.status == "failed", str(report)

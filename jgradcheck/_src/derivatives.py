@@ -35,7 +35,7 @@ from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.problem import reuse_traces
 from jgradcheck._src.registry import recorded
 from jgradcheck._src.report import GradCheckReport
-from jgradcheck._src.tree import check_live, is_floating
+from jgradcheck._src.tree import check_live, conform, is_floating
 from jgradcheck._src.vector import (
     MSG_HVP_SHAPE,
     MSG_MODES,
@@ -495,7 +495,11 @@ def check_hvp(
     def jvp_fn(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
         p, v = primals[0], tangents[0]
         hv = hvp_fn(p, v, *args)
-        want, got = jax.tree_util.tree_structure(p), jax.tree_util.tree_structure(hv)
+        # Yours may come in another form of params (an NNX State against its pure dict, a linen
+        # variable dict against its 'params' collection): matched leaf by leaf, as gradients are.
+        flat_p, treedef = jax.tree_util.tree_flatten_with_path(p)
+        hv = conform(hv, treedef, tuple(path for path, _ in flat_p), (True,) * len(flat_p))
+        want, got = treedef, jax.tree_util.tree_structure(hv)
         if str(want) != str(got):
             raise ValueError(MSG_HVP_SHAPE.format(detail=f"it returned structure {got}, params have {want}"))
         return grad(p, *args), hv
