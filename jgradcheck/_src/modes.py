@@ -10,7 +10,7 @@ import numpy as np
 from jgradcheck._src import numerics, screen
 from jgradcheck._src.engine import Progress
 from jgradcheck._src.options import show_progress
-from jgradcheck._src.progress import _seconds
+from jgradcheck._src.progress import duration
 from jgradcheck._src.schedule import Budget, check_leaves
 
 MSG_OVER_BUDGET = (
@@ -34,7 +34,7 @@ def tell_over_budget(n: int, budget: Budget, progress: bool | None) -> None:
     if progress is False:
         return
     words = MSG_OVER_BUDGET.format(
-        n=n, budget=budget.seconds, elapsed=_seconds(budget.elapsed), done=budget.done, planned=budget.planned
+        n=n, budget=budget.seconds, elapsed=duration(budget.elapsed), done=budget.done, planned=budget.planned
     )
     sys.stderr.write(words + "\n")
     sys.stderr.flush()

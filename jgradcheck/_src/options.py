@@ -52,15 +52,16 @@ def check_options(**options: Any) -> None:
         raise ValueError(MSG_NO_DEVICES)
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (NumPy scalars welcome), not a bool: ``True`` is no step or budget."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_eps(eps: Any) -> float | None:
     """A user step: a positive finite real number (NumPy scalars welcome, bools not)."""
     if eps is None:
         return None
-    if (
-        isinstance(eps, (bool, np.bool_))
-        or not isinstance(eps, numbers.Real)
-        or not (math.isfinite(eps) and float(eps) > 0)
-    ):
+    if not (_is_real(eps) and math.isfinite(eps) and float(eps) > 0):
         raise ValueError(MSG_EPS.format(eps=eps))
     return float(eps)
 
@@ -87,11 +88,7 @@ def check_budget(time_budget: Any) -> float | None:
     """``time_budget``: None (no limit) or a positive number of seconds."""
     if time_budget is None:
         return None
-    if (
-        isinstance(time_budget, (bool, np.bool_))
-        or not isinstance(time_budget, numbers.Real)
-        or not float(time_budget) > 0
-    ):
+    if not (_is_real(time_budget) and float(time_budget) > 0):  # inf: no limit, as None
         raise ValueError(MSG_BUDGET.format(value=time_budget))
     return float(time_budget)
 

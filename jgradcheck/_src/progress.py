@@ -6,10 +6,11 @@
 * otherwise (CI logs, files) a few plain lines, one per tenth of the work and at least one every
   ``LINE_EVERY_S`` seconds, with no carriage returns.
 
-Nothing is ever written unless ``enabled``, and nothing before ``after_s`` seconds (the default of
-a check: a check that ends sooner prints nothing; a long one says where it is, even in a log). The total is every evaluation the check does: the
-engine may do more than first planned (a second look at suspect entries), announced with
-:meth:`Progress.extend`, or found when they arrive (the total then grows to the count done:
+Nothing is ever written unless ``enabled``, and nothing before ``after_s`` seconds (a check's
+default: one that ends sooner prints nothing; a long one says where it is, even in a log). The
+total is every evaluation the check does: the engine may do more than first planned (a second
+look at suspect entries), announced with :meth:`Progress.extend`, or found when they arrive (the
+total then grows to the count done:
 "800,020/800,000" or "ETA -0.0s" helps no one). The ETA is the work left at the rate measured
 over the recent work, not since the start: compilation, and leaves that cost more per entry than
 the first ones, would otherwise make it promise too little.
@@ -55,12 +56,13 @@ def _in_notebook(tqdm_cls: Any) -> bool:
     return any(c.__name__ == "tqdm_notebook" for c in getattr(tqdm_cls, "__mro__", ()))
 
 
-def _seconds(s: float) -> str:
+def duration(s: float) -> str:
+    """``12.3 s`` or ``2 min 05 s``: a duration as the progress lines and notes write it."""
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {s % 60:02.0f} s"
 
 
 def _eta_words(s: float) -> str:
-    return _seconds(s) if s == s else "? s"  # NaN: no rate measured yet
+    return duration(s) if s == s else "? s"  # NaN: no rate measured yet
 
 
 class Progress:
@@ -158,11 +160,10 @@ class Progress:
         shown = self._clamped()
         frac = shown / max(1, self.total)
         bar = "#" * int(BAR_WIDTH * frac)
-        eta = self._eta(elapsed)
-        eta_s = _seconds(eta) if eta == eta else "?"
+        eta_s = _eta_words(self._eta(elapsed))
         self._stream.write(
             f"\r{self.label} [{bar:<{BAR_WIDTH}}] {shown:,}/{self.total:,} evals  "
-            f"{_seconds(elapsed)} elapsed  ETA {eta_s}   "
+            f"{duration(elapsed)} elapsed  ETA {eta_s}   "
         )
         self._stream.flush()
 
@@ -179,7 +180,7 @@ class Progress:
         percent = int(100 * self._clamped() // max(1, self.total))
         self._stream.write(
             f"{self.label}: {self._clamped():,}/{self.total:,} evals ({percent}%), "
-            f"{_seconds(elapsed)} elapsed, about {_eta_words(self._eta(elapsed))} left\n"
+            f"{duration(elapsed)} elapsed, about {_eta_words(self._eta(elapsed))} left\n"
         )
         self._stream.flush()
 
@@ -199,5 +200,5 @@ class Progress:
         else:
             elapsed = time.perf_counter() - self.start
             how = "stopped after" if stopped else "done in"
-            self._stream.write(f"{self.label}: {self._clamped():,}/{self.total:,} evals, {how} {_seconds(elapsed)}\n")
+            self._stream.write(f"{self.label}: {self._clamped():,}/{self.total:,} evals, {how} {duration(elapsed)}\n")
             self._stream.flush()
