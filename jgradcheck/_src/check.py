@@ -352,6 +352,7 @@ def without_promotion_if_needed(
     the function runs as its author wrote it, and the report's precision line says what that
     precision can still see.
     """
+    first: Exception
     try:
         return run(x64)
     except TypeError as e:

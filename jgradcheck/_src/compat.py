@@ -405,7 +405,9 @@ def pure_callback_params(template: Mapping[str, Any], **values: Any) -> dict[str
 def enable_x64(on: bool = True) -> contextlib.AbstractContextManager[Any]:
     """A scoped float64 switch: ``jax.enable_x64`` where it exists (0.10 and later), else its
     former home ``jax.experimental.enable_x64`` (0.4.38). Never the global flag."""
-    scoped = getattr(jax, "enable_x64", None)
+    scoped: Any = getattr(jax, "enable_x64", None)
     if scoped is None:
-        from jax.experimental import enable_x64 as scoped
+        from jax import experimental
+
+        scoped = getattr(experimental, "enable_x64")  # noqa: B009 - absent from newer stubs
     return scoped(on)

@@ -186,7 +186,7 @@ def _search(
     j_h: tuple[np.ndarray, np.ndarray],
     j_2h: tuple[np.ndarray, np.ndarray],
     dtype: Any,
-    noise: float,
+    noise: np.ndarray,
     safety: float,
     progress: Progress,
 ) -> _Search:

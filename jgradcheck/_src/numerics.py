@@ -146,7 +146,7 @@ def no_information(
     above = np.cumsum(moving, axis=0) - moving > 0
     lost = zero & above
     if not lost.any():
-        return d, noise
+        return d, np.asarray(noise)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: entries with no lost level
         ref = np.nanmedian(np.where(moving, np.abs(d), np.nan), axis=0)

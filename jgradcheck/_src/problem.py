@@ -432,9 +432,9 @@ def shared(kind: str, owner: Any, inputs: Any, make: Callable[[], Any]) -> Any:
     ``reuse_traces`` block (made anew outside one, or for inputs without bytes): what the checks of
     one check_rules call compute alike (fn's output for forward and reverse mode, J's values).
     ``owner`` is kept alive with the value, so its ``id`` is not another object's meanwhile."""
-    memo = getattr(_REUSE, "memo", None)
+    memo: dict[Any, Any] | None = getattr(_REUSE, "memo", None)
     digest = None if memo is None else _digest(inputs)
-    if digest is None:
+    if memo is None or digest is None:
         return make()
     key = (kind, id(owner), digest)
     kept = memo.get(key)
@@ -520,7 +520,8 @@ def _widened_or_none(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple
 
     try:
         wide = promote.widened(f, *as_run)
-        return jax.make_jaxpr(wide)(*inputs), _as_cost(wide, layout, args_layout), wide.__wrapped_as_run__
+        as_run_fn = getattr(wide, "__wrapped_as_run__")  # noqa: B009 - set by promote.widened
+        return jax.make_jaxpr(wide)(*inputs), _as_cost(wide, layout, args_layout), as_run_fn
     except Exception:  # noqa: BLE001 - the program as run fails too, or has a body promote.py cannot rebuild
         return None
 
@@ -556,9 +557,8 @@ def _not_scalar(cost_fn, layout: Layout, args_layout: Layout, inputs: tuple) -> 
     floats = [np.shape(x) for x, k in zip(jax.tree_util.tree_leaves(params), layout.kinds) if k == "float"]
     got = [np.shape(x) for x in jax.tree_util.tree_leaves(out)]
     shape = _shape_text(out)
-    if jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(params) or (
-        len(got) == len(floats) and got == floats and len(got) > 1
-    ):
+    out_tree: Any = jax.tree_util.tree_structure(out)  # PyTreeDef's == is untyped in jaxlib's stubs
+    if out_tree == jax.tree_util.tree_structure(params) or (len(got) == len(floats) and got == floats and len(got) > 1):
         raise ValueError(MSG_SWAPPED_COST.format(shape=shape))
     if isinstance(out, (tuple, list)) and len(out) >= 2 and np.shape(jax.tree_util.tree_leaves(out[0])[0]) == ():
         if len(jax.tree_util.tree_leaves(out[0])) == 1:
@@ -672,6 +672,8 @@ def _widened_grad(grad_fn, problem: Problem) -> PyTree | None:
     def g(fl, ar, af, aa):
         return _grad_call(grad_fn, problem.layout, problem.args_layout, fl, ar, af, aa)
 
+    if problem.as_run is None:
+        return None
     try:
         wide = promote.widened(g, *problem.as_run)
         return jax.jit(wide)(*problem.inputs)

@@ -296,6 +296,11 @@ def run_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[An
     return [read(v) for v in jaxpr.outvars]
 
 
+def _same_structure(a: Any, b: Any) -> bool:
+    """Whether two tree structures are equal (PyTreeDef's ``==``, which jaxlib's stubs leave untyped)."""
+    return bool(a == b)
+
+
 def user_x64() -> bool:
     """Your x64 setting, as your program runs outside the check (not the check's scoped one)."""
     from jax._src import config as jax_config
@@ -328,7 +333,7 @@ def widened(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
 
     def run(*a: Any) -> Any:
         flat, tree = jax.tree_util.tree_flatten(a)
-        if tree != treedef:
+        if not _same_structure(tree, treedef):
             raise TypeError(f"the widened function takes inputs of structure {treedef}; got {tree}")
         return jax.tree_util.tree_unflatten(out_tree, run_jaxpr(closed.jaxpr, consts, flat))
 

@@ -254,7 +254,8 @@ def _nonfinite_detail(out: PyTree, keep: np.ndarray) -> str:
 
 def _zero_nonfinite(projections: list[PyTree]) -> tuple[list[PyTree], int]:
     """Your projections with NaN/Inf entries set to 0, and at how many input entries (see MSG_NAN_YOURS)."""
-    out, bad = [], {}
+    out: list[PyTree] = []
+    bad: dict[Any, Any] = {}
     for tree in projections:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         fixed = []
