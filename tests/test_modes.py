@@ -237,6 +237,8 @@ def test_auto_mode_screens_when_the_full_check_is_projected_over_its_time_budget
     assert report.mode.startswith("screen (auto: a full check of 20,003 entries was projected over time_budget 60 s")
     assert re.search(r"after [\d,]+ of 40,006 evaluations; mode='full' checks every entry\)$", report.mode)
     assert report.leaf("big").how == "screened"
+    # The abandoned full check's strategies are not reported as how the entries were evaluated.
+    assert report.evaluated == "", report.evaluated
     assert "screening instead" in err and "Pass mode='full' to check every entry" in err
     assert err.count("\n") == 1  # the notice alone: a short check shows no progress
 
@@ -246,6 +248,28 @@ def test_a_check_that_screens_for_time_still_names_a_single_wrong_entry(capsys, 
     assert report.status == "failed" and report.mode.startswith("screen")
     assert [leaf.path for leaf in report.failed_leaves] == ["big"]
     assert report.worst[0].name == f"big[{_PLANTED}]"
+    assert report.evaluated.endswith(": big"), report.evaluated  # the search of the failing leaf alone
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_group_finished_before_the_switch_is_not_reported_as_how_screened_entries_ran(monkeypatch, capsys, seed):
+    """``small`` (one group) finishes its full check; then ``big`` is projected over the budget.
+    The report screens every leaf: it must not say how the abandoned check evaluated entries
+    (nor the probe the screening runs first, which goes through the same engine)."""
+    from jgradcheck._src.schedule import Budget
+
+    def over(self):
+        small = [g for g in self._planned if self._planned[g] < 100]
+        if not self._first or not all(self._count[g] >= self._planned[g] for g in small):
+            return False
+        time.sleep(0.2)  # small's thread records how it ran just after its last tick
+        self.projected, self.done, self.elapsed = 1234.0, sum(self._count.values()), 1.0
+        return True
+
+    monkeypatch.setattr(Budget, "over", over)
+    report, _ = _over_budget(capsys, _grad, seed=seed)
+    assert report.passed and report.mode.startswith("screen") and report.leaf("small").how == "screened"
+    assert report.evaluated == "", report.evaluated
 
 
 def test_the_switch_is_silent_with_progress_false(capsys, overrun):

@@ -276,6 +276,10 @@ def check_grad(
                 tell_over_budget(n, budget, progress)
                 chosen, mode_note = "screen", over_budget_note(n, budget)
                 noise = probe_line(engine, problem, seed, check_determinism)
+                # How the abandoned full check (and this probe) evaluated entries is not how the
+                # screened ones were: report.evaluated names only the search's strategies.
+                for record in (engine.ran, engine.skipped, engine.dropped):
+                    record.clear()
                 per_leaf = run_mode(
                     chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
                 )
