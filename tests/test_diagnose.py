@@ -373,3 +373,14 @@ def test_generic_l2_difference_is_not_forced_into_one_reading():
     numerical, theta = rng.standard_normal(300 * 300), rng.standard_normal(300 * 300)
     text = diagnose.describe_leaf(numerical - 0.1 * theta, numerical, theta, (300, 300), 300 * 300, path="W")
     assert "a missing L2 term (λ/m ≈ 0.1)" in text and "cannot tell which" in text, text
+
+
+@pytest.mark.parametrize("factors", [[0.0, 0.0, 0.0], [0.0, 0.0], [0.0, -0.0, 0.0]])
+def test_a_common_factor_of_zero_is_no_finding(factors):
+    """Every leaf's yours ≈ 0 × numerical (yours all zero, or round-off at an exact minimum): the
+    per-leaf reading says so; a common factor of 0 is no finding (it divided by zero, a crash)."""
+    assert diagnose.common_factor(factors, (4, 8)) is None
+
+
+def test_a_common_factor_still_names_the_batch_size():
+    assert "batch size m = 8" in diagnose.common_factor([8.0, 8.0, 8.0], (8,))

@@ -8,6 +8,7 @@ in a fixed order, from the most specific model to the most general, so one bug g
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Callable, Iterator
 
@@ -536,7 +537,8 @@ def common_factor(factors: list[float | None], batch_sizes: tuple[int, ...]) -> 
         return None
     fs = np.asarray(factors, dtype=np.float64)
     c = float(np.median(fs))
-    if abs(c - 1) < NEAR or not np.all(np.abs(fs - c) <= NEAR * abs(c)):
+    # A factor of 0 is yours ≈ 0 everywhere: each leaf's own reading says so (no ratio to name).
+    if c == 0 or not math.isfinite(c) or abs(c - 1) < NEAR or not np.all(np.abs(fs - c) <= NEAR * abs(c)):
         return None
     msg = f"every leaf is off by one common factor: yours ≈ {c:.4g} × numerical"
     for m in batch_sizes:
