@@ -25,8 +25,11 @@ cheap where the algebra allows:
   contracts it reads every C-th row of the other operand only;
 * a product with changes on both sides is ΔA·B + A·ΔB + ΔA·ΔB by the rules above, so the
   unchanged operands stay shared;
-* a ``scan`` body is interpreted with the same rules, its constants (the loop's weights)
-  shared and unbatched and the change carried densely through the carry;
+* a ``scan`` runs on perturbed values: its carry holds base + Δ, its body is interpreted with
+  the same rules, its constants (the loop's weights) shared and unbatched, a weight entry's
+  change kept small by the rules and any dense change folded into its value, so each gate is
+  evaluated once per perturbation; the change is taken out at the scan's outputs
+  (perturbed − base, exactly zero where no input changed);
 * anything else is evaluated on base + delta and the delta is what changed: f(x + Δ) − f(x).
   So is an equation whose params this JAX lays out in a way the rules do not read
   (``compat.Unsupported``): a new JAX makes the check slower there, never a crash, and
@@ -247,16 +250,75 @@ def eval_delta(jaxpr, consts, args, deltas):
     for v, a, d in zip(jaxpr.invars, args, deltas):
         env[v] = (a, d)
     log = _DENSE_LOG.get()
+    moving = _FOLD.get()
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         bases = [b for b, _ in ins]
         ds = [d for _, d in ins]
-        outs = _eval_eqn(eqn, bases, ds)
+        if moving is not None:
+            bases, ds, outs = _eval_folding(eqn, bases, ds, moving)
+        else:
+            outs = _eval_eqn(eqn, bases, ds)
         if log is not None and eqn.primitive.name not in _CALLS and any(_is_dense(d) for _, d in outs):
             log.append((eqn, work(eqn) / _slab_saving(eqn, bases, ds)))
         for v, o in zip(eqn.outvars, outs):
             env[v] = o
     return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_folding(eqn, bases, ds, moving: dict[int, Any]):
+    """One equation of a loop body whose carry holds perturbed values (``_FOLD``).
+
+    ``moving`` holds (by id) the values that differ per perturbation: the carry, and what is
+    computed from it. A change on such a value is folded into it before the equation (its
+    operand is per perturbation anyway), a change on a shared value (a weight, an input) is
+    left to the rules, which keep a weight entry's change a row or a column instead of a
+    per-perturbation weight; a dense change that comes out is folded into its value.
+    """
+    live = [k for k, d in enumerate(ds) if d is not None]
+    touched = any(id(b) in moving for b in bases)
+    if touched and live:
+        bases, ds = list(bases), list(ds)
+        for k in live:
+            if id(bases[k]) in moving:
+                bases[k] = _moving(moving, folded(bases[k], ds[k]))
+                ds[k] = None
+    outs = _eval_eqn(eqn, bases, ds)
+    got = []
+    for b, d in outs:
+        if d is not None and not isinstance(d, (OneHot, Slab, Strided)):
+            got.append((_moving(moving, folded(b, d)), None))
+        else:
+            if touched or (live and d is None):  # from a moving value, or a perturbed integer
+                _moving(moving, b)
+            got.append((b, d))
+    return bases, ds, got
+
+
+def _moving(moving: dict[int, Any], value):
+    moving[id(value)] = value  # kept alive: its id stays its own while the body is traced
+    return value
+
+
+def folded(base, d):
+    """The value base + Δ in the base's dtype; a one-hot or a slab is selected in (one pass that
+    XLA fuses with the sum), not scattered into zeros first."""
+    if d is None:
+        return base
+    dtype = jnp.result_type(base)
+    shape = jnp.shape(base)
+    if isinstance(d, OneHot) and shape:
+        at = jnp.arange(math.prod(shape)).reshape(shape) == d.index
+        return jnp.where(at, base + jnp.asarray(d.delta, dtype), base)
+    if isinstance(d, Slab):
+        at = jnp.arange(shape[d.axis]).reshape((1,) * d.axis + (-1,) + (1,) * (len(shape) - d.axis - 1)) == d.index
+        return jnp.where(at, base + jnp.expand_dims(d.values.astype(dtype), d.axis), base)
+    return jnp.asarray(base + _dense(base, d), dtype=dtype)
+
+
+# While set (by the scan rule, tracing a loop body whose carry holds perturbed values): the
+# values that differ per perturbation, by id (``_eval_folding``); None outside loop bodies.
+_FOLD: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar("fold", default=None)
 
 
 # While set (by ``dense_work``), eval_delta records each equation whose change came out dense.
