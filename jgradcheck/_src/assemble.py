@@ -73,6 +73,12 @@ def _advice(causes: set[str], problem, opts, leaf: int | None = None) -> str:
             narrow = precision.path_precision(problem).where[leaf]
         except Exception:  # reading the jaxpr is advice only: never fail a report over it
             narrow = None
+    if "rounding" in causes:  # first: it explains the others where J sits at an exact minimum
+        tips.append(
+            "yours and the numerical gradient are both at the rounding level of the terms they sum here "
+            "(J at an exact minimum, e.g. trained to zero loss, where every residual is 0): check at "
+            "another point too, at initialization or before training converges"
+        )
     if "noise" in causes:
         if narrow:
             wider = "float64" if narrow.startswith("float32") else "float32 or wider"

@@ -17,6 +17,7 @@ than it is, which only makes the step larger), never blind to a cast inside a lo
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -169,15 +170,93 @@ def measured_grad_rounding(problem: Any) -> tuple[float, ...]:
     cached = problem.__dict__.get("_grad_rounding")
     if cached is None:
         try:
-            cached = tuple(_measure(problem))
+            low = [jnp.dtype(d) for d in problem.orig_dtypes]
+            draws = CHECK_DRAWS if all(d == jnp.dtype(np.float32) for d in low) else 1
+            swamped: list[bool] = []
+            cached = tuple(_measure(problem, draws=draws, swamped=swamped))
         except Exception:  # a cost jax.grad cannot take, or one that needs its own dtypes
-            cached = (0.0,) * len(problem.floats)
+            cached, swamped = (0.0,) * len(problem.floats), []
         problem.__dict__["_grad_rounding"] = cached
+        problem.__dict__["_grad_swamped"] = tuple(swamped) or (False,) * len(problem.floats)
     return cached
 
 
-def _measure(problem: Any) -> list[float]:
-    low = [jnp.dtype(d) for d in problem.orig_dtypes]
+def entry_swamped_rounding(problem: Any, group: tuple[int, ...], idx: np.ndarray, grad_eps: np.ndarray) -> np.ndarray:
+    """Per entry: ``entry_grad_rounding`` where its leaf's gradient in your dtype is rounding
+    throughout (a float32 gradient at a float32 minimum), else 0. It limits what the check can
+    see as the differences' own error does: a 1% bug of such a gradient is below it, so a leaf
+    it dominates is inconclusive, never passed."""
+    measured = entry_grad_rounding(problem, group, idx, grad_eps)
+    flags = problem.__dict__.get("_grad_swamped") or (False,) * len(problem.floats)
+    return np.where(np.asarray([flags[i] for i in group], bool)[leaf_of(problem, group, idx)], measured, 0.0)
+
+
+# Float32 runs of jax.grad (at the parameters and at one-ulp moves of them) whose largest difference
+# from float64 measures a gradient's rounding (``measured_check_rounding``, ``measured_grad_rounding``).
+CHECK_DRAWS = 4
+# A low-precision gradient that moves, over one-ulp moves of θ, by at least this fraction of its
+# difference from float64 is rounding throughout: that difference is not capped (see ``_measure``).
+SPREAD_IS_ROUNDING = 0.25
+
+
+def measured_check_rounding(problem: Any) -> tuple[float, ...]:
+    """Per float leaf of a float64 check: how far any float64 program's gradient of J may be off
+    by rounding, measured; 0 elsewhere (a float32 check, or where it cannot be measured).
+
+    ``GRAD_ROUNDING_MARGIN`` × (ε64 / ε32) × the leaf's largest difference between ``jax.grad`` of
+    the cost in float32 and in float64: the gradient's sensitivity to rounding, read in float32
+    and scaled to float64.
+
+    Why: at an exact minimum (a model trained to zero loss) every residual r = prediction − target
+    is 0 up to the rounding of an O(1) prediction, and so is the gradient Σ r ∂r/∂θ. Two programs
+    of the same J (your gradient's, the check's vmapped one) round those predictions differently:
+    measured on a float64 GRU trained to loss 2e-33, your correct gradient and the central
+    differences, each ~1e-17, differed by 1e-17, and J is exactly quadratic along its output
+    weights, so larger steps agreed with the check's own rounding and failed yours at 120× its
+    tolerance. A gradient of ~0 there is defined only to ε64 × the size of the terms it sums;
+    float32 shows that size 2^29 times larger. Elsewhere the floor is ~ε64 of the gradient's
+    terms: a 1e-4 error of a leaf is ~1e11 times above it. A float32 run that differs in kind
+    (another branch) moves it by at most ε64/ε32 ≈ 2e-9 of the gradient.
+    """
+    if jnp.dtype(problem.dtype) != jnp.dtype(np.float64):
+        return (0.0,) * len(problem.floats)
+    cached = problem.__dict__.get("_check_rounding")
+    if cached is None:
+        try:
+            diffs = _measure(
+                problem, low=[jnp.dtype(np.float32)] * len(problem.floats), margin=1.0, cap=False, draws=CHECK_DRAWS
+            )
+            ratio = numerics.machine_eps(np.float64) / numerics.machine_eps(np.float32)
+            cached = tuple(GRAD_ROUNDING_MARGIN * ratio * d for d in diffs)
+        except Exception:  # a cost jax.grad cannot take, or one that cannot run in float32
+            cached = (0.0,) * len(problem.floats)
+        problem.__dict__["_check_rounding"] = cached
+    return cached
+
+
+def entry_check_rounding(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
+    """Per entry of a group's concatenated leaves: ``measured_check_rounding`` of its leaf."""
+    measured = measured_check_rounding(problem)
+    return np.asarray([measured[i] for i in group], np.float64)[leaf_of(problem, group, idx)]
+
+
+def _measure(
+    problem: Any,
+    low: list[Any] | None = None,
+    margin: float = GRAD_ROUNDING_MARGIN,
+    cap: bool = True,
+    draws: int = 1,
+    swamped: list[bool] | None = None,
+) -> list[float]:
+    """Per leaf: ``margin`` × the largest |jax.grad in ``low`` dtypes (the parameters' own by
+    default) − jax.grad in float64|, capped at ``numerics.GRAD_REL_CAP`` of the leaf (``cap``).
+
+    ``draws`` > 1 (``low`` all float32): the low run is repeated at the parameters moved by one
+    float32 ulp up or down per entry (seeded), the largest difference kept. One rounding is one
+    sample: a scalar leaf's float32 gradient, a mean of residuals, came out exactly equal to the
+    float64 one in one case of six. ``swamped`` (a list, if given) gets per leaf whether the
+    rounding was left uncapped above the cap: the gradient is rounding throughout."""
+    low = [jnp.dtype(d) for d in problem.orig_dtypes] if low is None else low
     narrow = max(low, key=lambda d: float(jnp.finfo(d).eps))
     wide64 = any(jnp.finfo(d).bits > 32 for d in low)
 
@@ -194,19 +273,33 @@ def _measure(problem: Any) -> list[float]:
 
     with compat.enable_x64(True):
         fine = grads(list(problem.floats), list(problem.arg_floats))
-    with compat.enable_x64(wide64):
-        rough = grads(
-            [jnp.asarray(f, d) for f, d in zip(problem.floats, low)],
-            [jnp.asarray(a, narrow) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in problem.arg_floats],
-        )
+    rng = np.random.default_rng(0)
+    low_args = [jnp.asarray(a, narrow) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in problem.arg_floats]
+    rounds = []
+    for k in range(draws):
+        floats = [np.asarray(f).astype(d) for f, d in zip(problem.floats, low)]
+        if k:
+            floats = [
+                np.nextafter(f, np.where(rng.random(f.shape) < 0.5, -np.inf, np.inf).astype(f.dtype)) for f in floats
+            ]
+        with compat.enable_x64(wide64):
+            rounds.append(grads([jnp.asarray(f) for f in floats], low_args))
     out = []
-    for f, r in zip(fine, rough):
-        ok = np.all(np.isfinite(f)) and np.all(np.isfinite(r))
+    for leaf, f in enumerate(fine):
+        diffs = [np.abs(f - r[leaf]) for r in rounds]
+        ok = np.all(np.isfinite(f)) and all(np.all(np.isfinite(d)) for d in diffs)
         # Never more than numerics.GRAD_REL_CAP of the leaf's largest entry: a float32 gradient off by
         # more is not rounding (a cost whose float32 and float64 runs differ in kind: other random
         # masks, another branch), and must not widen the tolerance that far.
-        cap = numerics.GRAD_REL_CAP * float(np.max(np.abs(f), initial=0.0))
-        out.append(min(GRAD_ROUNDING_MARGIN * float(np.max(np.abs(f - r), initial=0.0)), cap) if ok else 0.0)
+        worst = max(float(np.max(d, initial=0.0)) for d in diffs)
+        # A low run that moves by as much as it differs when θ moves by one of its ulps is rounding,
+        # however large against the gradient (a float32 gradient at a float32 minimum): not capped.
+        spread = max((float(np.max(np.abs(r[leaf] - rounds[0][leaf]), initial=0.0)) for r in rounds[1:]), default=0.0)
+        capped = cap and spread < SPREAD_IS_ROUNDING * worst
+        most = numerics.GRAD_REL_CAP * float(np.max(np.abs(f), initial=0.0))
+        out.append(min(margin * worst, most if capped else math.inf) if ok else 0.0)
+        if swamped is not None:
+            swamped.append(bool(ok and not capped and margin * worst > most))
     return out
 
 
