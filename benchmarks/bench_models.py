@@ -395,7 +395,7 @@ def loop_time(cost, params, args, calls):
     return (time.perf_counter() - t) * n / len(coords) + compile_s, float(f(th)), f, th
 
 
-def run_one(name, calls, torch_full, mode="full"):
+def run_one(name, calls, torch_full, mode="full", lean_only=False):
     load = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     with jax.enable_x64(True):
@@ -411,14 +411,17 @@ def run_one(name, calls, torch_full, mode="full"):
         warm = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         lean = lean_loop_time(cost, params, args, calls)
-        batched = batched_time(cost, params, args)
-        loop, j0, f, th = loop_time(cost, params, args, calls)
-        flops = f.lower(th).compile().cost_analysis()
-        flops = flops[0] if isinstance(flops, list) else flops
-        rate = gemm_rate()
-        counted = jaxpr_flops(jax.make_jaxpr(f)(th).jaxpr)
-        floor = 2 * n * max(float(flops["flops"]), counted) / rate
-    if torch_full is None:
+        if lean_only:  # the check against the lean loop only (--lean-only): the other columns are nan
+            batched = loop = floor = rate = j0 = float("nan")
+        else:
+            batched = batched_time(cost, params, args)
+            loop, j0, f, th = loop_time(cost, params, args, calls)
+            flops = f.lower(th).compile().cost_analysis()
+            flops = flops[0] if isinstance(flops, list) else flops
+            rate = gemm_rate()
+            counted = jaxpr_flops(jax.make_jaxpr(f)(th).jaxpr)
+            floor = 2 * n * max(float(flops["flops"]), counted) / rate
+    if torch_full is None or lean_only:
         t_torch, torch_note = None, "skipped (--no-torch)"
     else:
         t_torch, torch_note = run_torch(name, params, args, calls, torch_full, j0)
@@ -508,9 +511,10 @@ def main():
     ap.add_argument("--torch-full", type=int, default=4000, help="run gradcheck in full when 2n is at most this")
     ap.add_argument("--no-torch", action="store_true", help="skip torch gradcheck")
     ap.add_argument("--mode", default="full", help="check_grad's mode (default full: every entry, as the loops)")
+    ap.add_argument("--lean-only", action="store_true", help="the check and the lean loop only (no host loop, floor)")
     a = ap.parse_args()
     if a.model:
-        row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full, a.mode)
+        row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full, a.mode, a.lean_only)
         print(table([row]))
         print(f"torch: {row['torch_note']}; GEMM rate {row['gflops']:.1f} GFLOP/s; {row['evaluations']:,} evaluations")
         print("JSON " + json.dumps(row))
@@ -523,6 +527,7 @@ def main():
         for m in a.models.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--model", m, "--loop-calls", str(a.loop_calls)]
             cmd += ["--torch-full", str(a.torch_full), "--mode", a.mode] + (["--no-torch"] if a.no_torch else [])
+            cmd += ["--lean-only"] if a.lean_only else []
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("JSON ")]
             if not lines:

@@ -19,6 +19,7 @@ Usage:
   python benchmarks/bench_programs.py --model transformer
   python benchmarks/bench_programs.py --model gru --warm 1
   python benchmarks/bench_programs.py --model gru --ab CPU_MAX_CHUNK=512,128 --repeats 3
+  python benchmarks/bench_programs.py --model cnn --ab LEAN+TIER_UP=0,1 --repeats 3
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def report(title: str, total: float) -> str:
 def clear_caches() -> None:
     """JAX's compiled programs and the engine's plans, strategies, speeds and chunk sizes."""
     jax.clear_caches()
-    for name in ("_PLANS", "_CHOSEN", "_RACED", "_DROPPED", "_CHUNKS", "_SPEED", "_MEASURED"):
+    for name in ("_PLANS", "_CHOSEN", "_RACED", "_DROPPED", "_CHUNKS", "_SPEED", "_MEASURED", "_TIERED_UP"):
         getattr(engine_mod, name).clear()
 
 
@@ -170,8 +171,9 @@ def ab(model: str, name: str, values: list[str], repeats: int) -> None:
         got = collections.defaultdict(list)
         for r in range(repeats):
             for v in values:
-                kind = type(getattr(engine_mod, name))
-                setattr(engine_mod, name, v in ("1", "true", "True") if kind is bool else kind(v))
+                for n in name.split("+"):  # NAME+NAME2=...: several constants set to each value
+                    kind = type(getattr(engine_mod, n))
+                    setattr(engine_mod, n, v in ("1", "true", "True") if kind is bool else kind(v))
                 clear_caches()
                 t, c = time.perf_counter(), time.process_time()
                 rep = jgradcheck.check_grad(cost, grad, params, *args, progress=False, mode="full")

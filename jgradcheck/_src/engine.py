@@ -158,13 +158,65 @@ def _group_delta_block_impl(program: Program, group: tuple[int, ...], consts, fl
 
 
 _STATIC = ("program", "group")
-_group_block = jax.jit(_group_block_impl, static_argnames=_STATIC)
-_group_delta_block = jax.jit(_group_delta_block_impl, static_argnames=_STATIC)
+# On a CPU, a group's program compiles without XLA:CPU's fusion emitters (``LEAN_COMPILE``)
+# unless the cost has a loop (``_has_loop``); elsewhere, and with loops, with XLA's defaults
+# (``_fused``). Per program of ``benchmarks/bench_models.py`` (2-core CPU, 2026-12-02, process
+# CPU time of the compilation, fastest of 9 runs; ``benchmarks/results_compile.md``): 15-45%
+# less compile time on the 15 programs of a transformer block, a CNN and an MLP, run time
+# within +-5% (the CNN's second kernel 1.36x, at 25 us per evaluation); the scan GRU's program
+# compiled 27% faster but ran 1.7x slower.
+LEAN = True
+LEAN_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+_group_block = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=LEAN_COMPILE)
+_group_delta_block = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=LEAN_COMPILE)
+_group_block_fused = jax.jit(_group_block_impl, static_argnames=_STATIC)
+_group_delta_block_fused = jax.jit(_group_delta_block_impl, static_argnames=_STATIC)
 # Groups whose evaluations are estimated under ``QUICK_SECONDS`` in all (multiply-adds at
-# ``WORK_RATE``) compile with ``QUICK_COMPILE``: there the compilation is most of their cost.
+# ``WORK_RATE``) compile with ``QUICK_COMPILE`` (on a CPU, also without the fusion emitters:
+# 0.11-0.37 s against 0.30-1.03 s for the quick programs above, 1.0-1.6x their run time):
+# there the compilation is most of their cost.
 QUICK_SECONDS = 0.1
-_group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE)
-_group_delta_block_quick = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE)
+_QUICK_CPU = {**QUICK_COMPILE, **LEAN_COMPILE}
+_group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=_QUICK_CPU)
+_group_delta_block_quick = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=_QUICK_CPU)
+_group_block_quick_fused = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE)
+_group_delta_block_quick_fused = jax.jit(
+    _group_delta_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE
+)
+# A call that started on a ``QUICK_COMPILE`` program moves to the optimized one (``_tier_up``)
+# when its quick evaluations left, timed on its second block, would take longer than
+# compiling the optimized program is estimated to cost, once ``TIER_SAVES`` of them is saved:
+# the optimized program is estimated to compile ``TIER_COMPILE_RATIO`` times as long as the
+# quick one did (its first block, less that block's evaluations at the timed speed) and to
+# run ``1 - TIER_SAVES`` of the quick one's time. Measured on the engine's programs of
+# ``benchmarks/bench_models.py`` (2-core CPU, 2026-12-02, ``benchmarks/results_compile.md``):
+# optimized / quick compile time 1.3-2.6 over ten programs; run time saved 14-45% on a
+# transformer's attention and whole-cost programs, 66% on a scan GRU's, 79-82% on a CNN's
+# second kernel and dense layer (quick: 125 and 29 us per evaluation, optimized 22 and 6).
+TIER_UP = True
+TIER_COMPILE_RATIO = 2.0
+TIER_SAVES = 0.5
+# (program, group, strategy, devices) whose calls moved to the optimized program: later calls
+# (second looks, warm checks) start there.
+_TIERED_UP: dict[Any, bool] = {}
+
+
+def _has_loop(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (open) runs a ``scan`` or ``while`` loop, in any nested jaxpr."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("scan", "while"):
+            return True
+        if any(_has_loop(compat.open_jaxpr(sub)[0]) for sub in compat.subjaxprs(eqn.params)):
+            return True
+    return False
+
+
+def _tier_up(per_eval: float, first_block: float, block_evals: int, left: int) -> bool:
+    """Whether a call on a quick program, timed at ``per_eval`` seconds per evaluation on its
+    second block (its first, of ``block_evals`` evaluations, took ``first_block`` seconds with
+    the compilation), should compile the optimized program for its ``left`` evaluations."""
+    compile_quick = max(first_block - per_eval * block_evals, 0.0)
+    return TIER_SAVES * left * per_eval > TIER_COMPILE_RATIO * compile_quick
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
@@ -489,6 +541,7 @@ class Engine:
         self.consts = [rep(c) for c in self.program.consts]
         self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
+        self._loop_in: bool | None = None  # whether the cost has a loop (``_has_loop``)
         self._lock = _LOCK  # also guards the module-level caches, shared by every engine
 
     def _replicated(self, x):
@@ -719,7 +772,11 @@ class Engine:
         self, group: tuple[int, ...], strategy: str, idx: np.ndarray, vals: np.ndarray, progress: Any
     ) -> np.ndarray:
         """J at the perturbations ``idx``/``vals`` of ``group`` by ``strategy`` ("delta" or
-        "vmap"), in blocks of the group's compiled program."""
+        "vmap"), in blocks of the group's compiled program.
+
+        A group estimated cheap (``_quick``) starts on its ``QUICK_COMPILE`` program; its
+        second block is timed, and the rest of the call moves to the optimized program when
+        the clock says that pays (``_tier_up``)."""
         count = int(idx.shape[0])
         if count == 0:
             return np.zeros((0,), np.float64)
@@ -728,49 +785,86 @@ class Engine:
         group_bytes = sum(int(x.size) for x in leaves) * dtype.itemsize
         chunk = self._chunk(group, strategy, count, group_bytes if strategy == "vmap" else 0)
         # Blocks of a fixed shape per chunk size; the last computes only the chunks it needs.
+        tier_key = (self.program, group, strategy, len(self.devices))
         quick = self._quick(group, strategy)
+        if quick:
+            with self._lock:
+                quick = tier_key not in _TIERED_UP
         per_block = 1 if quick else max(1, BLOCK_EVALS // chunk)
         n_blocks = math.ceil(count / (per_block * chunk))
         padded = per_block * chunk * n_blocks
         first = np.asarray(leaves[0]).reshape(-1)[:1].astype(dtype)
-        idx = np.concatenate([np.asarray(idx, np.int32), np.zeros(padded - count, np.int32)])
-        vals = np.concatenate([np.asarray(vals, dtype), np.repeat(first, padded - count)])
-        idx = idx.reshape(n_blocks, per_block, chunk)
-        vals = vals.reshape(n_blocks, per_block, chunk)
-        if strategy == "delta":
-            block = _group_delta_block_quick if quick else _group_delta_block
-        else:
-            block = _group_block_quick if quick else _group_block
+        idx_p = np.concatenate([np.asarray(idx, np.int32), np.zeros(padded - count, np.int32)])
+        vals_p = np.concatenate([np.asarray(vals, dtype), np.repeat(first, padded - count)])
+        idx_p = idx_p.reshape(n_blocks, per_block, chunk)
+        vals_p = vals_p.reshape(n_blocks, per_block, chunk)
+        block = self._program_for(strategy, quick)
         outs: list[Any] = []
-        started = 0.0
+        begun = _clock()
+        started = first_block = 0.0
+        rest = None
         for b in range(n_blocks):
             left = count - b * per_block * chunk
             if b == 1:  # the program is compiled once the first block is done: time the rest
                 outs[0].block_until_ready()
                 started = _clock()
+                first_block = started - begun
+            if b == 2 and quick and TIER_UP:
+                outs[1].block_until_ready()
+                per_eval = (_clock() - started) / (per_block * chunk)
+                if _tier_up(per_eval, first_block, per_block * chunk, left):
+                    with self._lock:
+                        _remember(_TIERED_UP, tier_key, True)
+                    # The whole call again on the optimized program: the two programs may
+                    # round differently, and J(θ + h) and J(θ - h) of one entry (in the two
+                    # halves of a call) must come from one of them.
+                    rest = self._blocks(group, strategy, idx, vals, _Capped(progress, left))
+                    break
             out = block(
                 self.program,
                 group,
                 self.consts,
                 self.flat,
-                self._sharded(idx[b]),
-                self._sharded(vals[b]),
+                self._sharded(idx_p[b]),
+                self._sharded(vals_p[b]),
                 np.int32(min(per_block, math.ceil(left / chunk))),
             )
             if progress.enabled:
                 out.block_until_ready()
             progress.update(min(per_block * chunk, left))
             outs.append(out)
-        if n_blocks > 1:
+        timed = len(outs) > 1 and rest is None  # a tier-up recorded its own program's speed
+        if timed:
             outs[-1].block_until_ready()
             speed = (_clock() - started) / (count - per_block * chunk)
         with self._lock:
-            if n_blocks > 1:
+            if timed:
                 _remember(_SPEED, (self.program, group, strategy, len(self.devices)), speed)
-            self.evaluations += count
+            self.evaluations += sum(min(per_block * chunk, count - b * per_block * chunk) for b in range(len(outs)))
             for g in group:
                 self.ran[g] = strategy
+        if rest is not None:
+            return rest
         return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
+
+    def _program_for(self, strategy: str, quick: bool) -> Any:
+        """The jitted block function of ``strategy`` at the tier ``quick`` (``QUICK_SECONDS``) or
+        optimized; on a CPU, for a cost without loops, compiled with ``LEAN_COMPILE`` too."""
+        delta = strategy == "delta"
+        lean = LEAN and self.devices[0].platform == "cpu" and not self._has_loop()
+        if quick and lean:
+            return _group_delta_block_quick if delta else _group_block_quick
+        if quick:
+            return _group_delta_block_quick_fused if delta else _group_block_quick_fused
+        if lean:
+            return _group_delta_block if delta else _group_block
+        return _group_delta_block_fused if delta else _group_block_fused
+
+    def _has_loop(self) -> bool:
+        """Whether the cost runs a ``scan`` or ``while`` loop (in any nested jaxpr)."""
+        if self._loop_in is None:
+            self._loop_in = _has_loop(self.program.jaxpr)
+        return self._loop_in
 
     def _loop(self, group: tuple[int, ...], idx: np.ndarray, vals: np.ndarray, progress: Progress) -> np.ndarray:
         """The ``"loop"`` strategy: J compiled alone, called once per perturbation. Every float
