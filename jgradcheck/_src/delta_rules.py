@@ -221,14 +221,16 @@ def _scan_rule(eqn, scan: compat.ScanParams, bases, ds):
             xs.append(folded(b, d))
             xs_slabs.append(None)
     carry_types = [v.aval.dtype for v in eqn.outvars[:n_carry]]
+    # What differs per perturbation inside the body (``delta._eval_folding``): the carry, and
+    # the constants and inputs whose change was folded in.
     moving_consts = [b for (b, d), d0 in zip(consts, consts_d) if d0 is not None and d is None]
-    moving_xs = [b for b, s, d in zip(xs, xs_slabs, xs_d) if s is None and d is not None]
+    xs_moving = [s is None and d is not None for s, d in zip(xs_slabs, xs_d)]
 
     def step(carry, x):
         x_vals, x_slabs = x
         x_ds = [None if s is None else Slab(s[0], s[1], v) for s, v in zip(xs_slabs, x_slabs)]
         moving = {id(v): v for v in [*carry, *moving_consts]}
-        moving.update((id(v), v) for v, b in zip(x_vals, xs) if any(b is m for m in moving_xs))
+        moving.update((id(v), v) for v, m in zip(x_vals, xs_moving) if m)
         token = _FOLD.set(moving)
         try:
             outs = eval_delta(
