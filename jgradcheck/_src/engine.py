@@ -406,7 +406,7 @@ def _dense_work(trace: Any, flat: Sequence[Any], group: Sequence[int]) -> tuple[
     else:
         out = (w, any(e.primitive.name in ("scan", "while") for e, _ in log), log, grouped)
     with _MEASURED_LOCK:
-        _remember(_MEASURED, key, (trace, out))  # the trace kept alive: its id stays its own
+        remember(_MEASURED, key, (trace, out))  # the trace kept alive: its id stays its own
     return out
 
 
@@ -422,8 +422,10 @@ _CHOSEN: dict[Any, tuple[str, float]] = {}
 # re-evaluation (``_race``), or "grouped" (``delta.grouped_work``, ``Engine.strategy_for``).
 _RACED: dict[Any, bool] = {}
 _DROPPED: dict[Any, str] = {}
-# Guards each engine's state and the caches below (checks may run in several of your threads).
-_LOCK = threading.Lock()
+# Guards each engine's state and the caches below (checks may run in several of your threads),
+# and other modules' caches of compiled programs (``vector.py``).
+PROGRAM_LOCK = threading.Lock()
+_LOCK = PROGRAM_LOCK  # the name other modules imported first
 # Chunk sizes each (program, group, strategy, devices, chunk option) was compiled with.
 _CHUNKS: dict[Any, set[int]] = {}
 # Seconds per evaluation measured on blocks that ran after their program was compiled, by
@@ -432,11 +434,14 @@ _CHUNKS: dict[Any, set[int]] = {}
 _SPEED: dict[Any, float] = {}
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any, most: int = 256) -> None:
+def remember(cache: dict[Any, Any], key: Any, value: Any, most: int = 256) -> None:
     """``cache[key] = value``, dropping the oldest entry past ``most``."""
     if key not in cache and len(cache) >= most:
         cache.pop(next(iter(cache)))
     cache[key] = value
+
+
+_remember = remember  # the name other modules imported first
 
 
 class _Capped:
@@ -542,7 +547,7 @@ class Engine:
         self.flat = jax.tree_util.tree_leaves(inputs)
         self.evaluations = 0
         self._loop_in: bool | None = None  # whether the cost has a loop (``_has_loop``)
-        self._lock = _LOCK  # also guards the module-level caches, shared by every engine
+        self._lock = PROGRAM_LOCK  # also guards the module-level caches, shared by every engine
 
     def _replicated(self, x):
         if self.mesh is None:
@@ -587,9 +592,9 @@ class Engine:
                 dense = w >= DENSE_REEVAL * total and not loops
                 if not dense and grouped > grouped_work(self.trace.jaxpr, group):
                     # A rule made a grouped convolution whole re-evaluation does not have: dropped.
-                    _remember(_DROPPED, (self.program, group), "grouped")
+                    remember(_DROPPED, (self.program, group), "grouped")
                     dense = True
-                _remember(_CHOSEN, key, ("vmap", total) if dense else ("delta", w))
+                remember(_CHOSEN, key, ("vmap", total) if dense else ("delta", w))
             strategy, self._work[group] = _CHOSEN[key]
             why = _DROPPED.get((self.program, group))
             if why is not None:
@@ -727,8 +732,8 @@ class Engine:
         rest = count - 2 * chunk
         if rest * per_delta <= GUARD_SECONDS or not self._suspect(per_delta):
             with self._lock:
-                _remember(_RACED, key, True)
-                _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
+                remember(_RACED, key, True)
+                remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
             return np.concatenate(
                 [first, second, self._blocks(group, "delta", idx[2 * chunk :], vals[2 * chunk :], progress)]
             )
@@ -741,13 +746,13 @@ class Engine:
         per_whole = max(_clock() - started, 0.0) / chunk_v
         dropped = SWITCH_MARGIN * (count - 2 * chunk_v) * per_whole < rest * per_delta
         with self._lock:
-            _remember(_RACED, key, True)
-            _remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
-            _remember(_SPEED, (self.program, group, "vmap", len(self.devices)), per_whole)
+            remember(_RACED, key, True)
+            remember(_SPEED, (self.program, group, "delta", len(self.devices)), per_delta)
+            remember(_SPEED, (self.program, group, "vmap", len(self.devices)), per_whole)
             self.timed[group] = (per_delta, per_whole)
             if dropped:
-                _remember(_DROPPED, (self.program, group), "timed")
-                _remember(_CHOSEN, (self.program, group, DENSE_REEVAL), ("vmap", self.total_work))
+                remember(_DROPPED, (self.program, group), "timed")
+                remember(_CHOSEN, (self.program, group, DENSE_REEVAL), ("vmap", self.total_work))
                 self._work[group] = self.total_work
                 self.dropped.update(dict.fromkeys(group, "timed"))
         if not dropped:
@@ -814,7 +819,7 @@ class Engine:
                 per_eval = (_clock() - started) / (per_block * chunk)
                 if _tier_up(per_eval, first_block, per_block * chunk, left):
                     with self._lock:
-                        _remember(_TIERED_UP, tier_key, True)
+                        remember(_TIERED_UP, tier_key, True)
                     # The whole call again on the optimized program: the two programs may
                     # round differently, and J(θ + h) and J(θ - h) of one entry (in the two
                     # halves of a call) must come from one of them.
@@ -839,7 +844,7 @@ class Engine:
             speed = (_clock() - started) / (count - per_block * chunk)
         with self._lock:
             if timed:
-                _remember(_SPEED, (self.program, group, strategy, len(self.devices)), speed)
+                remember(_SPEED, (self.program, group, strategy, len(self.devices)), speed)
             self.evaluations += sum(min(per_block * chunk, count - b * per_block * chunk) for b in range(len(outs)))
             for g in group:
                 self.ran[g] = strategy
