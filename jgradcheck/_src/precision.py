@@ -284,22 +284,29 @@ def _measure(
             ]
         with compat.enable_x64(wide64):
             rounds.append(grads([jnp.asarray(f) for f in floats], low_args))
-    out = []
+    stats = []
     for leaf, f in enumerate(fine):
         diffs = [np.abs(f - r[leaf]) for r in rounds]
-        ok = np.all(np.isfinite(f)) and all(np.all(np.isfinite(d)) for d in diffs)
+        ok = bool(np.all(np.isfinite(f)) and all(np.all(np.isfinite(d)) for d in diffs))
+        worst = max(float(np.max(d, initial=0.0)) for d in diffs)
+        spread = max((float(np.max(np.abs(r[leaf] - rounds[0][leaf]), initial=0.0)) for r in rounds[1:]), default=0.0)
         # Never more than numerics.GRAD_REL_CAP of the leaf's largest entry: a float32 gradient off by
         # more is not rounding (a cost whose float32 and float64 runs differ in kind: other random
-        # masks, another branch), and must not widen the tolerance that far.
-        worst = max(float(np.max(d, initial=0.0)) for d in diffs)
-        # A low run that moves by as much as it differs when θ moves by one of its ulps is rounding,
-        # however large against the gradient (a float32 gradient at a float32 minimum): not capped.
-        spread = max((float(np.max(np.abs(r[leaf] - rounds[0][leaf]), initial=0.0)) for r in rounds[1:]), default=0.0)
-        capped = cap and spread < SPREAD_IS_ROUNDING * worst
+        # masks, another branch), and must not widen the tolerance that far ...
         most = numerics.GRAD_REL_CAP * float(np.max(np.abs(f), initial=0.0))
-        out.append(min(margin * worst, most if capped else math.inf) if ok else 0.0)
+        stats.append((ok, worst, most, ok and worst * margin > most and spread >= SPREAD_IS_ROUNDING * worst))
+    # ... unless the low runs are rounding throughout: a low run that moves by as much as it differs
+    # when θ moves by one of its ulps (masks and branches do not move so). Rounding throughout is a
+    # property of the point (a float32 minimum, where every residual is rounding), so a leaf whose
+    # low gradient happens to round alike at the moves (one reading of data rounding) is not capped
+    # either once another leaf shows it.
+    point = cap and any(s[3] for s in stats)
+    out = []
+    for ok, worst, most, _ in stats:
+        uncapped = not cap or point
+        out.append(min(margin * worst, math.inf if uncapped else most) if ok else 0.0)
         if swamped is not None:
-            swamped.append(bool(ok and not capped and margin * worst > most))
+            swamped.append(bool(ok and point and margin * worst > most))
     return out
 
 
