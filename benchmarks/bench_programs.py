@@ -158,7 +158,17 @@ def report(title: str, total: float) -> str:
 def clear_caches() -> None:
     """JAX's compiled programs and the engine's plans, strategies, speeds and chunk sizes."""
     jax.clear_caches()
-    for name in ("_PLANS", "_CHOSEN", "_RACED", "_DROPPED", "_CHUNKS", "_SPEED", "_MEASURED", "_TIERED_UP"):
+    for name in (
+        "_PLANS",
+        "_CHOSEN",
+        "_RACED",
+        "_DROPPED",
+        "_CHUNKS",
+        "_SPEED",
+        "_MEASURED",
+        "_TIERED_UP",
+        "_QUICK_FIRST",
+    ):
         getattr(engine_mod, name).clear()
 
 

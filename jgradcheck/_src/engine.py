@@ -199,6 +199,9 @@ TIER_SAVES = 0.5
 # (program, group, strategy, devices) whose calls moved to the optimized program: later calls
 # (second looks, warm checks) start there.
 _TIERED_UP: dict[Any, bool] = {}
+# Seconds of the first block of a quick program, compilation included, by (that key, chunk):
+# measured on its first call; later calls compile nothing and weigh this one.
+_QUICK_FIRST: dict[Any, float] = {}
 
 
 def _has_loop(jaxpr: Any) -> bool:
@@ -813,7 +816,7 @@ class Engine:
             if b == 1:  # the program is compiled once the first block is done: time the rest
                 outs[0].block_until_ready()
                 started = _clock()
-                first_block = started - begun
+                first_block = self._first_block(tier_key, chunk, started - begun, quick)
             if b == 2 and quick and TIER_UP:
                 outs[1].block_until_ready()
                 per_eval = (_clock() - started) / (per_block * chunk)
@@ -838,6 +841,9 @@ class Engine:
                 out.block_until_ready()
             progress.update(min(per_block * chunk, left))
             outs.append(out)
+        if len(outs) == 1 and quick:
+            outs[0].block_until_ready()
+            self._first_block(tier_key, chunk, _clock() - begun, quick)
         timed = len(outs) > 1 and rest is None  # a tier-up recorded its own program's speed
         if timed:
             outs[-1].block_until_ready()
@@ -851,6 +857,17 @@ class Engine:
         if rest is not None:
             return rest
         return np.concatenate([_to_host(o).reshape(-1) for o in outs])[:count]
+
+    def _first_block(self, tier_key: Any, chunk: int, seconds: float, quick: bool) -> float:
+        """Seconds of the first block of the quick program of ``tier_key`` at ``chunk``, the
+        compilation included: as measured on its first call (``seconds`` then), remembered, as
+        later calls find it compiled (``_tier_up`` weighs the compilation it measured)."""
+        if not quick:
+            return seconds
+        with self._lock:
+            if (tier_key, chunk) not in _QUICK_FIRST:
+                remember(_QUICK_FIRST, (tier_key, chunk), seconds)
+            return _QUICK_FIRST[(tier_key, chunk)]
 
     def _program_for(self, strategy: str, quick: bool) -> Any:
         """The jitted block function of ``strategy`` at the tier ``quick`` (``QUICK_SECONDS``) or
