@@ -79,7 +79,7 @@ def _advice(causes: set[str], problem, opts, leaf: int | None = None) -> str:
             "(J at an exact minimum, e.g. trained to zero loss, where every residual is 0): check at "
             "another point too, at initialization or before training converges"
         )
-    if "noise" in causes:
+    if "noise" in causes or "section" in causes:
         if narrow:
             wider = "float64" if narrow.startswith("float32") else "float32 or wider"
             tips.append(
@@ -208,7 +208,10 @@ def build_report(
         # (The leaf's own scale, yours and numerical alike, is below its largest error bound: after
         # training, a saturated layer's weights next to a bias of gradient ~1.)
         own = max(_scale(c.numerical[compared]), _scale(gi[compared]))
-        zero = bool(compared.any()) and own <= float(np.max(fd[compared]))
+        # Not where a measured rounding (an exact minimum, a narrow section: estimate.check_entries)
+        # set the bound: that leaf's gradient is not 0, it is not resolved.
+        measured = c.cause.size > 0 and bool(np.isin(c.cause[compared], ("rounding", "section")).any())
+        zero = bool(compared.any()) and own <= float(np.max(fd[compared])) and not measured
         if zero:
             scale = max(scale, global_scale)
         unresolved = (c.status == "ok") & ~(fd <= numerics.RESOLUTION_BOUND * scale)

@@ -561,14 +561,24 @@ def check_entries(
     if failed.size:
         # A float64 gradient near 0 is defined only to the rounding of the terms it sums (an exact
         # minimum): measured once, and only where something fails (precision.measured_check_rounding).
-        extra = precision.entry_check_rounding(problem, group, idx[failed])
+        # So is a gradient through a narrow section (a float32 softmax) to the section's rounding of
+        # its terms (precision.measured_section_rounding): that one says "compute it wider".
+        check = precision.entry_check_rounding(problem, group, idx[failed])
+        section = precision.entry_section_rounding(problem, group, idx[failed])
+        narrow_f = np.flatnonzero(section > 0)
+        if narrow_f.size:  # what the section did to J's differences, entry by entry
+            f = failed[narrow_f]
+            wide_d = precision.section_differences(problem, group, idx[f], theta[f], step[f])
+            bent = np.abs(numerical[f] - wide_d)
+            section[narrow_f] += np.where(np.isfinite(bent), bent, 0.0)
+        extra = np.maximum(check, section)
         tol[failed] += extra
         fd_tol[failed] += extra
         with np.errstate(invalid="ignore"):
             ok = np.isfinite(g[failed]) & np.isfinite(numerical[failed])
             ok &= np.abs(g[failed] - numerical[failed]) <= tol[failed]
         status[failed[ok]] = "ok"
-        cause[failed[ok]] = "rounding"
+        cause[failed[ok]] = np.where(section[ok] > check[ok], "section", "rounding")
     # A gradient in your dtype that is rounding throughout limits what can be seen as the differences'
     # own error does (precision.entry_swamped_rounding): the report calls such a leaf inconclusive.
     swamp = precision.entry_swamped_rounding(problem, group, idx, g_eps)

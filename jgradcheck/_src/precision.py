@@ -17,6 +17,7 @@ than it is, which only makes the step larger), never blind to a cast inside a lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -197,6 +198,118 @@ CHECK_DRAWS = 4
 # A low-precision gradient that moves, over one-ulp moves of θ, by at least this fraction of its
 # difference from float64 is rounding throughout: that difference is not capped (see ``_measure``).
 SPREAD_IS_ROUNDING = 0.25
+
+
+def measured_section_rounding(problem: Any) -> tuple[float, ...]:
+    """Per float leaf whose path to J narrows (a float32 softmax in a float64 check): how far a
+    gradient of J through that section, and J's differences, may be off by the section's
+    rounding, measured; 0 for the other leaves, or where it cannot be measured.
+
+    2 × ``GRAD_ROUNDING_MARGIN`` × the leaf's largest difference between ``jax.grad`` of the cost
+    as written and of the same cost with its narrowing casts widened (``promote.casts_widened``):
+    once for a gradient through the section (yours), once for the differences of J through it.
+
+    Why: the section rounds at its own epsilon whatever the check's dtype, relative to the terms
+    it carries, not to the gradient. At an extreme scale they are far apart:
+    ``jax.nn.dot_product_attention`` with weights ×30 (J = 4.5e5) saturates its float32 softmax,
+    and a key weight's gradient through it came out 2.6e-3 where the same attention in float64 has
+    5.3e-4, and the central differences of J through it -2.4e-3: the check failed a correct
+    gradient at 640× the tolerance built on the gradient's size. At scale 1 the two gradients
+    differ by ~eps32 of the terms: nothing a 1% error hides behind.
+    """
+    cached = problem.__dict__.get("_section_rounding")
+    if cached is None:
+        pp = path_precision(problem)
+        base = numerics.machine_eps(problem.dtype)
+        narrow = {i for i, e in enumerate(pp.eps) if e > base}
+        cached = (0.0,) * len(problem.floats)
+        if narrow:
+            try:
+                cached = tuple(_section_error(problem, narrow))
+            except Exception:  # a cost jax.grad or promote.py cannot take: the size-relative floors apply
+                pass
+        problem.__dict__["_section_rounding"] = cached
+    return cached
+
+
+def _section_error(problem: Any, leaves: set[int]) -> list[float]:
+    from jgradcheck._src import promote  # promote imports compat only; kept local like run_compiled
+    from jgradcheck._src.vector import run_compiled  # vector imports the check, which imports this
+
+    def cost(fl: list[Any], af: list[Any]) -> Any:
+        args = problem.args_layout.merge(af, problem.arg_arrays)
+        return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+
+    floats, arg_floats = list(problem.floats), list(problem.arg_floats)
+    with compat.enable_x64(jnp.dtype(problem.dtype).itemsize > 4):
+        written = run_compiled(jax.grad(cost), floats, arg_floats)
+        wide = promote.widened(cost, floats, arg_floats)
+        with promote.casts_widened():
+            widened = run_compiled(jax.grad(wide), floats, arg_floats)
+    out = []
+    for i, (a, b) in enumerate(zip(written, widened)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        ok = i in leaves and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        out.append(2 * GRAD_ROUNDING_MARGIN * float(np.max(np.abs(a - b), initial=0.0)) if ok else 0.0)
+    return out
+
+
+# At most this many failing entries of a leaf with a narrow path get central differences of the
+# cost with its casts widened (``section_differences``): one call of that cost per point.
+SECTION_ENTRIES = 256
+
+
+def section_differences(
+    problem: Any, group: tuple[int, ...], idx: np.ndarray, theta: np.ndarray, h: np.ndarray
+) -> np.ndarray:
+    """Per entry: the central difference over ±h of the cost with its narrowing casts widened
+    (``promote.casts_widened``), at the same points as the check's; NaN where it cannot be run.
+
+    The difference between it and the check's own is what the narrow section did to J's
+    differences at that entry (near a float32 softmax's saturation, its quantization steps look
+    like kinks and bend the differences by as much as the gradient).
+    """
+    k = int(np.asarray(idx).size)
+    out = np.full(k, np.nan)
+    if k == 0 or k > SECTION_ENTRIES:
+        return out
+    from jgradcheck._src import promote
+
+    def cost(fl: list[Any], af: list[Any]) -> Any:
+        args = problem.args_layout.merge(af, problem.arg_arrays)
+        return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+
+    floats, arg_floats = list(problem.floats), list(problem.arg_floats)
+    sizes = np.cumsum([int(problem.floats[i].size) for i in group])
+    try:
+        with compat.enable_x64(jnp.dtype(problem.dtype).itemsize > 4):
+            wide = promote.widened(cost, floats, arg_floats)
+
+            @functools.partial(jax.jit, static_argnums=1)
+            def at(leaf_flat: Any, which: int, pos: Any, value: Any) -> Any:
+                moved = list(leaf_flat)
+                moved[which] = moved[which].reshape(-1).at[pos].set(value).reshape(moved[which].shape)
+                return wide(moved, arg_floats)
+
+            with promote.casts_widened():
+                for j, (i, t, s) in enumerate(zip(np.asarray(idx), theta, h)):
+                    g = int(np.searchsorted(sizes, i, side="right"))
+                    pos = int(i - (sizes[g] - problem.floats[group[g]].size))
+                    leaf = group[g]
+                    dtype = np.asarray(problem.host(leaf)).dtype
+                    plus, minus = (np.asarray(t + o * s, np.float64).astype(dtype) for o in (1, -1))
+                    jp = float(at(floats, leaf, pos, plus))
+                    jm = float(at(floats, leaf, pos, minus))
+                    out[j] = (jp - jm) / (float(plus) - float(minus))
+    except Exception:  # a cost promote.py cannot rebuild: the measured gradient floor alone applies
+        return np.full(k, np.nan)
+    return out
+
+
+def entry_section_rounding(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
+    """Per entry of a group's concatenated leaves: ``measured_section_rounding`` of its leaf."""
+    measured = measured_section_rounding(problem)
+    return np.asarray([measured[i] for i in group], np.float64)[leaf_of(problem, group, idx)]
 
 
 def measured_check_rounding(problem: Any) -> tuple[float, ...]:

@@ -26,6 +26,7 @@ equation's rounding.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,6 +117,22 @@ def _wide_params(params: dict[str, Any]) -> dict[str, Any]:
             except TypeError:
                 pass
     return out
+
+
+# Whether your narrowing casts round as written (the default) or are widened too (``casts_widened``).
+_KEEP_CASTS: contextvars.ContextVar[bool] = contextvars.ContextVar("jgradcheck_keep_casts", default=True)
+
+
+@contextlib.contextmanager
+def casts_widened() -> Any:
+    """Within it, ``run_jaxpr`` widens narrowing casts too (``jax.nn.dot_product_attention``'s
+    float32 softmax runs in float64): the cost as it would be with no narrow section, to measure
+    what such a section does to a gradient (``precision.measured_section_rounding``)."""
+    token = _KEEP_CASTS.set(False)
+    try:
+        yield
+    finally:
+        _KEEP_CASTS.reset(token)
 
 
 def _narrowing(eqn: Any) -> bool:
@@ -284,7 +301,7 @@ def run_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[An
             # A body this module does not rebuild (custom_linear_solve, shard_map, ...): the
             # equation runs as you run it, in its own dtypes (right, if only as fine as those).
             out = _as_written(eqn, vals)
-        elif name in _AS_WRITTEN or (name == "convert_element_type" and _narrowing(eqn)):
+        elif name in _AS_WRITTEN or (name == "convert_element_type" and _narrowing(eqn) and _KEEP_CASTS.get()):
             out = _as_written(eqn, vals)
         else:
             try:
