@@ -83,6 +83,7 @@ def tiered(monkeypatch):
     monkeypatch.setattr(engine, "TIER_UP", True)
     monkeypatch.setattr(engine, "_TIERED_UP", {})
     monkeypatch.setattr(engine, "_QUICK_FIRST", {})
+    monkeypatch.setattr(engine, "_QUICK_SPENT", {})
     jax.clear_caches()
 
 
@@ -100,6 +101,8 @@ def test_the_rule_weighs_the_quick_time_left_against_compiling_the_optimized_pro
     # A first block no slower than the others: compiling was free, any time left pays.
     assert engine._tier_up(per_eval=1e-3, first_block=0.05, block_evals=100, left=1)
     assert not engine._tier_up(per_eval=1e-3, first_block=1.1, block_evals=100, left=0)
+    # 3,000 left, and 1.5 s of quick running in earlier calls: (3 + 1.5) / 2 s saved > 2 s: move.
+    assert engine._tier_up(per_eval=1e-3, first_block=1.1, block_evals=100, left=3_000, spent=1.5)
 
 
 def test_a_slow_quick_program_moves_to_the_optimized_one_and_none_of_its_values_count(tiered, monkeypatch):
@@ -150,6 +153,17 @@ def test_a_quick_program_whose_compilation_outweighs_its_run_stays(tiered, monke
     # Warm, its first block compiles nothing: the compilation weighed is the one measured then.
     assert _check().passed
     assert machine.calls["optimized"] == 0 and engine._TIERED_UP == {}
+
+
+def test_a_group_checked_again_moves_once_its_quick_time_adds_up(tiered, monkeypatch):
+    # Compiled in 1 s, 0.12 s per block of 4: the first call's 24 blocks left (2.9 s, 1.4 s
+    # saved) do not pay for 2 s of compiling; with that call's 3.1 s of quick running counted,
+    # the second check's do.
+    machine = _Machine(monkeypatch, compile_s=1.0, quick_s=0.12)
+    assert _check().passed
+    assert machine.calls["optimized"] == 0 and engine._TIERED_UP == {}
+    assert _check().passed
+    assert machine.calls["optimized"] >= 1 and len(engine._TIERED_UP) == 1
 
 
 def test_without_tiers_a_quick_group_stays_quick(tiered, monkeypatch):

@@ -184,7 +184,8 @@ _group_delta_block_quick_fused = jax.jit(
     _group_delta_block_impl, static_argnames=_STATIC, compiler_options=QUICK_COMPILE
 )
 # A call that started on a ``QUICK_COMPILE`` program moves to the optimized one (``_tier_up``)
-# when its quick evaluations left, timed on its second block, would take longer than
+# when its quick evaluations left, timed on its second block (plus the quick program's run time
+# in earlier calls of the process), would take longer than
 # compiling the optimized program is estimated to cost, once ``TIER_SAVES`` of them is saved:
 # the optimized program is estimated to compile ``TIER_COMPILE_RATIO`` times as long as the
 # quick one did (its first block, less that block's evaluations at the timed speed) and to
@@ -202,6 +203,8 @@ _TIERED_UP: dict[Any, bool] = {}
 # Seconds of the first block of a quick program, compilation included, by (that key, chunk):
 # measured on its first call; later calls compile nothing and weigh this one.
 _QUICK_FIRST: dict[Any, float] = {}
+# Seconds the quick program of each key ran, over the calls timed in this process (``_tier_up``).
+_QUICK_SPENT: dict[Any, float] = {}
 
 
 def _has_loop(jaxpr: Any) -> bool:
@@ -214,12 +217,16 @@ def _has_loop(jaxpr: Any) -> bool:
     return False
 
 
-def _tier_up(per_eval: float, first_block: float, block_evals: int, left: int) -> bool:
+def _tier_up(per_eval: float, first_block: float, block_evals: int, left: int, spent: float = 0.0) -> bool:
     """Whether a call on a quick program, timed at ``per_eval`` seconds per evaluation on its
     second block (its first, of ``block_evals`` evaluations, took ``first_block`` seconds with
-    the compilation), should compile the optimized program for its ``left`` evaluations."""
+    the compilation), should compile the optimized program for its ``left`` evaluations.
+
+    ``spent``: seconds the quick program already ran in earlier calls of this process: a group
+    checked again (a warm check, a test suite's next case) is likely to be checked again, so
+    its past calls count as calls to come (as a JIT compiler's invocation counters do)."""
     compile_quick = max(first_block - per_eval * block_evals, 0.0)
-    return TIER_SAVES * left * per_eval > TIER_COMPILE_RATIO * compile_quick
+    return TIER_SAVES * (left * per_eval + spent) > TIER_COMPILE_RATIO * compile_quick
 
 
 @functools.partial(jax.jit, static_argnames=("program", "group"))
@@ -820,7 +827,9 @@ class Engine:
             if b == 2 and quick and TIER_UP:
                 outs[1].block_until_ready()
                 per_eval = (_clock() - started) / (per_block * chunk)
-                if _tier_up(per_eval, first_block, per_block * chunk, left):
+                with self._lock:
+                    spent = _QUICK_SPENT.get(tier_key, 0.0)
+                if _tier_up(per_eval, first_block, per_block * chunk, left, spent):
                     with self._lock:
                         remember(_TIERED_UP, tier_key, True)
                     # The whole call again on the optimized program: the two programs may
@@ -851,6 +860,8 @@ class Engine:
         with self._lock:
             if timed:
                 remember(_SPEED, (self.program, group, strategy, len(self.devices)), speed)
+                if quick:  # the quick program's run time in this process, for ``_tier_up``
+                    remember(_QUICK_SPENT, tier_key, _QUICK_SPENT.get(tier_key, 0.0) + speed * count)
             self.evaluations += sum(min(per_block * chunk, count - b * per_block * chunk) for b in range(len(outs)))
             for g in group:
                 self.ran[g] = strategy
