@@ -176,6 +176,10 @@ _group_delta_block_fused = jax.jit(_group_delta_block_impl, static_argnames=_STA
 # 0.11-0.37 s against 0.30-1.03 s for the quick programs above, 1.0-1.6x their run time):
 # there the compilation is most of their cost.
 QUICK_SECONDS = 0.1
+# Whether the quick programs drop the fusion emitters too (a cost without loops, on a CPU). In
+# one process, 3 alternating runs each (2026-12-02, load 2.6-3.5, ``results_compile.md``):
+# 41k MLP cold CPU 3.19 -> 2.90 s, warm 1.13 -> 1.06 s; CNN cold 5.15 -> 4.37 s, warm 1.30 -> 1.11 s.
+QUICK_LEAN = True
 _QUICK_CPU = {**QUICK_COMPILE, **LEAN_COMPILE}
 _group_block_quick = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=_QUICK_CPU)
 _group_delta_block_quick = jax.jit(_group_delta_block_impl, static_argnames=_STATIC, compiler_options=_QUICK_CPU)
@@ -885,7 +889,7 @@ class Engine:
         optimized; on a CPU, for a cost without loops, compiled with ``LEAN_COMPILE`` too."""
         delta = strategy == "delta"
         lean = LEAN and self.devices[0].platform == "cpu" and not self._has_loop()
-        if quick and lean:
+        if quick and lean and QUICK_LEAN:
             return _group_delta_block_quick if delta else _group_block_quick
         if quick:
             return _group_delta_block_quick_fused if delta else _group_block_quick_fused
