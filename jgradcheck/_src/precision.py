@@ -151,6 +151,31 @@ def entry_eps(problem: Any, group: tuple[int, ...], idx: np.ndarray) -> np.ndarr
     return np.asarray([pp.eps[i] for i in group], np.float64)[leaf]
 
 
+def _cost_of(problem: Any) -> Any:
+    """J as a function of (float leaves, arg float leaves), the rest of the inputs bound."""
+
+    def cost(fl: list[Any], af: list[Any]) -> Any:
+        args = problem.args_layout.merge(af, problem.arg_arrays)
+        return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+
+    return cost
+
+
+def _quiet(cost: Any, *example: Any) -> Any:
+    """``cost`` as traced at ``example``'s shapes and dtypes, its equations without outputs (a
+    ``jax.debug.print``, an output-less callback) dropped as for the engine's evaluations
+    (``effects.clean``): a measuring run must not print or call back (a test of printing costs
+    saw 5 calls from the float32 gradient runs)."""
+    from jgradcheck._src.effects import clean
+
+    ready = clean(jax.make_jaxpr(cost)(*example))
+
+    def run(*a: Any) -> Any:
+        return jax.core.eval_jaxpr(ready.jaxpr, ready.consts, *jax.tree_util.tree_leaves(a))[0]
+
+    return run
+
+
 # Your gradient given as values in a narrower dtype than the check's (a float32 pytree from
 # jax.grad, the classic flow of a precomputed gradient) is off by the rounding of the sums that
 # made it: that grows with the terms summed (a batch mean of residuals that cancel after training),
@@ -236,16 +261,14 @@ def _section_error(problem: Any, leaves: set[int]) -> list[float]:
     from jgradcheck._src import promote  # promote imports compat only; kept local like run_compiled
     from jgradcheck._src.vector import run_compiled  # vector imports the check, which imports this
 
-    def cost(fl: list[Any], af: list[Any]) -> Any:
-        args = problem.args_layout.merge(af, problem.arg_arrays)
-        return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+    cost = _cost_of(problem)
 
     floats, arg_floats = list(problem.floats), list(problem.arg_floats)
     with compat.enable_x64(jnp.dtype(problem.dtype).itemsize > 4):
-        written = run_compiled(jax.grad(cost), floats, arg_floats)
+        written = run_compiled(jax.grad(_quiet(cost, floats, arg_floats)), floats, arg_floats)
         wide = promote.widened(cost, floats, arg_floats)
         with promote.casts_widened():
-            widened = run_compiled(jax.grad(wide), floats, arg_floats)
+            widened = run_compiled(jax.grad(_quiet(wide, floats, arg_floats)), floats, arg_floats)
     out = []
     for i, (a, b) in enumerate(zip(written, widened)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -275,15 +298,14 @@ def section_differences(
         return out
     from jgradcheck._src import promote
 
-    def cost(fl: list[Any], af: list[Any]) -> Any:
-        args = problem.args_layout.merge(af, problem.arg_arrays)
-        return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+    cost = _cost_of(problem)
 
     floats, arg_floats = list(problem.floats), list(problem.arg_floats)
     sizes = np.cumsum([int(problem.floats[i].size) for i in group])
     try:
         with compat.enable_x64(jnp.dtype(problem.dtype).itemsize > 4):
-            wide = promote.widened(cost, floats, arg_floats)
+            with promote.casts_widened():  # traced once, widened casts and all
+                wide = _quiet(promote.widened(cost, floats, arg_floats), floats, arg_floats)
 
             @functools.partial(jax.jit, static_argnums=1)
             def at(leaf_flat: Any, which: int, pos: Any, value: Any) -> Any:
@@ -291,16 +313,15 @@ def section_differences(
                 moved[which] = moved[which].reshape(-1).at[pos].set(value).reshape(moved[which].shape)
                 return wide(moved, arg_floats)
 
-            with promote.casts_widened():
-                for j, (i, t, s) in enumerate(zip(np.asarray(idx), theta, h)):
-                    g = int(np.searchsorted(sizes, i, side="right"))
-                    pos = int(i - (sizes[g] - problem.floats[group[g]].size))
-                    leaf = group[g]
-                    dtype = np.asarray(problem.host(leaf)).dtype
-                    plus, minus = (np.asarray(t + o * s, np.float64).astype(dtype) for o in (1, -1))
-                    jp = float(at(floats, leaf, pos, plus))
-                    jm = float(at(floats, leaf, pos, minus))
-                    out[j] = (jp - jm) / (float(plus) - float(minus))
+            for j, (i, t, s) in enumerate(zip(np.asarray(idx), theta, h)):
+                g = int(np.searchsorted(sizes, i, side="right"))
+                pos = int(i - (sizes[g] - problem.floats[group[g]].size))
+                leaf = group[g]
+                dtype = np.asarray(problem.host(leaf)).dtype
+                plus, minus = (np.asarray(t + o * s, np.float64).astype(dtype) for o in (1, -1))
+                jp = float(at(floats, leaf, pos, plus))
+                jm = float(at(floats, leaf, pos, minus))
+                out[j] = (jp - jm) / (float(plus) - float(minus))
     except Exception:  # a cost promote.py cannot rebuild: the measured gradient floor alone applies
         return np.full(k, np.nan)
     return out
@@ -375,14 +396,16 @@ def _measure(
 
     from jgradcheck._src.vector import run_compiled  # vector imports the check, which imports this
 
-    def grads(floats: list[Any], arg_floats: list[Any]) -> list[np.ndarray]:
-        def cost(fl: list[Any], af: list[Any]) -> Any:
-            args = problem.args_layout.merge(af, problem.arg_arrays)
-            return problem.cost_fn(problem.layout.merge(fl, problem.arrays), *args)
+    cost = _cost_of(problem)
+    quiet: dict[tuple[str, ...], Any] = {}  # traced once per dtypes, not once per draw
 
+    def grads(floats: list[Any], arg_floats: list[Any]) -> list[np.ndarray]:
+        key = tuple(str(jnp.asarray(x).dtype) for x in [*floats, *arg_floats])
+        if key not in quiet:
+            quiet[key] = jax.grad(_quiet(cost, floats, arg_floats))
         # Compiled once per traced program (the same cost checked again at new values reuses it),
         # not once per check as a jax.jit of a new closure would be.
-        return [np.asarray(g, np.float64).ravel() for g in run_compiled(jax.grad(cost), floats, arg_floats)]
+        return [np.asarray(g, np.float64).ravel() for g in run_compiled(quiet[key], floats, arg_floats)]
 
     with compat.enable_x64(True):
         fine = grads(list(problem.floats), list(problem.arg_floats))
