@@ -21,7 +21,7 @@ from jgradcheck._src import compat, numerics, promote
 from jgradcheck._src.check import check_grad, option_clashes, without_promotion_if_needed
 from jgradcheck._src.delta import work
 from jgradcheck._src.effects import callbacks
-from jgradcheck._src.engine import _LOCK, QUICK_SECONDS, WORK_RATE, _remember
+from jgradcheck._src.engine import PROGRAM_LOCK, QUICK_SECONDS, WORK_RATE, remember
 from jgradcheck._src.merge import merge_reports
 from jgradcheck._src.options import QUICK_COMPILE
 from jgradcheck._src.problem import hashable, precision_scope, reuse_scope, reuse_traces, shared
@@ -475,7 +475,7 @@ EAGER_NEW_EQUATIONS = 3
 
 def _new_equations(jaxpr: Any) -> int:
     """How many of ``jaxpr``'s equations ran in no earlier program (a body or a call counts as more
-    than ``EAGER_NEW_EQUATIONS``); all of them are remembered from now on. Called with ``_LOCK`` held."""
+    than ``EAGER_NEW_EQUATIONS``); all of them are remembered from now on. Called with ``PROGRAM_LOCK`` held."""
     new = 0
     for eqn in jaxpr.eqns:
         if compat.has_subjaxprs(eqn):
@@ -490,7 +490,7 @@ def _new_equations(jaxpr: Any) -> int:
         )
         if sig not in _EQUATIONS:
             new += 1
-            _remember(_EQUATIONS, sig, True, most=16 * PROGRAMS_KEPT)
+            remember(_EQUATIONS, sig, True, most=16 * PROGRAMS_KEPT)
     return new
 
 
@@ -517,7 +517,7 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
     key = (compat.jaxpr_text(closed.jaxpr), callbacks(closed.jaxpr), quick)
     treedef = jax.tree_util.tree_structure(shapes)
     scope = reuse_scope()
-    with _LOCK:
+    with PROGRAM_LOCK:
         run = _PROGRAMS.pop(key, None)
         if run is not None:
             _PROGRAMS[key] = run  # the most recently used last: the oldest unused is dropped first
@@ -529,7 +529,7 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
             sights = seen[1] + (scope is None or seen[0] != scope)
             eager = run is None and sights <= EAGER_SIGHTS
         if eager:
-            _remember(_SEEN, key, (scope, sights), most=PROGRAMS_KEPT)
+            remember(_SEEN, key, (scope, sights), most=PROGRAMS_KEPT)
             _EAGER[0] += 1
         else:
             _SEEN.pop(key, None)
@@ -544,8 +544,8 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
             return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))
 
         run = jax.jit(program, compiler_options=QUICK_COMPILE if quick else None)
-        with _LOCK:
-            _remember(_PROGRAMS, key, run, most=PROGRAMS_KEPT)
+        with PROGRAM_LOCK:
+            remember(_PROGRAMS, key, run, most=PROGRAMS_KEPT)
             _COMPILED[0] += 1
     return jax.tree_util.tree_unflatten(treedef, run(list(closed.consts), *args))
 
