@@ -19,7 +19,10 @@ are keyed by the traced cost's text (``Program``), so the same cost written as a
 lambda reuses them too. With several devices the chunk axis is sharded over a 1-D mesh.
 A unit-test-sized check on one CPU (``Engine._loops``) compiles J alone instead, once for all
 its groups, and calls it once per perturbation (``"loop"``): there a batched program's
-compilation would cost more than all the calls.
+compilation would cost more than all the calls. On a CPU, programs of a cost without loops
+compile without XLA's fusion emitters (``LEAN_COMPILE``: less compile time, the same run
+time), and a group estimated cheap starts on a quick program that moves to the optimized one
+when its timed blocks say the rest would pay for the compilation (``_tier_up``).
 """
 
 from __future__ import annotations
