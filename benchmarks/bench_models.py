@@ -512,7 +512,14 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip torch gradcheck")
     ap.add_argument("--mode", default="full", help="check_grad's mode (default full: every entry, as the loops)")
     ap.add_argument("--lean-only", action="store_true", help="the check and the lean loop only (no host loop, floor)")
+    ap.add_argument("--set", default="", help="NAME=V,...: engine constants for an A/B (e.g. LEAN=0,TIER_UP=0)")
     a = ap.parse_args()
+    for item in filter(None, a.set.split(",")):
+        from jgradcheck._src import engine
+
+        name, v = item.split("=")
+        kind = type(getattr(engine, name))
+        setattr(engine, name, v in ("1", "true", "True") if kind is bool else kind(v))
     if a.model:
         row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full, a.mode, a.lean_only)
         print(table([row]))
@@ -527,7 +534,7 @@ def main():
         for m in a.models.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--model", m, "--loop-calls", str(a.loop_calls)]
             cmd += ["--torch-full", str(a.torch_full), "--mode", a.mode] + (["--no-torch"] if a.no_torch else [])
-            cmd += ["--lean-only"] if a.lean_only else []
+            cmd += (["--lean-only"] if a.lean_only else []) + (["--set", a.set] if a.set else [])
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("JSON ")]
             if not lines:
