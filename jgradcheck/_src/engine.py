@@ -251,10 +251,17 @@ def _group_line_block(program: Program, group: tuple[int, ...], consts, flat, di
     return jax.lax.map(lambda tk: jax.vmap(one)(*tk), (ts, which))
 
 
-@functools.partial(jax.jit, static_argnames=("program",), compiler_options=QUICK_COMPILE)
-def _one_cost(program: Program, consts, flat):
+def _one_cost_impl(program: Program, consts, flat):
     """J itself, compiled once per cost and called once per perturbation (``"loop"``)."""
     return program(consts, flat)
+
+
+# At the quick level without the fusion emitters (``QUICK_LEAN``; the loop strategy runs on a CPU
+# only, for checks whose calls take under ``LOOP_SECONDS`` in all): a small MLP's J compiled in
+# 20 ms instead of 47 ms, a small attention layer's in 24 instead of 59 (2-core CPU, 2026-12-02,
+# process CPU time, medians of 5, ``benchmarks/results_compile.md``).
+_one_cost = jax.jit(_one_cost_impl, static_argnames=("program",), compiler_options=_QUICK_CPU)
+_one_cost_fused = jax.jit(_one_cost_impl, static_argnames=("program",), compiler_options=QUICK_COMPILE)
 
 
 # The plain loop (``Engine.strategy_for``): seconds per call of the compiled J from Python, on
@@ -916,6 +923,7 @@ class Engine:
         sizes = [int(self.floats[g].size) for g in group]
         ends = np.cumsum(sizes)
         out = np.empty(idx.shape[0], np.float64)
+        one = _one_cost if QUICK_LEAN else _one_cost_fused
         pending: list[Any] = []  # dispatched, read back 64 at a time: no call waits on the last one's sync
         with jax.default_device(self.devices[0]):  # host arrays go where ``devices`` says
             for k, (i, v) in enumerate(zip(idx.tolist(), vals.tolist())):
@@ -923,7 +931,7 @@ class Engine:
                 moved = hosts[group[j]].copy()
                 moved.reshape(-1)[i - (ends[j] - sizes[j])] = v
                 flat = [*hosts[: group[j]], moved, *hosts[group[j] + 1 :], *rest]
-                pending.append(_one_cost(self.program, self.consts, flat))
+                pending.append(one(self.program, self.consts, flat))
                 if k % 64 == 63:
                     out[k - 63 : k + 1] = [float(x) for x in jax.device_get(pending)]
                     pending = []
