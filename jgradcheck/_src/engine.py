@@ -164,10 +164,10 @@ _STATIC = ("program", "group")
 # On a CPU, a group's program compiles without XLA:CPU's fusion emitters (``LEAN_COMPILE``)
 # unless the cost has a loop (``_has_loop``); elsewhere, and with loops, with XLA's defaults
 # (``_fused``). Per program of ``benchmarks/bench_models.py`` (2-core CPU, 2026-12-02, process
-# CPU time of the compilation, fastest of 9 runs; ``benchmarks/results_compile.md``): 15-45%
+# CPU time of the compilation, fastest of 9 runs; ``benchmarks/results_compile.md``): 13-49%
 # less compile time on the 15 programs of a transformer block, a CNN and an MLP, run time
-# within +-5% (the CNN's second kernel 1.36x, at 25 us per evaluation); the scan GRU's program
-# compiled 27% faster but ran 1.7x slower.
+# within +-8% (12 -> 13 us the most; the CNN's second kernel 1.36x, at 25 us per evaluation);
+# the scan GRU's program compiled 27% faster but ran 1.7x slower.
 LEAN = True
 LEAN_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 _group_block = jax.jit(_group_block_impl, static_argnames=_STATIC, compiler_options=LEAN_COMPILE)
