@@ -233,7 +233,7 @@ def test_ctrl_c_stops_a_long_check_quickly_and_leaves_nothing_behind(monkeypatch
 
         return counted
 
-    for name in ("_group_block", "_group_block_quick"):
+    for name in ("_group_block", "_group_block_quick", "_group_block_fused", "_group_block_quick_fused"):
         monkeypatch.setattr(engine, name, counting(getattr(engine, name)))
 
     sent = threading.Event()
