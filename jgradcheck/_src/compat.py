@@ -411,3 +411,14 @@ def enable_x64(on: bool = True) -> contextlib.AbstractContextManager[Any]:
 
         scoped = getattr(experimental, "enable_x64")  # noqa: B009 - absent from newer stubs
     return scoped(on)
+
+
+def has_loop(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` (open) runs a ``scan`` or ``while`` loop, in any nested jaxpr (such programs
+    keep XLA:CPU's fusion emitters: a scan's program ran 1.7x slower without them)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("scan", "while"):
+            return True
+        if any(has_loop(open_jaxpr(sub)[0]) for sub in subjaxprs(eqn.params)):
+            return True
+    return False

@@ -214,14 +214,7 @@ _QUICK_FIRST: dict[Any, float] = {}
 _QUICK_SPENT: dict[Any, float] = {}
 
 
-def _has_loop(jaxpr: Any) -> bool:
-    """Whether ``jaxpr`` (open) runs a ``scan`` or ``while`` loop, in any nested jaxpr."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("scan", "while"):
-            return True
-        if any(_has_loop(compat.open_jaxpr(sub)[0]) for sub in compat.subjaxprs(eqn.params)):
-            return True
-    return False
+_has_loop = compat.has_loop
 
 
 def _tier_up(per_eval: float, first_block: float, block_evals: int, left: int, spent: float = 0.0) -> bool:

@@ -100,3 +100,8 @@ def check_budget(time_budget: Any) -> float | None:
 # Used where compiling is most of the cost: cheap groups of perturbations, your gradient
 # (run once) when J is small.
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+# ... and, for a program without loops, without XLA:CPU's fusion emitters too: small programs
+# compile in 0.3-0.5x the time of QUICK_COMPILE alone (jax.grad of an 8-8-1 MLP 79 → 30 ms, of an
+# attention layer 107 → 36 ms; ``benchmarks/results_compile.md``); a scan's program ran 1.7x
+# slower that way, so loops keep QUICK_COMPILE.
+QUICK_LEAN_COMPILE = {**QUICK_COMPILE, "xla_cpu_use_fusion_emitters": False}

@@ -26,7 +26,7 @@ import numpy as np
 
 from jgradcheck._src import compat, numerics, promote
 from jgradcheck._src.delta import work
-from jgradcheck._src.options import QUICK_COMPILE
+from jgradcheck._src.options import QUICK_COMPILE, QUICK_LEAN_COMPILE
 from jgradcheck._src.tree import MSG_NO_FLOAT, Layout, is_floating, path_str, split
 
 PyTree = Any
@@ -608,6 +608,7 @@ _GRAD_STATIC = ("grad_fn", "layout", "args_layout")
 _grad_jit = jax.jit(_grad_call, static_argnames=_GRAD_STATIC)
 # Your gradient runs once: on a CPU, when J is small, compiling it fast is what counts.
 _grad_jit_quick = jax.jit(_grad_call, static_argnames=_GRAD_STATIC, compiler_options=QUICK_COMPILE)
+_grad_jit_quick_lean = jax.jit(_grad_call, static_argnames=_GRAD_STATIC, compiler_options=QUICK_LEAN_COMPILE)
 QUICK_GRAD_WORK = 4e6  # multiply-adds of one J
 
 
@@ -646,7 +647,10 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
             return wide
     try:
         small = sum(work(e) for e in problem.trace.jaxpr.eqns) < QUICK_GRAD_WORK
-        jitted = _grad_jit_quick if small and jax.default_backend() == "cpu" else _grad_jit
+        quick = small and jax.default_backend() == "cpu"
+        jitted = (
+            (_grad_jit_quick if compat.has_loop(problem.trace.jaxpr) else _grad_jit_quick_lean) if quick else _grad_jit
+        )
         return jitted(hashable(grad_fn), problem.layout, problem.args_layout, *problem.inputs)
     except (
         jax.errors.ConcretizationTypeError,

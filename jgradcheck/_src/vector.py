@@ -23,7 +23,7 @@ from jgradcheck._src.delta import work
 from jgradcheck._src.effects import callbacks
 from jgradcheck._src.engine import PROGRAM_LOCK, QUICK_SECONDS, WORK_RATE, remember
 from jgradcheck._src.merge import merge_reports
-from jgradcheck._src.options import QUICK_COMPILE
+from jgradcheck._src.options import QUICK_COMPILE, QUICK_LEAN_COMPILE
 from jgradcheck._src.problem import hashable, precision_scope, reuse_scope, reuse_traces, shared
 from jgradcheck._src.report import Entry, GradCheckReport
 from jgradcheck._src.tree import check_live, is_floating, path_str
@@ -543,7 +543,8 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         def program(consts: list[Any], *a: Any) -> Any:
             return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))
 
-        run = jax.jit(program, compiler_options=QUICK_COMPILE if quick else None)
+        options = (QUICK_COMPILE if compat.has_loop(jaxpr) else QUICK_LEAN_COMPILE) if quick else None
+        run = jax.jit(program, compiler_options=options)
         with PROGRAM_LOCK:
             remember(_PROGRAMS, key, run, most=PROGRAMS_KEPT)
             _COMPILED[0] += 1
