@@ -199,3 +199,24 @@ def test_two_traces_of_one_cost_read_the_same_where_a_callback_is_a_new_function
     keep = [jax.make_jaxpr(lambda w: cost(w))(jnp.ones(3)) for _ in range(2)]
     assert compat.jaxpr_text(keep[0]) == compat.jaxpr_text(keep[1])
     assert compat.jaxpr_text("<function f at 0x7f00aa>") == "<function f at 0xXXXXXX>"
+
+
+def test_checks_run_where_xla_has_no_lean_compile_option(monkeypatch):
+    """jaxlib 0.12's XLA:CPU rejects ``xla_cpu_use_fusion_emitters`` ("No such compile option");
+    there every program compiles with XLA's defaults (probed once, ``compat.lean_compile_ok``)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jgradcheck
+    from jgradcheck._src import compat
+
+    assert isinstance(compat.lean_compile_ok(), bool)
+    monkeypatch.setattr(compat, "_LEAN_OK", [False])
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    x = jnp.linspace(0.5, 1.5, 6).reshape(2, 3)
+
+    def cost(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+
+    assert jgradcheck.check_grad(cost, jax.grad(cost), {"w": w}, x).passed
+    assert jgradcheck.check_rules(lambda v: jnp.sin(v) * v, jnp.linspace(0.1, 1.0, 5)).passed

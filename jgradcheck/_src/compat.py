@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex
+import numpy as np
 
 MSG_UNSUPPORTED = (
     "{primitive}: param {key!r} {problem} (jax {version}); the equation is evaluated whole instead "
@@ -422,3 +423,24 @@ def has_loop(jaxpr: Any) -> bool:
         if any(has_loop(open_jaxpr(sub)[0]) for sub in subjaxprs(eqn.params)):
             return True
     return False
+
+
+_LEAN_OK: list[bool] = []
+
+
+def lean_compile_ok() -> bool:
+    """Whether this jaxlib's XLA:CPU takes ``xla_cpu_use_fusion_emitters`` (the lean compile of
+    ``engine.LEAN_COMPILE`` and ``options.QUICK_LEAN_COMPILE``): jaxlib 0.10 does; 0.12's XLA
+    no longer has the option and rejects every program compiled with it ("No such compile
+    option"). Probed once, on first use (never at import: a backend started at import would come
+    before a user's ``jax.distributed.initialize``), by compiling a one-operation program."""
+    if not _LEAN_OK:
+        try:
+            jax.jit(lambda x: x + 1.0, compiler_options={"xla_cpu_use_fusion_emitters": False}).lower(
+                np.float32(0.0)
+            ).compile()
+            ok = True
+        except Exception:  # noqa: BLE001 - any refusal means: compile with XLA's defaults
+            ok = False
+        _LEAN_OK.append(ok)
+    return _LEAN_OK[0]

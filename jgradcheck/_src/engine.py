@@ -891,7 +891,7 @@ class Engine:
         """The jitted block function of ``strategy`` at the tier ``quick`` (``QUICK_SECONDS``) or
         optimized; on a CPU, for a cost without loops, compiled with ``LEAN_COMPILE`` too."""
         delta = strategy == "delta"
-        lean = LEAN and self.devices[0].platform == "cpu" and not self._has_loop()
+        lean = LEAN and self.devices[0].platform == "cpu" and not self._has_loop() and compat.lean_compile_ok()
         if quick and lean and QUICK_LEAN:
             return _group_delta_block_quick if delta else _group_block_quick
         if quick:
@@ -916,7 +916,7 @@ class Engine:
         sizes = [int(self.floats[g].size) for g in group]
         ends = np.cumsum(sizes)
         out = np.empty(idx.shape[0], np.float64)
-        one = _one_cost if QUICK_LEAN else _one_cost_fused
+        one = _one_cost if QUICK_LEAN and compat.lean_compile_ok() else _one_cost_fused
         pending: list[Any] = []  # dispatched, read back 64 at a time: no call waits on the last one's sync
         with jax.default_device(self.devices[0]):  # host arrays go where ``devices`` says
             for k, (i, v) in enumerate(zip(idx.tolist(), vals.tolist())):

@@ -648,9 +648,8 @@ def _call_grad(grad_fn, problem: Problem) -> PyTree:
     try:
         small = sum(work(e) for e in problem.trace.jaxpr.eqns) < QUICK_GRAD_WORK
         quick = small and jax.default_backend() == "cpu"
-        jitted = (
-            (_grad_jit_quick if compat.has_loop(problem.trace.jaxpr) else _grad_jit_quick_lean) if quick else _grad_jit
-        )
+        lean = not compat.has_loop(problem.trace.jaxpr) and compat.lean_compile_ok()
+        jitted = (_grad_jit_quick_lean if lean else _grad_jit_quick) if quick else _grad_jit
         return jitted(hashable(grad_fn), problem.layout, problem.args_layout, *problem.inputs)
     except (
         jax.errors.ConcretizationTypeError,

@@ -543,7 +543,8 @@ def run_compiled(fn: Callable[..., Any], *args: Any) -> Any:
         def program(consts: list[Any], *a: Any) -> Any:
             return jax.core.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(a))
 
-        options = (QUICK_COMPILE if compat.has_loop(jaxpr) else QUICK_LEAN_COMPILE) if quick else None
+        lean = not compat.has_loop(jaxpr) and compat.lean_compile_ok()
+        options = (QUICK_LEAN_COMPILE if lean else QUICK_COMPILE) if quick else None
         run = jax.jit(program, compiler_options=options)
         with PROGRAM_LOCK:
             remember(_PROGRAMS, key, run, most=PROGRAMS_KEPT)
