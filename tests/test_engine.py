@@ -336,13 +336,18 @@ def test_same_cost_as_a_new_closure_does_not_compile_again():
     def grad_of(d):
         return lambda p, x: {"w": jnp.cos(p["w"] * x) * x * d, "b": 2 * p["b"]}
 
-    programs = (
+    programs = (  # lean and fused (XLA's defaults: costs with loops, a jaxlib without the lean option)
         engine._group_delta_block,
         engine._group_delta_block_quick,
         engine._group_block,
         engine._group_block_quick,
+        engine._group_delta_block_fused,
+        engine._group_delta_block_quick_fused,
+        engine._group_block_fused,
+        engine._group_block_quick_fused,
         engine._group_line_block,
         engine._one_cost,
+        engine._one_cost_fused,
     )
     start = [f._cache_size() for f in programs]
     assert jgradcheck.check_grad(make(data), grad_of(data), p, x).passed

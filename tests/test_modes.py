@@ -149,12 +149,14 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(
     # those calls must run on the device asked for, not the default one.
     from jgradcheck._src import engine
     seen = set()
-    one = engine._one_cost
-    def spy(*a):
-        out = one(*a)
-        seen.update(f"{d.platform}:{d.id}" for d in out.devices())
-        return out
-    engine._one_cost = spy
+    def spying(one):
+        def spy(*a):
+            out = one(*a)
+            seen.update(f"{d.platform}:{d.id}" for d in out.devices())
+            return out
+        return spy
+    engine._one_cost = spying(engine._one_cost)
+    engine._one_cost_fused = spying(engine._one_cost_fused)  # where XLA has no lean compile
     jgradcheck.numerical_grad(lambda p: jnp.sum(jnp.sin(p["w"]) ** 2), {"w": jnp.arange(4.0)}, devices=devs[2:3])
     print(json.dumps({
         "loop_on": sorted(seen),
