@@ -284,7 +284,7 @@ def _eval_folding(eqn, bases, ds, moving: dict[int, Any]):
                 bases[k] = _moving(moving, folded(bases[k], ds[k]))
                 ds[k] = None
     outs = _eval_eqn(eqn, bases, ds)
-    got = []
+    got: list[tuple[Any, Any]] = []
     for b, d in outs:
         if d is not None and not isinstance(d, (OneHot, Slab, Strided)):
             got.append((_moving(moving, folded(b, d)), None))

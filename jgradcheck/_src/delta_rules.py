@@ -212,7 +212,8 @@ def _scan_rule(eqn, scan: compat.ScanParams, bases, ds):
     ]
     carry = [folded(b, d) for b, d in zip(carry_b, carry_d)]
     # Inputs: a slab across the scanned axis is a slab of every step; anything else is folded.
-    xs, xs_slabs = [], []
+    xs: list[Any] = []
+    xs_slabs: list[tuple[int, Any, Any] | None] = []
     for b, d in zip(xs_b, xs_d):
         if isinstance(d, Slab) and d.axis > 0:
             xs.append(b)
@@ -253,7 +254,7 @@ def _scan_rule(eqn, scan: compat.ScanParams, bases, ds):
         )
     finally:
         _DENSE_LOG.reset(token)
-    out = []
+    out: list[tuple[Any, Any]] = []
     for var, base, value in zip(eqn.outvars, out_base, [*carry_p, *ys_p]):
         if jnp.issubdtype(var.aval.dtype, jnp.inexact):
             d = value.astype(jnp.result_type(base)) - base
