@@ -520,6 +520,8 @@ def main():
         name, v = item.split("=")
         kind = type(getattr(engine, name))
         setattr(engine, name, v in ("1", "true", "True") if kind is bool else kind(v))
+    if a.model and a.repeats > 1:  # several runs of one model: the multi-process path, as --models M
+        a.models, a.model = a.model, None
     if a.model:
         row = run_one(a.model, a.loop_calls, None if a.no_torch else a.torch_full, a.mode, a.lean_only)
         print(table([row]))
