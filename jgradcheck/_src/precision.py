@@ -374,6 +374,47 @@ def entry_check_rounding(problem: Any, group: tuple[int, ...], idx: np.ndarray) 
     return np.asarray([measured[i] for i in group], np.float64)[leaf_of(problem, group, idx)]
 
 
+def _gradient_runs(problem: Any, low: list[Any], draws: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """jax.grad of the cost in float64, and in ``low`` dtypes at the parameters and ``draws`` − 1
+    seeded one-ulp moves of them; kept on the problem (a float32 check that fails asks for the same
+    runs twice: its own gradient's rounding and the check's)."""
+    key = ("_gradient_runs", tuple(str(d) for d in low), draws)
+    kept = problem.__dict__.get(key)
+    if kept is not None:
+        return kept
+    narrow = max(low, key=lambda d: float(jnp.finfo(d).eps))
+    wide64 = any(jnp.finfo(d).bits > 32 for d in low)
+
+    from jgradcheck._src.vector import run_compiled  # vector imports the check, which imports this
+
+    cost = _cost_of(problem)
+    quiet: dict[tuple[str, ...], Any] = {}  # traced once per dtypes, not once per draw
+
+    def grads(floats: list[Any], arg_floats: list[Any]) -> list[np.ndarray]:
+        sig = tuple(str(jnp.asarray(x).dtype) for x in [*floats, *arg_floats])
+        if sig not in quiet:
+            quiet[sig] = jax.grad(_quiet(cost, floats, arg_floats))
+        # Compiled once per traced program (the same cost checked again at new values reuses it),
+        # not once per check as a jax.jit of a new closure would be.
+        return [np.asarray(g, np.float64).ravel() for g in run_compiled(quiet[sig], floats, arg_floats)]
+
+    with compat.enable_x64(True):
+        fine = grads(list(problem.floats), list(problem.arg_floats))
+    rng = np.random.default_rng(0)
+    low_args = [jnp.asarray(a, narrow) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in problem.arg_floats]
+    rounds = []
+    for k in range(draws):
+        floats = [np.asarray(f).astype(d) for f, d in zip(problem.floats, low)]
+        if k:
+            floats = [
+                np.nextafter(f, np.where(rng.random(f.shape) < 0.5, -np.inf, np.inf).astype(f.dtype)) for f in floats
+            ]
+        with compat.enable_x64(wide64):
+            rounds.append(grads([jnp.asarray(f) for f in floats], low_args))
+    problem.__dict__[key] = (fine, rounds)
+    return fine, rounds
+
+
 def _measure(
     problem: Any,
     low: list[Any] | None = None,
@@ -391,35 +432,7 @@ def _measure(
     float64 one in one case of six. ``swamped`` (a list, if given) gets per leaf whether the
     rounding was left uncapped above the cap: the gradient is rounding throughout."""
     low = [jnp.dtype(d) for d in problem.orig_dtypes] if low is None else low
-    narrow = max(low, key=lambda d: float(jnp.finfo(d).eps))
-    wide64 = any(jnp.finfo(d).bits > 32 for d in low)
-
-    from jgradcheck._src.vector import run_compiled  # vector imports the check, which imports this
-
-    cost = _cost_of(problem)
-    quiet: dict[tuple[str, ...], Any] = {}  # traced once per dtypes, not once per draw
-
-    def grads(floats: list[Any], arg_floats: list[Any]) -> list[np.ndarray]:
-        key = tuple(str(jnp.asarray(x).dtype) for x in [*floats, *arg_floats])
-        if key not in quiet:
-            quiet[key] = jax.grad(_quiet(cost, floats, arg_floats))
-        # Compiled once per traced program (the same cost checked again at new values reuses it),
-        # not once per check as a jax.jit of a new closure would be.
-        return [np.asarray(g, np.float64).ravel() for g in run_compiled(quiet[key], floats, arg_floats)]
-
-    with compat.enable_x64(True):
-        fine = grads(list(problem.floats), list(problem.arg_floats))
-    rng = np.random.default_rng(0)
-    low_args = [jnp.asarray(a, narrow) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in problem.arg_floats]
-    rounds = []
-    for k in range(draws):
-        floats = [np.asarray(f).astype(d) for f, d in zip(problem.floats, low)]
-        if k:
-            floats = [
-                np.nextafter(f, np.where(rng.random(f.shape) < 0.5, -np.inf, np.inf).astype(f.dtype)) for f in floats
-            ]
-        with compat.enable_x64(wide64):
-            rounds.append(grads([jnp.asarray(f) for f in floats], low_args))
+    fine, rounds = _gradient_runs(problem, low, draws)
     stats = []
     for leaf, f in enumerate(fine):
         diffs = [np.abs(f - r[leaf]) for r in rounds]
