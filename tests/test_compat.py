@@ -208,10 +208,19 @@ def test_checks_run_where_xla_has_no_lean_compile_option(monkeypatch):
     import jax.numpy as jnp
 
     import jgradcheck
-    from jgradcheck._src import compat
+    from jgradcheck._src import compat, engine, problem, vector
 
     assert isinstance(compat.lean_compile_ok(), bool)
     monkeypatch.setattr(compat, "_LEAN_OK", [False])
+
+    # As jaxlib 0.12 does: any program compiled with the lean option is refused.
+    def refused(*args, **kwargs):
+        raise RuntimeError("INVALID_ARGUMENT: No such compile option: 'xla_cpu_use_fusion_emitters'")
+
+    for name in ("_group_block", "_group_delta_block", "_group_block_quick", "_group_delta_block_quick", "_one_cost"):
+        monkeypatch.setattr(engine, name, refused)
+    monkeypatch.setattr(problem, "_grad_jit_quick_lean", refused)
+    monkeypatch.setattr(vector, "QUICK_LEAN_COMPILE", {"xla_no_such_option_in_this_test": False})
     w = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
     x = jnp.linspace(0.5, 1.5, 6).reshape(2, 3)
 
