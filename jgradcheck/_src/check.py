@@ -278,8 +278,7 @@ def check_grad(
                 noise = probe_line(engine, problem, seed, check_determinism)
                 # How the abandoned full check (and this probe) evaluated entries is not how the
                 # screened ones were: report.evaluated names only the search's strategies.
-                for record in (engine.ran, engine.skipped, engine.dropped):
-                    record.clear()
+                engine.forget_runs()
                 per_leaf = run_mode(
                     chosen, engine, problem, yours, noise, opts, sample_size, screen_directions, seed, progress, n
                 )

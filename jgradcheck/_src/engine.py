@@ -938,6 +938,13 @@ class Engine:
                 self.ran[g] = "loop"
         return out
 
+    def forget_runs(self) -> None:
+        """Forgets how entries were evaluated so far (``describe``'s records): a check that gives up
+        its full check for screening reports only how the screened leaves' search ran."""
+        with self._lock:
+            for record in (self.ran, self.skipped, self.dropped):
+                record.clear()
+
     def describe(self, paths: Sequence[str]) -> str:
         """How the perturbed costs were evaluated, by leaf, in a line of the report."""
         words = {
