@@ -442,7 +442,6 @@ _DROPPED: dict[Any, str] = {}
 # Guards each engine's state and the caches below (checks may run in several of your threads),
 # and other modules' caches of compiled programs (``vector.py``).
 PROGRAM_LOCK = threading.Lock()
-_LOCK = PROGRAM_LOCK  # the name other modules imported first
 # Chunk sizes each (program, group, strategy, devices, chunk option) was compiled with.
 _CHUNKS: dict[Any, set[int]] = {}
 # Seconds per evaluation measured on blocks that ran after their program was compiled, by
@@ -456,9 +455,6 @@ def remember(cache: dict[Any, Any], key: Any, value: Any, most: int = 256) -> No
     if key not in cache and len(cache) >= most:
         cache.pop(next(iter(cache)))
     cache[key] = value
-
-
-_remember = remember  # the name other modules imported first
 
 
 class _Capped:
